@@ -1,0 +1,127 @@
+//! The `kelvin` CLI: one file per subcommand, shared flags flattened in.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::manifest::Manifest;
+
+mod build;
+mod check;
+mod invoke;
+mod up;
+
+pub use build::BuildCommand;
+pub use check::CheckCommand;
+pub use invoke::InvokeCommand;
+pub use up::UpCommand;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kelvin",
+    version,
+    about = "A scale-to-zero WebAssembly function runtime"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Up(UpCommand),
+    Build(BuildCommand),
+    Check(CheckCommand),
+    Invoke(InvokeCommand),
+}
+
+impl Cli {
+    pub fn execute(self) -> Result<()> {
+        match self.command {
+            Command::Up(c) => c.execute(),
+            Command::Build(c) => c.execute(),
+            Command::Check(c) => c.execute(),
+            Command::Invoke(c) => c.execute(),
+        }
+    }
+}
+
+/// Flags every command that reads the manifest shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ManifestArgs {
+    /// The manifest to use.
+    #[arg(
+        short = 'f',
+        long = "manifest",
+        default_value = "functions.toml",
+        env = "KELVIN_MANIFEST"
+    )]
+    pub manifest: PathBuf,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "human", env = "KELVIN_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl ManifestArgs {
+    pub fn load(&self) -> Result<Manifest> {
+        // The diagnostic already names the file, line and field.
+        Manifest::load(&self.manifest).map_err(anyhow::Error::new)
+    }
+
+    /// Logs go to stderr; `RUST_LOG` filters them (default `info`).
+    pub fn init_logging(&self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        let _ = match self.log_format {
+            LogFormat::Human => builder.try_init(),
+            LogFormat::Json => builder.json().try_init(),
+        };
+    }
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")
+}
+
+/// Runs each distinct `build` command once, in the manifest's folder.
+fn run_builds(manifest: &Manifest) -> Result<()> {
+    let dir = manifest
+        .path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), PathBuf::from);
+    let mut done: Vec<&str> = Vec::new();
+    for f in &manifest.functions {
+        let Some(cmd) = f.build.as_deref() else {
+            continue;
+        };
+        if done.contains(&cmd) {
+            continue;
+        }
+        done.push(cmd);
+        eprintln!("building `{}`: {cmd}", f.name);
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(&dir)
+            .status()
+            .with_context(|| format!("failed to run the build command of `{}`: {cmd}", f.name))?;
+        if !status.success() {
+            anyhow::bail!("the build command of `{}` failed ({status}): {cmd}", f.name);
+        }
+    }
+    Ok(())
+}

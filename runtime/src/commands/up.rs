@@ -1,0 +1,70 @@
+//! `kelvin up`: serve the manifest's functions over HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use super::{ManifestArgs, run_builds, tokio_runtime};
+use crate::metering::JsonLinesSink;
+use crate::runtime::Runtime;
+
+/// Serve the functions in the manifest.
+#[derive(clap::Args, Debug)]
+pub struct UpCommand {
+    #[command(flatten)]
+    pub manifest: ManifestArgs,
+    /// Run build commands and precompile every function before serving.
+    #[arg(long)]
+    pub build: bool,
+    /// Listen here instead of the manifest's `server.listen`.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+}
+
+impl UpCommand {
+    pub fn execute(self) -> Result<()> {
+        self.manifest.init_logging();
+        let manifest = self.manifest.load()?;
+        if self.build {
+            run_builds(&manifest)?;
+        }
+        let log = Runtime::invocation_log_path(&manifest);
+        let sink = JsonLinesSink::open(&log)
+            .with_context(|| format!("failed to open `{}`", log.display()))?;
+        let listen = self.listen.unwrap_or(manifest.server.listen);
+        // Everything is validated before the socket is bound: a broken
+        // function stops start-up here, not at its first request.
+        let runtime = Arc::new(Runtime::new(manifest, Arc::new(sink))?);
+        let rt = tokio_runtime()?;
+        rt.block_on(async {
+            if self.build {
+                let n = runtime.registry().precompile_all().await?;
+                tracing::info!(compiled = n, "precompiled functions");
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("failed to listen on {listen}"))?;
+            tracing::info!(
+                address = %listener.local_addr()?,
+                app = %runtime.manifest().name,
+                functions = runtime.manifest().functions.len(),
+                invocation_log = %log.display(),
+                "kelvin is serving"
+            );
+            crate::trigger::http::serve(runtime.clone(), listener, shutdown_signal()).await?;
+            tracing::info!("stopped");
+            anyhow::Ok(())
+        })
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("failed to install the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

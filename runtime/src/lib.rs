@@ -1,0 +1,40 @@
+//! Kelvin: a scale-to-zero WebAssembly function runtime.
+//!
+//! # Layout
+//!
+//! Modules follow the path of a request:
+//!
+//! ```text
+//! trigger (http) -> router -> runtime -> admission (concurrency, queue)
+//!     -> registry (load on demand: cache | compile; LRU + idle eviction)
+//!     -> invoke (fresh pooled instance; deadline, memory, fuel; metering)
+//!     -> response + metering record (sink) + metrics
+//! ```
+//!
+//! - [`manifest`]: `functions.toml`, parsed then validated.
+//! - [`trigger`]: what starts invocations; [`trigger::http`] serves HTTP.
+//! - [`router`]: method + path to function.
+//! - [`runtime`]: ties the pieces together; [`runtime::Runtime::invoke`].
+//! - [`admission`]: per-function concurrency and the bounded queue.
+//! - [`registry`] and [`cache`]: loading, the compiled-artifact cache, eviction.
+//! - [`engine`]: the one wasmtime engine and its epoch ticker.
+//! - [`invoke`]: one invocation in a fresh instance.
+//! - [`metering`] and [`metrics`]: records per invocation, Prometheus metrics.
+//! - [`commands`]: the `kelvin` CLI.
+
+pub mod admission;
+pub mod cache;
+pub mod commands;
+pub mod engine;
+pub mod invoke;
+pub mod manifest;
+pub mod metering;
+pub mod metrics;
+pub mod registry;
+pub mod router;
+pub mod runtime;
+pub mod trigger;
+
+pub use invoke::Event;
+pub use manifest::Manifest;
+pub use runtime::{Invocation, Runtime};

@@ -1,0 +1,724 @@
+//! The `functions.toml` manifest: parsed with serde, then validated into
+//! checked types in which no invalid state is representable.
+//!
+//! Every error names the file, the line and column, the field, and what to
+//! write instead. The raw (serde) types are private; everything past
+//! [`Manifest::load`] works with the checked ones.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::router::{Method, Route};
+use crate::trigger::TriggerConfig;
+use crate::trigger::http::HttpTrigger;
+
+/// The only manifest version this Kelvin understands.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Paths Kelvin serves itself on the HTTP port; no function route may claim them.
+pub const RESERVED_PATHS: &[&str] = &["/metrics", "/healthz", "/readyz"];
+
+/// A validated manifest.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The app's name.
+    pub name: Name,
+    /// Host-wide settings.
+    pub server: ServerConfig,
+    /// The functions, sorted by name.
+    pub functions: Vec<FunctionSpec>,
+}
+
+/// Host-wide settings (`[server]`).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address `kelvin up` listens on.
+    pub listen: SocketAddr,
+    /// Where compiled artifacts, keys and logs live.
+    pub state_dir: PathBuf,
+    /// At most this many functions stay loaded at once (LRU beyond).
+    pub max_loaded: NonZeroU32,
+    /// Loaded functions' estimated footprint stays under this (LRU beyond).
+    pub memory_budget: u64,
+    /// Largest request body accepted (413 beyond) and largest output kept.
+    pub max_body: u64,
+    /// Instance slots in the pooling allocator: the most invocations that can
+    /// run at once across all functions.
+    pub instance_slots: NonZeroU32,
+}
+
+/// One function, with every default already applied.
+#[derive(Debug, Clone)]
+pub struct FunctionSpec {
+    pub name: Name,
+    /// The `.wasm` file, resolved against the manifest's folder.
+    pub source: PathBuf,
+    /// A shell command that produces `source`, run from the manifest's folder.
+    pub build: Option<String>,
+    pub triggers: Vec<TriggerConfig>,
+    pub limits: Limits,
+    /// App settings handed to the guest as environment variables.
+    pub env: Vec<(String, String)>,
+    /// Idle time after which the function is unloaded.
+    pub keep_warm: Duration,
+    pub concurrency: Concurrency,
+}
+
+/// What one invocation may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub timeout: Duration,
+    /// Linear memory cap, in bytes (a multiple of the 64 KiB wasm page).
+    pub memory: u64,
+    /// Fuel (roughly, wasm instructions) per invocation, if metered.
+    pub fuel: Option<NonZeroU64>,
+}
+
+/// Admission control: how many run at once, how many may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Concurrency {
+    pub max: NonZeroU32,
+    /// Invocations allowed to wait for a slot; one more is rejected.
+    pub queue: u32,
+    /// How long one may wait before it is rejected.
+    pub queue_timeout: Duration,
+}
+
+/// A validated app or function name: lowercase letters, digits, `-` and `_`,
+/// starting with a letter, at most 64 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(String);
+
+impl Name {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for Name {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let ok_start = s.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+        let ok_chars = s
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        if ok_start && ok_chars && s.len() <= 64 {
+            Ok(Name(s))
+        } else {
+            Err(format!(
+                "invalid name {s:?}: use lowercase letters, digits, `-` and `_`, starting with a letter (at most 64 characters), e.g. \"hello-world\""
+            ))
+        }
+    }
+}
+
+/// A manifest that could not be read or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("failed to read manifest `{path}`")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(Box<Diagnostic>),
+}
+
+/// A located error in a manifest, rendered like a compiler diagnostic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Dotted path of the offending field, when known.
+    pub field: Option<String>,
+    pub message: String,
+    /// The source line, for the caret display.
+    pub snippet: String,
+    pub width: usize,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if let Some(field) = &self.field {
+            write!(f, "`{field}`: ")?;
+        }
+        writeln!(f, "{}", self.message)?;
+        let gutter = self.line.to_string().len();
+        writeln!(f, "{:gutter$} |", "")?;
+        writeln!(f, "{} | {}", self.line, self.snippet)?;
+        write!(
+            f,
+            "{:gutter$} | {}{}",
+            "",
+            " ".repeat(self.column.saturating_sub(1)),
+            "^".repeat(self.width.max(1))
+        )
+    }
+}
+
+impl Manifest {
+    /// Reads, parses and validates the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Manifest::parse(path, &text)
+    }
+
+    /// Parses and validates manifest text; `path` locates relative paths and
+    /// names the file in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestError> {
+        let file = path.display().to_string();
+        let located = |span: Option<Range<usize>>, field: Option<String>, message: String| {
+            ManifestError::Invalid(Box::new(locate(&file, text, span, field, message)))
+        };
+        let raw: RawManifest = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_owned();
+            let field = e
+                .span()
+                .and_then(|span| infer_field(text, span.start, &message));
+            let hint = missing_field_hint(&message);
+            located(e.span(), field, message + hint)
+        })?;
+        let dir = path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        raw.validate(&dir, path)
+            .map_err(|e| located(Some(e.span), Some(e.field), e.message))
+    }
+
+    /// The function called `name`, if any.
+    pub fn function(&self, name: &str) -> Option<&FunctionSpec> {
+        self.functions.iter().find(|f| f.name.as_str() == name)
+    }
+}
+
+fn locate(
+    file: &str,
+    text: &str,
+    span: Option<Range<usize>>,
+    field: Option<String>,
+    message: String,
+) -> Diagnostic {
+    let span = span.unwrap_or(0..0);
+    let start = span.start.min(text.len());
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+    let line = text[..start].matches('\n').count() + 1;
+    let column = text[line_start..start].chars().count() + 1;
+    let snippet = text[line_start..line_end].trim_end_matches('\r').to_owned();
+    let width = text[start..span.end.clamp(start, line_end)].chars().count();
+    Diagnostic {
+        file: file.to_owned(),
+        line,
+        column,
+        field,
+        message,
+        snippet,
+        width,
+    }
+}
+
+/// The dotted path of the field at `offset`, from the table header above it
+/// and the key on its line (serde's errors say what is wrong, not where in
+/// the document's structure).
+fn infer_field(text: &str, offset: usize, message: &str) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("").trim();
+    let header = |l: &str| {
+        let l = l.trim();
+        l.starts_with('[').then(|| {
+            l.trim_matches(|c| c == '[' || c == ']')
+                .replace('"', "")
+                .trim()
+                .to_owned()
+        })
+    };
+    // The table the error is in: the header on this line or the last above.
+    let table = header(line).or_else(|| text[..line_start].lines().rev().find_map(header));
+    let join = |key: &str| match &table {
+        Some(t) if !t.is_empty() => format!("{t}.{key}"),
+        _ => key.to_owned(),
+    };
+    if let Some(missing) = message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split('`').next())
+    {
+        // Reported at the table that lacks it (or the document's start).
+        return Some(if header(line).is_some() {
+            join(missing)
+        } else {
+            missing.to_owned()
+        });
+    }
+    if header(line).is_some() {
+        return table;
+    }
+    let key = line.split('=').next()?.trim().trim_matches('"');
+    (!key.is_empty()).then(|| join(key))
+}
+
+/// What to write when a required field is missing.
+fn missing_field_hint(message: &str) -> &'static str {
+    match message {
+        "missing field `version`" => "; add `version = 1`",
+        "missing field `name`" => "; add e.g. `name = \"my-app\"`",
+        "missing field `source`" => {
+            "; add e.g. `source = \"target/wasm32-wasip1/release/hello.wasm\"`"
+        }
+        "missing field `route`" => "; add e.g. `route = \"/hello\"`",
+        _ => "",
+    }
+}
+
+/// A validation error before it is located in the text.
+struct FieldError {
+    span: Range<usize>,
+    field: String,
+    message: String,
+}
+
+fn field_error(
+    span: Range<usize>,
+    field: impl Into<String>,
+    message: impl Into<String>,
+) -> FieldError {
+    FieldError {
+        span,
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw (serde) types. Strings that need checking stay `Spanned` so a
+// validation error can point at them.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    version: Spanned<u32>,
+    name: Spanned<String>,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    functions: BTreeMap<Spanned<String>, RawFunction>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Spanned<String>>,
+    state_dir: Option<String>,
+    max_loaded: Option<Spanned<u32>>,
+    memory_budget: Option<Spanned<Size>>,
+    max_body: Option<Spanned<Size>>,
+    instance_slots: Option<Spanned<u32>>,
+}
+
+/// Settings every function inherits unless it sets its own
+/// (like `host.json`'s `functionTimeout`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    timeout: Option<Spanned<HumanDuration>>,
+    memory: Option<Spanned<Size>>,
+    fuel: Option<Spanned<u64>>,
+    keep_warm: Option<Spanned<HumanDuration>>,
+    max_concurrency: Option<Spanned<u32>>,
+    queue: Option<u32>,
+    queue_timeout: Option<Spanned<HumanDuration>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    source: Spanned<String>,
+    build: Option<String>,
+    timeout: Option<Spanned<HumanDuration>>,
+    memory: Option<Spanned<Size>>,
+    fuel: Option<Spanned<u64>>,
+    keep_warm: Option<Spanned<HumanDuration>>,
+    max_concurrency: Option<Spanned<u32>>,
+    queue: Option<u32>,
+    queue_timeout: Option<Spanned<HumanDuration>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, String>,
+    #[serde(default)]
+    http: Vec<RawHttpTrigger>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttpTrigger {
+    route: Spanned<String>,
+    #[serde(default)]
+    methods: Option<Spanned<Vec<String>>>,
+}
+
+/// A duration written as a human string: `"30s"`, `"500ms"`, `"5m"`.
+#[derive(Clone, Copy)]
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a duration as a string with a unit, e.g. \"30s\", \"500ms\" or \"5m\"",
+            )
+        })?;
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}); write e.g. \"30s\", \"500ms\" or \"5m\""
+                ))
+            })
+    }
+}
+
+/// A size written as a human string: `"128MiB"`, `"1GiB"`, `"512KiB"`.
+#[derive(Clone, Copy)]
+struct Size(u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "expected a size as a string with a unit, e.g. \"128MiB\" or \"1GiB\"",
+            )
+        })?;
+        // A bare number is ambiguous (bytes? pages? MB?), so a unit is required.
+        let has_unit = s
+            .trim()
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphabetic());
+        match s.parse::<bytesize::ByteSize>() {
+            Ok(size) if has_unit => Ok(Size(size.as_u64())),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid size {s:?}; write a number and a unit, e.g. \"128MiB\", \"1GiB\" or \"512KiB\""
+            ))),
+        }
+    }
+}
+
+const WASM_PAGE: u64 = 64 * 1024;
+/// wasm32 linear memory cannot exceed 4 GiB.
+const MAX_MEMORY: u64 = 4 * 1024 * 1024 * 1024;
+
+impl RawManifest {
+    fn validate(self, dir: &Path, path: &Path) -> Result<Manifest, FieldError> {
+        if *self.version.get_ref() != MANIFEST_VERSION {
+            return Err(field_error(
+                self.version.span(),
+                "version",
+                format!(
+                    "unsupported manifest version {}; this Kelvin reads version = {MANIFEST_VERSION}",
+                    self.version.get_ref()
+                ),
+            ));
+        }
+        let name = Name::try_from(self.name.get_ref().clone())
+            .map_err(|m| field_error(self.name.span(), "name", m))?;
+        let server = self.server.validate(dir)?;
+        let defaults = self.defaults;
+
+        let mut functions = Vec::with_capacity(self.functions.len());
+        for (key, raw) in self.functions {
+            functions.push(raw.validate(key, &defaults, dir)?);
+        }
+        check_routes(&functions)?;
+        Ok(Manifest {
+            path: path.to_owned(),
+            name,
+            server,
+            functions,
+        })
+    }
+}
+
+/// Route conflicts are checked on validated routes, which keep their spans.
+fn check_routes(functions: &[FunctionSpec]) -> Result<(), FieldError> {
+    let mut seen: Vec<(&HttpTrigger, &Name)> = Vec::new();
+    for f in functions {
+        for trigger in &f.triggers {
+            let TriggerConfig::Http(http) = trigger;
+            if RESERVED_PATHS.contains(&http.route.pattern()) {
+                return Err(field_error(
+                    http.span.clone(),
+                    format!("functions.{}.http.route", f.name),
+                    format!(
+                        "route {:?} is reserved by Kelvin (it serves {} itself); choose another path",
+                        http.route.pattern(),
+                        RESERVED_PATHS.join(", ")
+                    ),
+                ));
+            }
+            for (other, other_name) in &seen {
+                if http.route.same_shape(&other.route) && http.methods.overlaps(other.methods) {
+                    return Err(field_error(
+                        http.span.clone(),
+                        format!("functions.{}.http.route", f.name),
+                        format!(
+                            "route {:?} conflicts with route {:?} of function `{other_name}` (same path shape and overlapping methods); make the paths differ or split the methods",
+                            http.route.pattern(),
+                            other.route.pattern()
+                        ),
+                    ));
+                }
+            }
+            seen.push((http, &f.name));
+        }
+    }
+    Ok(())
+}
+
+impl RawServer {
+    fn validate(self, dir: &Path) -> Result<ServerConfig, FieldError> {
+        let listen = match self.listen {
+            None => SocketAddr::from(([127, 0, 0, 1], 3000)),
+            Some(s) => s.get_ref().parse().map_err(|_| {
+                field_error(
+                    s.span(),
+                    "server.listen",
+                    format!(
+                        "invalid listen address {:?}; write an IP and a port, e.g. \"127.0.0.1:3000\" or \"0.0.0.0:8080\"",
+                        s.get_ref()
+                    ),
+                )
+            })?,
+        };
+        let positive = |v: Option<Spanned<u32>>, field: &str, default: u32| match v {
+            None => Ok(NonZeroU32::new(default).expect("defaults are non-zero")),
+            Some(s) => NonZeroU32::new(*s.get_ref())
+                .ok_or_else(|| field_error(s.span(), field, "must be at least 1")),
+        };
+        Ok(ServerConfig {
+            listen,
+            state_dir: dir.join(self.state_dir.as_deref().unwrap_or(".kelvin")),
+            max_loaded: positive(self.max_loaded, "server.max_loaded", 100)?,
+            memory_budget: nonzero_size(self.memory_budget, "server.memory_budget", 2 << 30)?,
+            max_body: nonzero_size(self.max_body, "server.max_body", 16 << 20)?,
+            instance_slots: positive(self.instance_slots, "server.instance_slots", 256)?,
+        })
+    }
+}
+
+fn nonzero_size(v: Option<Spanned<Size>>, field: &str, default: u64) -> Result<u64, FieldError> {
+    match v {
+        None => Ok(default),
+        Some(s) if s.get_ref().0 == 0 => {
+            Err(field_error(s.span(), field, "must be larger than zero"))
+        }
+        Some(s) => Ok(s.get_ref().0),
+    }
+}
+
+impl RawFunction {
+    fn validate(
+        self,
+        key: Spanned<String>,
+        defaults: &RawDefaults,
+        dir: &Path,
+    ) -> Result<FunctionSpec, FieldError> {
+        let name = Name::try_from(key.get_ref().clone())
+            .map_err(|m| field_error(key.span(), format!("functions.{}", key.get_ref()), m))?;
+        let at = |field: &str| format!("functions.{name}.{field}");
+        // A bad inherited value is reported where it is written.
+        let from = |own: bool, field: &str| {
+            if own {
+                at(field)
+            } else {
+                format!("defaults.{field}")
+            }
+        };
+
+        if self.source.get_ref().trim().is_empty() {
+            return Err(field_error(
+                self.source.span(),
+                at("source"),
+                "must name a .wasm file, e.g. \"target/wasm32-wasip1/release/hello.wasm\"",
+            ));
+        }
+        let source = dir.join(self.source.get_ref());
+
+        let timeout = pick(&self.timeout, &defaults.timeout)
+            .map_or(Duration::from_secs(30), |d| d.get_ref().0);
+        if timeout.is_zero() {
+            let span = pick(&self.timeout, &defaults.timeout)
+                .map(Spanned::span)
+                .unwrap_or_default();
+            return Err(field_error(
+                span,
+                from(self.timeout.is_some(), "timeout"),
+                "must be longer than zero, e.g. \"30s\"",
+            ));
+        }
+        let memory = match pick(&self.memory, &defaults.memory) {
+            None => 128 << 20,
+            Some(s) => {
+                let bytes = s.get_ref().0;
+                if !(WASM_PAGE..=MAX_MEMORY).contains(&bytes) {
+                    return Err(field_error(
+                        s.span(),
+                        from(self.memory.is_some(), "memory"),
+                        "must be between 64KiB (one wasm page) and 4GiB (the wasm32 maximum)",
+                    ));
+                }
+                // Linear memory grows in whole pages; round down so the cap is exact.
+                bytes / WASM_PAGE * WASM_PAGE
+            }
+        };
+        let fuel = match pick(&self.fuel, &defaults.fuel) {
+            None => None,
+            Some(s) => Some(NonZeroU64::new(*s.get_ref()).ok_or_else(|| {
+                field_error(
+                    s.span(),
+                    from(self.fuel.is_some(), "fuel"),
+                    "must be at least 1 (omit it to turn fuel metering off)",
+                )
+            })?),
+        };
+        let keep_warm = pick(&self.keep_warm, &defaults.keep_warm)
+            .map_or(Duration::from_secs(600), |d| d.get_ref().0);
+        let max = match pick(&self.max_concurrency, &defaults.max_concurrency) {
+            None => NonZeroU32::new(64).expect("non-zero"),
+            Some(s) => NonZeroU32::new(*s.get_ref()).ok_or_else(|| {
+                field_error(
+                    s.span(),
+                    from(self.max_concurrency.is_some(), "max_concurrency"),
+                    "must be at least 1",
+                )
+            })?,
+        };
+        let queue = self
+            .queue
+            .or(defaults.queue)
+            .unwrap_or(max.get().saturating_mul(4));
+        let queue_timeout = pick(&self.queue_timeout, &defaults.queue_timeout)
+            .map_or(Duration::from_secs(30), |d| d.get_ref().0);
+
+        let mut env = Vec::with_capacity(self.env.len());
+        for (k, v) in self.env {
+            let valid = k
+                .get_ref()
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && k.get_ref()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(field_error(
+                    k.span(),
+                    at(&format!("env.{}", k.get_ref())),
+                    "environment variable names use letters, digits and `_`, not starting with a digit",
+                ));
+            }
+            if k.get_ref().starts_with("KELVIN_") {
+                return Err(field_error(
+                    k.span(),
+                    at(&format!("env.{}", k.get_ref())),
+                    "names starting with KELVIN_ are set by Kelvin itself; choose another name",
+                ));
+            }
+            env.push((k.into_inner(), v));
+        }
+
+        let mut triggers = Vec::with_capacity(self.http.len());
+        for raw in self.http {
+            triggers.push(TriggerConfig::Http(raw.validate(&at("http"))?));
+        }
+
+        Ok(FunctionSpec {
+            name,
+            source,
+            build: self.build,
+            triggers,
+            limits: Limits {
+                timeout,
+                memory,
+                fuel,
+            },
+            env,
+            keep_warm,
+            concurrency: Concurrency {
+                max,
+                queue,
+                queue_timeout,
+            },
+        })
+    }
+}
+
+fn pick<'a, T>(
+    own: &'a Option<Spanned<T>>,
+    default: &'a Option<Spanned<T>>,
+) -> Option<&'a Spanned<T>> {
+    own.as_ref().or(default.as_ref())
+}
+
+impl RawHttpTrigger {
+    fn validate(self, at: &str) -> Result<HttpTrigger, FieldError> {
+        let span = self.route.span();
+        let route = Route::parse(self.route.get_ref())
+            .map_err(|m| field_error(span.clone(), format!("{at}.route"), m))?;
+        let methods = match self.methods {
+            None => crate::router::MethodSet::ANY,
+            Some(list) => {
+                let mut set = crate::router::MethodSet::NONE;
+                for m in list.get_ref() {
+                    let method = Method::parse(m).ok_or_else(|| {
+                        field_error(
+                            list.span(),
+                            format!("{at}.methods"),
+                            format!(
+                                "unknown method {m:?}; use GET, POST, PUT, PATCH, DELETE, HEAD or OPTIONS (or omit `methods` for all)"
+                            ),
+                        )
+                    })?;
+                    set = set.with(method);
+                }
+                if set.is_empty() {
+                    return Err(field_error(
+                        list.span(),
+                        format!("{at}.methods"),
+                        "must list at least one method (or omit `methods` for all)",
+                    ));
+                }
+                set
+            }
+        };
+        Ok(HttpTrigger {
+            route,
+            methods,
+            span,
+        })
+    }
+}

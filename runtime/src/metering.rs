@@ -1,0 +1,237 @@
+//! Metering: the one record every invocation produces, and the sinks records
+//! flow to. The durable ledger is a sink too; for now records go to a
+//! JSON-lines file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+
+/// How an invocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exit code 0 (or `_start` returned).
+    Ok,
+    /// The guest exited with a non-zero code, or could not be run.
+    Error,
+    /// Stopped at its timeout.
+    Timeout,
+    /// A wasm trap: panic, abort, out-of-bounds, out of fuel or memory.
+    Trap,
+    /// Not run: its queue was full or the wait timed out.
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+            Outcome::Trap => "trap",
+            Outcome::Rejected => "rejected",
+        }
+    }
+}
+
+/// Where a cold start got its compiled code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadSource {
+    /// Mapped from the on-disk artifact cache.
+    Cache,
+    /// Compiled from the `.wasm` file (and then cached).
+    Compile,
+}
+
+impl LoadSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadSource::Cache => "cache",
+            LoadSource::Compile => "compile",
+        }
+    }
+}
+
+/// The load phase of a cold start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColdStart {
+    pub source: LoadSource,
+    /// Loading (or compiling) and linking, in microseconds.
+    pub load_us: u64,
+}
+
+/// One invocation's measurements. Raw quantities only: prices are computed
+/// from these by a billing policy, never stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InvocationRecord {
+    pub invocation_id: String,
+    pub function: String,
+    /// `http`, `invoke`, ...
+    pub trigger: String,
+    /// Start time, RFC 3339 with microseconds, UTC.
+    pub started_at: String,
+    pub outcome: Outcome,
+    /// Why it failed, in words; absent on success.
+    pub reason: Option<String>,
+    /// Wall time from admission to the end, excluding time queued.
+    pub wall_us: u64,
+    /// Time spent waiting for a concurrency slot.
+    pub queued_us: u64,
+    /// CPU time of the threads that ran the guest (thread CPU clock summed
+    /// over every poll of the invocation).
+    pub cpu_us: u64,
+    /// Largest linear memory size reached, in bytes.
+    pub peak_memory_bytes: u64,
+    /// Linear memory size integrated over the instance's life, in
+    /// KiB x microseconds: exact, since memory grows in 64 KiB pages and only
+    /// grows during an instance's life. 1 GB-s = 976,562.5 x 10^6 KiB-us.
+    pub memory_kib_us: u64,
+    /// Fuel consumed, when the engine meters fuel.
+    pub fuel_consumed: Option<u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Whether the function had to be loaded for this invocation.
+    pub cold: bool,
+    /// The load phase, on a cold start.
+    pub load: Option<ColdStart>,
+    pub instantiate_us: u64,
+    pub run_us: u64,
+    /// The guest's exit code, when it called `proc_exit`.
+    pub exit_code: Option<i32>,
+}
+
+/// Receives every invocation record. Must not block the request path.
+pub trait RecordSink: Send + Sync {
+    fn record(&self, record: &InvocationRecord);
+    /// Makes everything recorded so far durable (on shutdown).
+    fn flush(&self) {}
+}
+
+/// Appends records as JSON lines to a file, from a background thread so the
+/// request path only pays for serialising into a channel.
+pub struct JsonLinesSink {
+    path: PathBuf,
+    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+enum Msg {
+    Line(String),
+    Flush(mpsc::Sender<()>),
+}
+
+impl JsonLinesSink {
+    pub fn open(path: &Path) -> std::io::Result<JsonLinesSink> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let thread = std::thread::Builder::new()
+            .name("kelvin-metering".into())
+            .spawn(move || {
+                let mut out = std::io::BufWriter::new(file);
+                while let Ok(msg) = rx.recv() {
+                    let mut acks = Vec::new();
+                    let mut handle = |msg| match msg {
+                        Msg::Line(line) => {
+                            let _ = out.write_all(line.as_bytes());
+                        }
+                        Msg::Flush(ack) => acks.push(ack),
+                    };
+                    handle(msg);
+                    // Drain what queued up meanwhile, then write it in one go.
+                    while let Ok(msg) = rx.try_recv() {
+                        handle(msg);
+                    }
+                    if let Err(e) = out.flush() {
+                        tracing::error!(error = %e, "failed to write metering records");
+                    }
+                    for ack in acks {
+                        let _ = ack.send(());
+                    }
+                }
+            })?;
+        Ok(JsonLinesSink {
+            path: path.to_owned(),
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl RecordSink for JsonLinesSink {
+    fn record(&self, record: &InvocationRecord) {
+        let mut line = serde_json::to_string(record).expect("records always serialise");
+        line.push('\n');
+        if let Some(tx) = &*self.tx.lock().expect("sink lock") {
+            let _ = tx.send(Msg::Line(line));
+        }
+    }
+
+    fn flush(&self) {
+        let (ack_tx, ack_rx) = mpsc::channel();
+        // Wait for the ack without holding the lock, so recording goes on.
+        let tx = self.tx.lock().expect("sink lock").clone();
+        if tx.is_some_and(|tx| tx.send(Msg::Flush(ack_tx)).is_ok()) {
+            let _ = ack_rx.recv();
+        }
+    }
+}
+
+impl Drop for JsonLinesSink {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after it wrote everything queued.
+        self.tx.lock().expect("sink lock").take();
+        if let Some(t) = self.thread.lock().expect("sink lock").take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Keeps records in memory; for `kelvin invoke` and for embedding.
+#[derive(Default)]
+pub struct MemorySink {
+    records: Mutex<Vec<InvocationRecord>>,
+}
+
+impl MemorySink {
+    pub fn records(&self) -> Vec<InvocationRecord> {
+        self.records.lock().expect("sink lock").clone()
+    }
+}
+
+impl RecordSink for MemorySink {
+    fn record(&self, record: &InvocationRecord) {
+        self.records.lock().expect("sink lock").push(record.clone());
+    }
+}
+
+/// Sends each record to several sinks.
+pub struct Tee(pub Vec<std::sync::Arc<dyn RecordSink>>);
+
+impl RecordSink for Tee {
+    fn record(&self, record: &InvocationRecord) {
+        for s in &self.0 {
+            s.record(record);
+        }
+    }
+
+    fn flush(&self) {
+        for s in &self.0 {
+            s.flush();
+        }
+    }
+}

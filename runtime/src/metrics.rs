@@ -1,0 +1,159 @@
+//! Prometheus metrics: invocations, cold-start phases, loads, evictions.
+//! Each [`Metrics`] has its own registry, so tests running several servers in
+//! one process do not share counters.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::metering::InvocationRecord;
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub invocations: IntCounterVec,
+    pub duration: HistogramVec,
+    pub cold_start_phase: HistogramVec,
+    pub loads: IntCounterVec,
+    pub evictions: IntCounterVec,
+    pub loaded: IntGauge,
+    pub queue_depth: IntGaugeVec,
+    pub guest_cpu_us: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let invocations = IntCounterVec::new(
+            Opts::new(
+                "kelvin_invocations_total",
+                "Invocations by function, trigger, outcome and temperature",
+            ),
+            &["function", "trigger", "outcome", "temperature"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new("kelvin_invocation_duration_seconds", "Invocation wall time")
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["function"],
+        )
+        .expect("valid metric");
+        let cold_start_phase = HistogramVec::new(
+            HistogramOpts::new(
+                "kelvin_cold_start_phase_seconds",
+                "Cold-start phases: load (from cache), compile, instantiate",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["phase"],
+        )
+        .expect("valid metric");
+        let loads = IntCounterVec::new(
+            Opts::new(
+                "kelvin_function_loads_total",
+                "Functions loaded, by source (cache or compile)",
+            ),
+            &["function", "source"],
+        )
+        .expect("valid metric");
+        let evictions = IntCounterVec::new(
+            Opts::new(
+                "kelvin_evictions_total",
+                "Functions unloaded, by reason (idle, capacity, memory)",
+            ),
+            &["function", "reason"],
+        )
+        .expect("valid metric");
+        let loaded = IntGauge::new("kelvin_loaded_functions", "Functions currently loaded")
+            .expect("valid metric");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "kelvin_queue_depth",
+                "Invocations waiting for a concurrency slot",
+            ),
+            &["function"],
+        )
+        .expect("valid metric");
+        let guest_cpu_us = IntCounterVec::new(
+            Opts::new(
+                "kelvin_guest_cpu_microseconds_total",
+                "CPU time spent in guests",
+            ),
+            &["function"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(invocations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(cold_start_phase.clone()),
+            Box::new(loads.clone()),
+            Box::new(evictions.clone()),
+            Box::new(loaded.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(guest_cpu_us.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            invocations,
+            duration,
+            cold_start_phase,
+            loads,
+            evictions,
+            loaded,
+            queue_depth,
+            guest_cpu_us,
+        }
+    }
+
+    pub fn observe(&self, r: &InvocationRecord) {
+        let temperature = if r.cold { "cold" } else { "warm" };
+        self.invocations
+            .with_label_values(&[
+                r.function.as_str(),
+                r.trigger.as_str(),
+                r.outcome.as_str(),
+                temperature,
+            ])
+            .inc();
+        self.duration
+            .with_label_values(&[r.function.as_str()])
+            .observe(r.wall_us as f64 / 1e6);
+        self.guest_cpu_us
+            .with_label_values(&[r.function.as_str()])
+            .inc_by(r.cpu_us);
+        if let Some(load) = r.load {
+            let phase = match load.source {
+                crate::metering::LoadSource::Cache => "load",
+                crate::metering::LoadSource::Compile => "compile",
+            };
+            self.cold_start_phase
+                .with_label_values(&[phase])
+                .observe(load.load_us as f64 / 1e6);
+            self.cold_start_phase
+                .with_label_values(&["instantiate"])
+                .observe(r.instantiate_us as f64 / 1e6);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

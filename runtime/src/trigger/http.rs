@@ -1,0 +1,471 @@
+//! The HTTP trigger: a hyper server that routes requests to functions and
+//! speaks CGI (RFC 3875, as WAGI does) to preview-1 guests.
+//!
+//! Clients see public messages only; details go to the log under the
+//! invocation id, which every response carries in `x-kelvin-invocation-id`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+use super::Trigger;
+use crate::invoke::Event;
+use crate::metering::Outcome;
+use crate::router::{MethodSet, Route, RouteMatch, Router};
+use crate::runtime::Runtime;
+
+/// The HTTP trigger kind.
+pub struct Http;
+
+impl Trigger for Http {
+    const TYPE: &'static str = "http";
+    type Config = HttpTrigger;
+}
+
+/// A function's HTTP route (`[[functions.NAME.http]]`).
+#[derive(Debug, Clone)]
+pub struct HttpTrigger {
+    pub route: Route,
+    pub methods: MethodSet,
+    /// Where the route is written in the manifest, for conflict errors.
+    pub(crate) span: Range<usize>,
+}
+
+pub const INVOCATION_ID_HEADER: &str = "x-kelvin-invocation-id";
+
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight requests may take to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Body = Full<Bytes>;
+
+struct Server {
+    runtime: Arc<Runtime>,
+    router: Router<String>,
+    local: SocketAddr,
+}
+
+/// Serves `runtime`'s HTTP routes on `listener` until `shutdown` completes,
+/// then stops accepting, lets in-flight requests finish (up to a drain
+/// timeout) and flushes metering.
+pub async fn serve(
+    runtime: Arc<Runtime>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let routes = runtime
+        .manifest()
+        .functions
+        .iter()
+        .flat_map(|f| {
+            f.triggers.iter().map(move |t| {
+                let super::TriggerConfig::Http(h) = t;
+                (h.route.clone(), h.methods, f.name.to_string())
+            })
+        })
+        .collect();
+    let server = Arc::new(Server {
+        runtime: runtime.clone(),
+        router: Router::new(routes),
+        local: listener.local_addr()?,
+    });
+
+    let sweeper = tokio::spawn(sweep_idle(runtime.clone()));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                // Responses are small and written at once; Nagle would only add latency.
+                let _ = stream.set_nodelay(true);
+                let server = server.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let server = server.clone();
+                    async move { Ok::<_, std::convert::Infallible>(server.handle(req, peer).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining in-flight requests");
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed; closing remaining connections");
+    }
+    sweeper.abort();
+    runtime.flush();
+    Ok(())
+}
+
+async fn sweep_idle(runtime: Arc<Runtime>) {
+    loop {
+        tokio::time::sleep(runtime.registry().next_idle_check()).await;
+        runtime.registry().evict_idle_at(std::time::Instant::now());
+    }
+}
+
+impl Server {
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        match (req.method().as_str(), path.as_str()) {
+            ("GET", "/metrics") => {
+                return plain(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.runtime.metrics().render(),
+                );
+            }
+            ("GET", "/healthz" | "/readyz") => {
+                return plain(StatusCode::OK, "text/plain", "ok\n".into());
+            }
+            _ => {}
+        }
+        let (function, route, params) = match self.router.lookup(req.method().as_str(), &path) {
+            RouteMatch::Found {
+                target,
+                route,
+                params,
+            } => (target.clone(), route.pattern().to_owned(), params),
+            RouteMatch::NotFound => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    None,
+                    format!("no route for {} {path}", req.method()),
+                );
+            }
+            RouteMatch::MethodNotAllowed(allowed) => {
+                let mut r = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    None,
+                    format!("{} is not allowed on {path}", req.method()),
+                );
+                if let Ok(v) = HeaderValue::from_str(&allowed.allow_header()) {
+                    r.headers_mut().insert(hyper::header::ALLOW, v);
+                }
+                return r;
+            }
+        };
+
+        let max_body = self.runtime.manifest().server.max_body;
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max_body) {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, None, too_large(max_body));
+        }
+        let (parts, body) = req.into_parts();
+        let body = match Limited::new(body, max_body as usize).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return error(StatusCode::PAYLOAD_TOO_LARGE, None, too_large(max_body));
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    None,
+                    "failed to read the request body".into(),
+                );
+            }
+        };
+
+        let env = cgi_env(&parts, &body, peer, self.local, &route, &params);
+        let event = Event {
+            trigger: Http::TYPE,
+            input: body,
+            env,
+        };
+        let invocation = match self.runtime.invoke(&function, event).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "route points at an unknown function");
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    None,
+                    "internal error".into(),
+                );
+            }
+        };
+        let id = invocation.record.invocation_id.as_str();
+        match invocation.record.outcome {
+            Outcome::Ok => match cgi_response(invocation.stdout) {
+                Ok(mut r) => {
+                    set_id(&mut r, id);
+                    r
+                }
+                Err(why) => {
+                    tracing::warn!(
+                        function,
+                        invocation_id = id,
+                        why,
+                        "function returned a malformed CGI response"
+                    );
+                    error(
+                        StatusCode::BAD_GATEWAY,
+                        Some(id),
+                        format!("function `{function}` returned a malformed response"),
+                    )
+                }
+            },
+            Outcome::Timeout => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                Some(id),
+                format!("function `{function}` timed out"),
+            ),
+            Outcome::Rejected => {
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Some(id),
+                    format!("function `{function}` is at capacity; retry later"),
+                );
+                r.headers_mut()
+                    .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            Outcome::Error | Outcome::Trap => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Some(id),
+                format!("function `{function}` failed"),
+            ),
+        }
+    }
+}
+
+fn too_large(max: u64) -> String {
+    format!(
+        "request body larger than {}",
+        crate::invoke::human_size(max)
+    )
+}
+
+fn set_id(r: &mut Response<Body>, id: &str) {
+    if let Ok(v) = HeaderValue::from_str(id) {
+        r.headers_mut().insert(INVOCATION_ID_HEADER, v);
+    }
+}
+
+fn plain(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// A JSON error with a public message. Requests that never reached a function
+/// still get an id, so any response can be quoted in a support request.
+fn error(status: StatusCode, invocation_id: Option<&str>, message: String) -> Response<Body> {
+    let id = invocation_id.map_or_else(|| uuid::Uuid::now_v7().to_string(), str::to_owned);
+    let body = serde_json::json!({ "error": message, "invocation_id": id }).to_string() + "\n";
+    let mut r = plain(status, "application/json", body);
+    set_id(&mut r, &id);
+    r
+}
+
+/// CGI meta-variables (RFC 3875 section 4.1) plus Kelvin's route variables.
+fn cgi_env(
+    parts: &hyper::http::request::Parts,
+    body: &Bytes,
+    peer: SocketAddr,
+    local: SocketAddr,
+    route: &str,
+    params: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut env = vec![
+        ("GATEWAY_INTERFACE".into(), "CGI/1.1".into()),
+        ("SERVER_PROTOCOL".into(), format!("{:?}", parts.version)),
+        (
+            "SERVER_SOFTWARE".into(),
+            concat!("kelvin/", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        ("SERVER_NAME".into(), local.ip().to_string()),
+        ("SERVER_PORT".into(), local.port().to_string()),
+        ("REMOTE_ADDR".into(), peer.ip().to_string()),
+        ("REMOTE_HOST".into(), peer.ip().to_string()),
+        ("REQUEST_METHOD".into(), parts.method.to_string()),
+        ("SCRIPT_NAME".into(), String::new()),
+        ("PATH_INFO".into(), parts.uri.path().to_owned()),
+        (
+            "QUERY_STRING".into(),
+            parts.uri.query().unwrap_or("").to_owned(),
+        ),
+        ("CONTENT_LENGTH".into(), body.len().to_string()),
+        ("X_MATCHED_ROUTE".into(), route.to_owned()),
+    ];
+    for (name, value) in params {
+        env.push((format!("KELVIN_PARAM_{name}"), value.clone()));
+    }
+    for (name, value) in &parts.headers {
+        let Ok(value) = value.to_str() else { continue };
+        if name == hyper::header::CONTENT_TYPE {
+            env.push(("CONTENT_TYPE".into(), value.to_owned()));
+        } else if name != hyper::header::CONTENT_LENGTH {
+            env.push((
+                format!(
+                    "HTTP_{}",
+                    name.as_str().to_ascii_uppercase().replace('-', "_")
+                ),
+                value.to_owned(),
+            ));
+        }
+    }
+    env
+}
+
+/// Turns a guest's stdout into a response. CGI header lines, a blank line,
+/// then the body; output without a header block is all body (so any program
+/// that prints is a valid function).
+fn cgi_response(stdout: Bytes) -> Result<Response<Body>, &'static str> {
+    let (headers, body) = match split_header_block(&stdout) {
+        Some((headers, body_start)) => (headers, stdout.slice(body_start..)),
+        None => (Vec::new(), stdout),
+    };
+    let mut response = Response::new(Full::new(body));
+    let mut status = None;
+    let mut has_location = false;
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case("status") {
+            let code = value
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse::<u16>().ok());
+            status = Some(
+                code.and_then(|c| StatusCode::from_u16(c).ok())
+                    .ok_or("invalid Status header")?,
+            );
+            continue;
+        }
+        has_location |= name.eq_ignore_ascii_case("location");
+        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| "invalid header name")?;
+        let value = HeaderValue::from_str(value).map_err(|_| "invalid header value")?;
+        response.headers_mut().append(name, value);
+    }
+    *response.status_mut() = match status {
+        Some(s) => s,
+        None if has_location => StatusCode::FOUND,
+        None => StatusCode::OK,
+    };
+    if !response.headers().contains_key(hyper::header::CONTENT_TYPE) {
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+    }
+    Ok(response)
+}
+
+/// Splits `Name: value` lines up to the first blank line. `None` if the output
+/// does not start with such a block.
+fn split_header_block(out: &[u8]) -> Option<(Vec<(&str, &str)>, usize)> {
+    let mut headers = Vec::new();
+    let mut pos = 0;
+    loop {
+        let end = out[pos..].iter().position(|&b| b == b'\n')? + pos;
+        let line = out[pos..end].strip_suffix(b"\r").unwrap_or(&out[pos..end]);
+        pos = end + 1;
+        if line.is_empty() {
+            return (!headers.is_empty()).then_some((headers, pos));
+        }
+        let line = std::str::from_utf8(line).ok()?;
+        let (name, value) = line.split_once(':')?;
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            return None;
+        }
+        headers.push((name, value.trim()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(r: Response<Body>) -> Bytes {
+        futures_lite(r.into_body())
+    }
+
+    fn futures_lite(b: Body) -> Bytes {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async { b.collect().await.unwrap().to_bytes() })
+    }
+
+    #[test]
+    fn cgi_headers_status_and_body() {
+        let r = cgi_response(Bytes::from_static(
+            b"Status: 201 Created\r\nContent-Type: application/json\r\nX-A: 1\r\n\r\n{}",
+        ))
+        .unwrap();
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        assert_eq!(r.headers()["x-a"], "1");
+        assert_eq!(body(r), "{}");
+    }
+
+    #[test]
+    fn location_without_status_redirects() {
+        let r = cgi_response(Bytes::from_static(b"Location: /there\n\n")).unwrap();
+        assert_eq!(r.status(), 302);
+    }
+
+    #[test]
+    fn plain_output_is_all_body() {
+        for out in [
+            &b"Hello, world!\n"[..],
+            b"no newline",
+            b"a: b\nno blank line",
+            b"",
+            b"x y: z\n\nbody",
+        ] {
+            let r = cgi_response(Bytes::copy_from_slice(out)).unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(body(r), out);
+        }
+    }
+
+    #[test]
+    fn malformed_headers_are_rejected() {
+        assert!(cgi_response(Bytes::from_static(b"Status: abc\n\n")).is_err());
+        assert!(cgi_response(Bytes::from_static(b"Status: 99\n\n")).is_err());
+        assert!(cgi_response(Bytes::from_static(b"X-Bad: a\x01b\n\n")).is_err());
+    }
+}

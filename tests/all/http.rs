@@ -1,0 +1,224 @@
+//! The HTTP trigger over real sockets: routing, CGI in and out, errors.
+
+use crate::util::{App, TestServer, invocation_id};
+
+fn app() -> App {
+    App::with_guests("max_body = \"4KiB\"", "", &["hello", "echo", "trap"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_params_and_query_reach_the_guest() {
+    let server = TestServer::start(&app()).await;
+
+    let r = server.get("/hello/kelvin").await;
+    assert_eq!(r.status(), 200);
+    let id = invocation_id(&r);
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(r.text().await.unwrap(), "Hello, kelvin!\n");
+    assert_eq!(server.record(&id).function, "hello");
+
+    let r = server.get("/hello?name=J%C3%B6rg").await;
+    assert_eq!(r.text().await.unwrap(), "Hello, Jörg!\n");
+    let r = server.get("/hello/a%20b").await;
+    assert_eq!(r.text().await.unwrap(), "Hello, a b!\n");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_headers_and_method_round_trip_through_cgi() {
+    let server = TestServer::start(&app()).await;
+    let r = server
+        .client
+        .post(server.url("/echo/x?a=1&b=2"))
+        .header("content-type", "application/json")
+        .body("{\"k\": 1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = invocation_id(&r);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    assert_eq!(r.headers()["x-echo-method"], "POST");
+    assert_eq!(r.headers()["x-echo-path"], "/echo/x");
+    assert_eq!(r.headers()["x-echo-query"], "a=1&b=2");
+    // The guest sees the same id the client gets.
+    assert_eq!(r.headers()["x-echo-invocation"].to_str().unwrap(), id);
+    assert_eq!(r.text().await.unwrap(), "{\"k\": 1}");
+    let record = server.record(&id);
+    assert_eq!(record.trigger, "http");
+    assert_eq!(record.bytes_in, 8);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_route_is_404_and_wrong_method_405() {
+    let server = TestServer::start(&App::new(
+        "",
+        "[functions.echo]\nsource = \"{guests}/echo.wasm\"\n[[functions.echo.http]]\nroute = \"/echo\"\nmethods = [\"POST\", \"PUT\"]\n",
+    ))
+    .await;
+    let r = server.get("/nowhere").await;
+    assert_eq!(r.status(), 404);
+    invocation_id(&r);
+    let body: serde_json::Value = r.json_body().await;
+    assert_eq!(body["error"], "no route for GET /nowhere");
+
+    let r = server.get("/echo").await;
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST, PUT");
+    invocation_id(&r);
+    // Nothing reached a function, so nothing was metered.
+    assert!(server.sink.records().is_empty());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_body_is_413_and_never_reaches_the_guest() {
+    let server = TestServer::start(&app()).await;
+    let big = vec![b'x'; 5 * 1024];
+    let r = server
+        .client
+        .post(server.url("/echo"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    // Without a content-length (chunked), the limit applies while reading.
+    let reply = raw_chunked_post(server.addr, "/echo", &big).await;
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(server.sink.records().is_empty());
+    // Under the limit is fine.
+    let r = server
+        .client
+        .post(server.url("/echo"))
+        .body(vec![b'y'; 3000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().len(), 3000);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_over_the_limit_fails_instead_of_being_truncated() {
+    let server = TestServer::start(&app()).await;
+    // 4 KiB in is allowed; echoed back with CGI headers it is over 4 KiB out.
+    let r = server
+        .client
+        .post(server.url("/echo"))
+        .body(vec![b'y'; 4096])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 500);
+    let record = server.record(&invocation_id(&r));
+    assert_eq!(record.outcome.as_str(), "error");
+    assert!(
+        record
+            .reason
+            .unwrap()
+            .contains("output exceeded the 4 KiB limit")
+    );
+    assert_eq!(record.bytes_out, 0);
+    server.stop().await;
+}
+
+/// Sends `body` chunked over a plain socket and returns the raw reply.
+async fn raw_chunked_post(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nhost: test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for chunk in body.chunks(1024) {
+        // The server may answer 413 and close before the last chunks.
+        if stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await
+            .is_err()
+            || stream.write_all(chunk).await.is_err()
+            || stream.write_all(b"\r\n").await.is_err()
+        {
+            break;
+        }
+    }
+    let _ = stream.write_all(b"0\r\n\r\n").await;
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply).await;
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_get_public_messages_and_the_host_keeps_serving() {
+    let server = TestServer::start(&app()).await;
+    for (path, outcome, reason) in [
+        ("/trap", "trap", "trap guest panicking on purpose"),
+        ("/trap/div", "trap", "divide by zero"),
+        ("/trap/exit", "error", "exited with code 1"),
+    ] {
+        let r = server.get(path).await;
+        assert_eq!(r.status(), 500, "{path}");
+        let id = invocation_id(&r);
+        let body: serde_json::Value = r.json_body().await;
+        assert_eq!(body["error"], "function `trap` failed");
+        assert_eq!(body["invocation_id"], id.as_str());
+        // The detail is in the record (and the log), not in the response.
+        let record = server.record(&id);
+        assert_eq!(record.outcome.as_str(), outcome, "{path}");
+        let why = record.reason.unwrap();
+        assert!(why.contains(reason), "{path}: {why}");
+        assert!(!body.to_string().contains(reason));
+    }
+    let r = server.get("/hello").await;
+    assert_eq!(r.status(), 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_are_served() {
+    let server = TestServer::start(&app()).await;
+    assert_eq!(server.get("/hello").await.status(), 200);
+    assert_eq!(server.get("/healthz").await.status(), 200);
+    let text = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        text.contains("kelvin_invocations_total{function=\"hello\",outcome=\"ok\",temperature=\"cold\",trigger=\"http\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kelvin_function_loads_total{function=\"hello\",source=\"compile\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("kelvin_loaded_functions 1"), "{text}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_an_in_flight_request_finish() {
+    let server = TestServer::start(&App::with_guests("", "", &["spin"])).await;
+    assert_eq!(server.get("/spin/0").await.status(), 200);
+    let client = server.client.clone();
+    let url = server.url("/spin/300");
+    let slow = tokio::spawn(async move { client.get(url).send().await.unwrap() });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let sink = server.sink.clone();
+    server.stop().await;
+    let r = slow.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().starts_with("spun 300 ms"));
+    assert_eq!(sink.records().len(), 2);
+}
+
+/// Reads a JSON body.
+trait JsonBody {
+    async fn json_body(self) -> serde_json::Value;
+}
+
+impl JsonBody for reqwest::Response {
+    async fn json_body(self) -> serde_json::Value {
+        assert_eq!(self.headers()["content-type"], "application/json");
+        serde_json::from_str(&self.text().await.unwrap()).expect("JSON body")
+    }
+}

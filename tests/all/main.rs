@@ -1,0 +1,11 @@
+//! Kelvin's integration tests, one binary with a module per area. They start
+//! the real runtime (and server, on 127.0.0.1:0), load real guests built from
+//! `guests/`, and talk HTTP with a real client.
+
+mod concurrency;
+mod http;
+mod limits;
+mod manifest;
+mod metering;
+mod registry;
+mod util;

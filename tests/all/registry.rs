@@ -1,0 +1,194 @@
+//! Loading on demand, the compiled-artifact cache, and eviction.
+
+use std::time::{Duration, Instant};
+
+use kelvin::metering::LoadSource;
+
+use crate::util::{App, invoke, write};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn functions_load_on_first_invocation_only() {
+    let app = App::with_guests("", "", &["hello", "echo"]);
+    let (runtime, _) = app.runtime();
+    // Start-up validated both functions but compiled nothing.
+    assert!(runtime.registry().loaded().is_empty());
+    let artifact = runtime.registry().artifact_path("hello").unwrap();
+    assert!(!artifact.exists());
+
+    let first = invoke(&runtime, "hello", "").await;
+    assert_eq!(first.record.outcome.as_str(), "ok");
+    assert!(first.record.cold);
+    assert_eq!(first.record.load.unwrap().source, LoadSource::Compile);
+    assert_eq!(runtime.registry().loaded(), vec!["hello"]);
+    assert!(artifact.exists(), "the compiled artifact was cached");
+
+    let second = invoke(&runtime, "hello", "").await;
+    assert!(!second.record.cold);
+    assert!(second.record.load.is_none());
+    assert_eq!(second.stdout, first.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_loads_from_the_cache_without_compiling() {
+    let app = App::with_guests("", "", &["hello"]);
+    {
+        let (runtime, _) = app.runtime();
+        let r = invoke(&runtime, "hello", "").await;
+        assert_eq!(r.record.load.unwrap().source, LoadSource::Compile);
+    }
+    let (runtime, _) = app.runtime();
+    let r = invoke(&runtime, "hello", "").await;
+    assert_eq!(r.record.outcome.as_str(), "ok");
+    assert!(r.record.cold);
+    assert_eq!(r.record.load.unwrap().source, LoadSource::Cache);
+    let text = runtime.metrics().render();
+    assert!(
+        text.contains("kelvin_function_loads_total{function=\"hello\",source=\"cache\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_or_truncated_artifact_is_rebuilt_not_run() {
+    let app = App::with_guests("", "", &["hello"]);
+    let artifact = {
+        let (runtime, _) = app.runtime();
+        invoke(&runtime, "hello", "").await;
+        runtime.registry().artifact_path("hello").unwrap()
+    };
+    let good = std::fs::read(&artifact).unwrap();
+
+    // One flipped byte in the code: the checksum catches it.
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    // Truncation and garbage: caught too.
+    for bad in [
+        flipped,
+        good[..good.len() / 3].to_vec(),
+        b"not an artifact".to_vec(),
+    ] {
+        write(&artifact, &bad);
+        let (runtime, _) = app.runtime();
+        let r = invoke(&runtime, "hello", "").await;
+        assert_eq!(r.record.outcome.as_str(), "ok");
+        assert_eq!(
+            r.record.load.unwrap().source,
+            LoadSource::Compile,
+            "a bad entry is never trusted"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&r.stdout).lines().last(),
+            Some("Hello, world!")
+        );
+        // ...and rebuilt: the next start loads it from the cache again.
+        let (runtime, _) = app.runtime();
+        let r = invoke(&runtime, "hello", "").await;
+        assert_eq!(r.record.load.unwrap().source, LoadSource::Cache);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lru_evicts_by_count() {
+    let app = App::with_guests("max_loaded = 2", "", &["hello", "echo", "spin"]);
+    let (runtime, _) = app.runtime();
+    invoke(&runtime, "hello", "").await;
+    invoke(&runtime, "echo", "").await;
+    invoke(&runtime, "hello", "").await; // hello is now the most recent
+    invoke(&runtime, "spin", "0").await;
+    assert_eq!(runtime.registry().loaded(), vec!["spin", "hello"]);
+    let text = runtime.metrics().render();
+    assert!(
+        text.contains("kelvin_evictions_total{function=\"echo\",reason=\"capacity\"} 1"),
+        "{text}"
+    );
+    // An evicted function comes back cold, from the cache.
+    let r = invoke(&runtime, "echo", "").await;
+    assert!(r.record.cold);
+    assert_eq!(r.record.load.unwrap().source, LoadSource::Cache);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lru_evicts_by_memory_budget() {
+    // Each guest's footprint (code + initial memory) is over 1 MiB, so a 2 MiB
+    // budget holds one function at a time.
+    let app = App::with_guests("memory_budget = \"2MiB\"", "", &["hello", "echo"]);
+    let (runtime, _) = app.runtime();
+    invoke(&runtime, "hello", "").await;
+    assert_eq!(runtime.registry().loaded(), vec!["hello"]);
+    invoke(&runtime, "echo", "").await;
+    assert_eq!(runtime.registry().loaded(), vec!["echo"]);
+    let text = runtime.metrics().render();
+    assert!(
+        text.contains("kelvin_evictions_total{function=\"hello\",reason=\"memory\"} 1"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_functions_scale_to_zero() {
+    let app = App::new(
+        "",
+        "[functions.hello]\nsource = \"{guests}/hello.wasm\"\nkeep_warm = \"1m\"\n\
+         [functions.echo]\nsource = \"{guests}/echo.wasm\"\nkeep_warm = \"5m\"\n",
+    );
+    let (runtime, _) = app.runtime();
+    invoke(&runtime, "hello", "").await;
+    invoke(&runtime, "echo", "").await;
+    let now = Instant::now();
+    // Time is injected: no test sleeps for a minute.
+    assert!(runtime.registry().evict_idle_at(now).is_empty());
+    assert!(
+        runtime
+            .registry()
+            .evict_idle_at(now + Duration::from_secs(30))
+            .is_empty()
+    );
+    let evicted = runtime
+        .registry()
+        .evict_idle_at(now + Duration::from_secs(61));
+    assert_eq!(evicted.len(), 1);
+    assert_eq!(evicted[0].0, "hello");
+    assert_eq!(evicted[0].1.as_str(), "idle");
+    assert_eq!(runtime.registry().loaded(), vec!["echo"]);
+    let evicted = runtime
+        .registry()
+        .evict_idle_at(now + Duration::from_secs(301));
+    assert_eq!(evicted.len(), 1);
+    assert!(runtime.registry().loaded().is_empty());
+    let text = runtime.metrics().render();
+    assert!(
+        text.contains("kelvin_evictions_total{function=\"hello\",reason=\"idle\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("kelvin_loaded_functions 0"), "{text}");
+    // Scaled to zero, the next invocation is a cold start from the cache.
+    let r = invoke(&runtime, "hello", "").await;
+    assert_eq!(r.record.load.unwrap().source, LoadSource::Cache);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_requests_compile_once() {
+    let app = App::with_guests("", "", &["hello"]);
+    let (runtime, _) = app.runtime();
+    let runtime = std::sync::Arc::new(runtime);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let rt = runtime.clone();
+        tasks.push(tokio::spawn(async move {
+            invoke(&rt, "hello", "").await.record
+        }));
+    }
+    let mut cold = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.outcome.as_str(), "ok");
+        cold += usize::from(r.cold);
+    }
+    assert_eq!(cold, 1);
+    let text = runtime.metrics().render();
+    assert!(
+        text.contains("kelvin_function_loads_total{function=\"hello\",source=\"compile\"} 1"),
+        "{text}"
+    );
+}

@@ -1,0 +1,169 @@
+//! Helpers: write a manifest around built guests, start a runtime or a server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kelvin::metering::{InvocationRecord, MemorySink};
+use kelvin::{Event, Manifest, Runtime};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// An app in a temporary folder: its manifest and state live there.
+pub struct App {
+    pub dir: TempDir,
+    pub manifest_path: PathBuf,
+}
+
+impl App {
+    /// `body` is manifest text after the header; `{guests}` stands for the
+    /// folder holding the built guests. `[server]` lines go in `server`.
+    pub fn new(server: &str, body: &str) -> App {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::in_dir(dir, server, body)
+    }
+
+    pub fn in_dir(dir: TempDir, server: &str, body: &str) -> App {
+        let guests = kelvin_tests::guest_dir().display().to_string();
+        let text = format!(
+            "version = 1\nname = \"test\"\n\n[server]\nstate_dir = \"state\"\ninstance_slots = 16\n{server}\n\n{}",
+            body.replace("{guests}", &guests)
+        );
+        let manifest_path = dir.path().join("functions.toml");
+        std::fs::write(&manifest_path, text).expect("write manifest");
+        App { dir, manifest_path }
+    }
+
+    /// One function per guest name, each with an HTTP route `/<name>` plus
+    /// `/<name>/{arg}` passing the argument under the guest's parameter name.
+    pub fn with_guests(server: &str, extra: &str, names: &[&str]) -> App {
+        let mut body = String::new();
+        for name in names {
+            let param = match *name {
+                "spin" => "ms",
+                "alloc" => "mib",
+                "trap" => "kind",
+                _ => "name",
+            };
+            body.push_str(&format!(
+                "[functions.{name}]\nsource = \"{{guests}}/{name}.wasm\"\n{extra}\n\
+                 [[functions.{name}.http]]\nroute = \"/{name}\"\n\
+                 [[functions.{name}.http]]\nroute = \"/{name}/{{{param}}}\"\n\n"
+            ));
+        }
+        App::new(server, &body)
+    }
+
+    pub fn manifest(&self) -> Manifest {
+        Manifest::load(&self.manifest_path).expect("valid test manifest")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// A runtime over this app, recording into memory.
+    pub fn runtime(&self) -> (Runtime, Arc<MemorySink>) {
+        let sink = Arc::new(MemorySink::default());
+        let runtime = Runtime::new(self.manifest(), sink.clone()).expect("runtime starts");
+        (runtime, sink)
+    }
+}
+
+/// Invokes `function` directly (trigger `invoke`) with `input`.
+pub async fn invoke(runtime: &Runtime, function: &str, input: &str) -> kelvin::Invocation {
+    runtime
+        .invoke(
+            function,
+            Event {
+                trigger: "invoke",
+                input: input.to_owned().into(),
+                env: Vec::new(),
+            },
+        )
+        .await
+        .expect("function exists")
+}
+
+/// A server running on 127.0.0.1:0 until dropped or shut down.
+pub struct TestServer {
+    pub addr: SocketAddr,
+
+    pub sink: Arc<MemorySink>,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(app: &App) -> TestServer {
+        let (runtime, sink) = app.runtime();
+        let runtime = Arc::new(runtime);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(kelvin::trigger::http::serve(
+            runtime.clone(),
+            listener,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        TestServer {
+            addr,
+
+            sink,
+            client: reqwest::Client::new(),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    /// The record of the invocation with this id.
+    pub fn record(&self, id: &str) -> InvocationRecord {
+        self.sink
+            .records()
+            .into_iter()
+            .find(|r| r.invocation_id == id)
+            .unwrap_or_else(|| panic!("no record for invocation {id}"))
+    }
+
+    /// Stops the server and waits for it to drain.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task").expect("server ran");
+        }
+    }
+}
+
+/// The id header of a response.
+pub fn invocation_id(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-kelvin-invocation-id")
+        .expect("every response has an invocation id")
+        .to_str()
+        .expect("ascii")
+        .to_owned()
+}
+
+pub fn write(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).expect("write file");
+}
