@@ -1,0 +1,291 @@
+//! The `kelvin` binary as a user runs it: real processes, real guests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn kelvin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kelvin"));
+    cmd.env_remove("RUST_LOG")
+        .env_remove("KELVIN_MANIFEST")
+        .env_remove("KELVIN_LOG_FORMAT");
+    cmd
+}
+
+/// A manifest in a temp dir wiring `hello` (and `trap`) to HTTP routes.
+fn app() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let guests = kelvin_tests::guest_dir().display().to_string();
+    let manifest = dir.path().join("functions.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "version = 1\nname = \"cli\"\n[server]\ninstance_slots = 8\n\
+             [functions.hello]\nsource = \"{guests}/hello.wasm\"\n\
+             [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\n\
+             [functions.trap]\nsource = \"{guests}/trap.wasm\"\n"
+        ),
+    )
+    .unwrap();
+    (dir, manifest)
+}
+
+/// The pretty-printed JSON records in `kelvin invoke`'s stderr.
+fn records(stderr: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in stderr.lines() {
+        if line == "{" {
+            current = Some(String::new());
+        }
+        if let Some(buf) = current.as_mut() {
+            buf.push_str(line);
+            buf.push('\n');
+            if line == "}" {
+                out.push(serde_json::from_str(buf).expect("a JSON record"));
+                current = None;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn invoke_prints_output_and_records_cold_then_warm() {
+    let (_dir, manifest) = app();
+    let out = kelvin()
+        .args(["invoke", "hello", "--repeat", "2", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("Hello, world!").count(), 2, "{stdout}");
+    let recs = records(&stderr);
+    assert_eq!(recs.len(), 2, "{stderr}");
+    assert_eq!(recs[0]["cold"], true);
+    assert_eq!(recs[0]["load"]["source"], "compile");
+    assert_eq!(recs[1]["cold"], false);
+    assert_eq!(recs[0]["outcome"], "ok");
+    // The guest's log line is attributed to its invocation.
+    let id = recs[0]["invocation_id"].as_str().unwrap();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("greeting world") && l.contains(id)),
+        "{stderr}"
+    );
+
+    // A second process finds the compiled artifact in the cache.
+    let out = kelvin()
+        .args(["invoke", "hello", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let recs = records(&String::from_utf8_lossy(&out.stderr));
+    assert_eq!(recs[0]["load"]["source"], "cache");
+}
+
+#[test]
+fn invoke_reads_input_and_fails_loudly() {
+    let (dir, manifest) = app();
+    let input = dir.path().join("event.txt");
+    std::fs::write(&input, "div").unwrap();
+    let out = kelvin()
+        .args(["invoke", "trap", "--input"])
+        .arg(&input)
+        .arg("-f")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let recs = records(&stderr);
+    assert_eq!(recs[0]["outcome"], "trap");
+    assert!(
+        recs[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("divide by zero"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Error: the invocation failed"), "{stderr}");
+
+    let out = kelvin()
+        .args(["invoke", "nope", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no function named `nope`"));
+}
+
+#[test]
+fn check_accepts_a_good_app_and_explains_a_bad_one() {
+    let (dir, manifest) = app();
+    let out = kelvin()
+        .args(["check", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: app `cli`, 2 function(s) valid"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "version = 1\nname = \"x\"\n[functions.a]\nsource = \"a.wasm\"\nmemory = 5\n",
+    )
+    .unwrap();
+    let out = kelvin().args(["check", "-f"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("Error: "), "{stderr}");
+    assert!(
+        stderr.contains("bad.toml:5:10: `functions.a.memory`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let missing = kelvin()
+        .args(["check", "-f", "/nonexistent/functions.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("failed to read manifest `/nonexistent/functions.toml`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("No such file"),
+        "the cause is printed: {stderr}"
+    );
+
+    // Invalid wasm fails the check (and would fail start-up).
+    std::fs::write(dir.path().join("broken.wasm"), b"\0asm\x01\0\0\0garbage").unwrap();
+    let broken = dir.path().join("broken.toml");
+    std::fs::write(
+        &broken,
+        "version = 1\nname = \"x\"\n[functions.b]\nsource = \"broken.wasm\"\n",
+    )
+    .unwrap();
+    let out = kelvin()
+        .args(["check", "-f"])
+        .arg(&broken)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("function `b`"));
+}
+
+/// Starts `kelvin up` on port 0 and returns the child and its address, read
+/// from the JSON log line announcing it.
+fn up(
+    manifest: &Path,
+) -> (
+    std::process::Child,
+    String,
+    BufReader<std::process::ChildStderr>,
+) {
+    let mut child = kelvin()
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "-f",
+        ])
+        .arg(manifest)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut line = String::new();
+    while Instant::now() < deadline {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["fields"]["message"] == "kelvin is serving" {
+            let addr = v["fields"]["address"].as_str().unwrap().to_owned();
+            return (child, addr, stderr);
+        }
+    }
+    let _ = child.kill();
+    panic!("kelvin up did not announce its address; last line: {line}");
+}
+
+#[test]
+fn up_serves_and_shuts_down_gracefully_on_sigterm() {
+    let (dir, manifest) = app();
+    let (mut child, addr, mut stderr) = up(&manifest);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = rt.block_on(async {
+        let r = reqwest::get(format!("http://{addr}/hello/cli"))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("x-kelvin-invocation-id"));
+        r.text().await.unwrap()
+    });
+    assert_eq!(body, "Hello, cli!\n");
+
+    // SAFETY: plain kill(2) on our own child's pid.
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "kelvin up exits 0 after SIGTERM: {status}"
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(rest.contains("stopped"), "{rest}");
+
+    // The invocation was flushed to the JSON-lines log before exit.
+    let log =
+        std::fs::read_to_string(dir.path().join(".kelvin").join("invocations.jsonl")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(rec["function"], "hello");
+    assert_eq!(rec["trigger"], "http");
+}
+
+#[test]
+fn up_refuses_to_start_with_a_broken_function() {
+    let (dir, _) = app();
+    std::fs::write(dir.path().join("broken.wasm"), b"not wasm").unwrap();
+    let manifest = dir.path().join("broken.toml");
+    std::fs::write(
+        &manifest,
+        "version = 1\nname = \"x\"\n[functions.b]\nsource = \"broken.wasm\"\n",
+    )
+    .unwrap();
+    let out = kelvin()
+        .args(["up", "--listen", "127.0.0.1:0", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("function `b`") && stderr.contains("not a wasm binary"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("kelvin is serving"));
+}
