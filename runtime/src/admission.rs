@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::manifest::Concurrency;
@@ -22,24 +23,28 @@ pub struct Admission {
     slots: Semaphore,
     waiting: AtomicU32,
     limits: Concurrency,
+    depth: IntGauge,
 }
 
 /// Decrements the waiting count however the wait ends (including when the
 /// waiting request is dropped because its client went away).
-struct Waiting<'a>(&'a AtomicU32);
+struct Waiting<'a>(&'a Admission);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let now = self.0.waiting.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.0.depth.set(i64::from(now));
     }
 }
 
 impl Admission {
-    pub fn new(limits: Concurrency) -> Admission {
+    /// `depth` is the gauge that shows how many wait.
+    pub fn new(limits: Concurrency, depth: IntGauge) -> Admission {
         Admission {
             slots: Semaphore::new(limits.max.get() as usize),
             waiting: AtomicU32::new(0),
             limits,
+            depth,
         }
     }
 
@@ -49,7 +54,8 @@ impl Admission {
             return Ok(permit);
         }
         let queued = self.waiting.fetch_add(1, Ordering::Relaxed);
-        let _waiting = Waiting(&self.waiting);
+        self.depth.set(i64::from(queued) + 1);
+        let _waiting = Waiting(self);
         if queued >= self.limits.queue {
             return Err(Rejected::QueueFull(queued));
         }
@@ -59,8 +65,19 @@ impl Admission {
         }
     }
 
-    /// Invocations waiting right now.
-    pub fn waiting(&self) -> u32 {
-        self.waiting.load(Ordering::Relaxed)
+    /// The host-wide gate: a pool slot for the instance, waited for within
+    /// the function's queue timeout. Functions' `max_concurrency` may add up
+    /// to more than the pool holds; the excess waits here instead of failing.
+    pub async fn enter_pool<'p>(
+        &self,
+        pool: &'p Semaphore,
+    ) -> Result<SemaphorePermit<'p>, Rejected> {
+        if let Ok(permit) = pool.try_acquire() {
+            return Ok(permit);
+        }
+        match tokio::time::timeout(self.limits.queue_timeout, pool.acquire()).await {
+            Ok(permit) => Ok(permit.expect("the semaphore is never closed")),
+            Err(_) => Err(Rejected::QueueTimeout(self.limits.queue_timeout)),
+        }
     }
 }

@@ -56,6 +56,10 @@ impl EvictReason {
 /// A function whose wasm cannot be used; found at start-up.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
+    #[error(
+        "function `{function}`: `{path}` does not exist; build it with `kelvin build` (or `kelvin up --build`)"
+    )]
+    NotBuilt { function: String, path: PathBuf },
     #[error("function `{function}`: failed to read `{path}`")]
     Read {
         function: String,
@@ -156,10 +160,19 @@ impl Registry {
                 path: spec.source.clone(),
                 reason,
             };
-            let bytes = std::fs::read(&spec.source).map_err(|source| RegistryError::Read {
-                function: spec.name.to_string(),
-                path: spec.source.clone(),
-                source,
+            let bytes = std::fs::read(&spec.source).map_err(|source| {
+                let function = spec.name.to_string();
+                let path = spec.source.clone();
+                // The usual first-run mistake deserves the usual fix.
+                if source.kind() == std::io::ErrorKind::NotFound && spec.build.is_some() {
+                    RegistryError::NotBuilt { function, path }
+                } else {
+                    RegistryError::Read {
+                        function,
+                        path,
+                        source,
+                    }
+                }
             })?;
             let hash = WasmHash::of(&bytes);
             check_shape(&bytes, &provided).map_err(invalid)?;

@@ -43,6 +43,8 @@ pub struct Runtime {
     engine: Arc<KelvinEngine>,
     registry: Registry,
     admission: HashMap<String, Admission>,
+    /// One permit per pooling-allocator instance slot.
+    pool_slots: tokio::sync::Semaphore,
     sink: Arc<dyn RecordSink>,
     metrics: Metrics,
 }
@@ -78,13 +80,18 @@ impl Runtime {
         let admission = manifest
             .functions
             .iter()
-            .map(|f| (f.name.to_string(), Admission::new(f.concurrency)))
+            .map(|f| {
+                let depth = metrics.queue_depth.with_label_values(&[f.name.as_str()]);
+                (f.name.to_string(), Admission::new(f.concurrency, depth))
+            })
             .collect();
+        let pool_slots = tokio::sync::Semaphore::new(manifest.server.instance_slots.get() as usize);
         Ok(Runtime {
             manifest: Arc::new(manifest),
             engine,
             registry,
             admission,
+            pool_slots,
             sink,
             metrics,
         })
@@ -147,12 +154,15 @@ impl Runtime {
             exit_code: None,
         };
 
-        let gauge = self.metrics.queue_depth.with_label_values(&[function]);
-        gauge.set(i64::from(admission.waiting()) + 1);
-        let permit = admission.enter().await;
-        gauge.set(i64::from(admission.waiting()));
+        let admitted = match admission.enter().await {
+            Ok(permit) => admission
+                .enter_pool(&self.pool_slots)
+                .await
+                .map(|slot| (permit, slot)),
+            Err(rejected) => Err(rejected),
+        };
         record.queued_us = micros(queued_from.elapsed());
-        let _permit = match permit {
+        let _permits = match admitted {
             Ok(p) => p,
             Err(rejected) => {
                 record.reason = Some(rejected.to_string());

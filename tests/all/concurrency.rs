@@ -4,6 +4,7 @@ use crate::util::{App, TestServer, invocation_id};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn excess_requests_queue_and_only_a_full_queue_is_rejected() {
+    let _cpu = crate::util::cpu_heavy().await;
     let app = App::with_guests("", "max_concurrency = 1\nqueue = 1", &["spin"]);
     let server = TestServer::start(&app).await;
     assert_eq!(server.get("/spin/0").await.status(), 200); // warm
@@ -52,6 +53,7 @@ async fn excess_requests_queue_and_only_a_full_queue_is_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_past_queue_timeout_is_rejected() {
+    let _cpu = crate::util::cpu_heavy().await;
     let app = App::with_guests(
         "",
         "max_concurrency = 1\nqueue = 5\nqueue_timeout = \"100ms\"",
@@ -67,6 +69,34 @@ async fn a_wait_past_queue_timeout_is_rejected() {
     assert_eq!(r.status(), 503);
     let record = server.record(&invocation_id(&r));
     assert!(record.reason.unwrap().contains("queue timeout"));
+    assert_eq!(slow.await.unwrap(), 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_concurrency_than_pool_slots_waits_instead_of_failing() {
+    let _cpu = crate::util::cpu_heavy().await;
+    // Two functions may each run 4 at once, but the pool has 1 slot.
+    let app = App::with_guests(
+        "instance_slots = 1",
+        "max_concurrency = 4",
+        &["spin", "hello"],
+    );
+    let server = TestServer::start(&app).await;
+    assert_eq!(server.get("/spin/0").await.status(), 200);
+    assert_eq!(server.get("/hello").await.status(), 200);
+    let client = server.client.clone();
+    let url = server.url("/spin/300");
+    let slow = tokio::spawn(async move { client.get(url).send().await.unwrap().status() });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let r = server.get("/hello").await;
+    assert_eq!(r.status(), 200);
+    let record = server.record(&invocation_id(&r));
+    assert!(
+        record.queued_us >= 150_000,
+        "waited for the slot: {}us",
+        record.queued_us
+    );
     assert_eq!(slow.await.unwrap(), 200);
     server.stop().await;
 }

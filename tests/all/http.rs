@@ -197,6 +197,7 @@ async fn metrics_and_health_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_an_in_flight_request_finish() {
+    let _cpu = crate::util::cpu_heavy().await;
     let server = TestServer::start(&App::with_guests("", "", &["spin"])).await;
     assert_eq!(server.get("/spin/0").await.status(), 200);
     let client = server.client.clone();
@@ -221,4 +222,48 @@ impl JsonBody for reqwest::Response {
         assert_eq!(self.headers()["content-type"], "application/json");
         serde_json::from_str(&self.text().await.unwrap()).expect("JSON body")
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_sees_its_contract_and_nothing_of_the_host() {
+    let app = App::new(
+        "",
+        "[functions.echo]\nsource = \"{guests}/echo.wasm\"\nenv = { SETTING = \"on\" }\n\
+         [[functions.echo.http]]\nroute = \"/echo\"\n",
+    );
+    // SAFETY: set before the server starts; nothing else reads it concurrently.
+    unsafe { std::env::set_var("KELVIN_TEST_HOST_SECRET", "leak") };
+    let server = TestServer::start(&app).await;
+    let r = server
+        .client
+        .get(server.url("/echo?inspect"))
+        .header("x-custom", "1")
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    for expected in [
+        "env KELVIN_FUNCTION",
+        "env KELVIN_INVOCATION_ID",
+        "env KELVIN_TRIGGER",
+        "env SETTING",
+        "env REQUEST_METHOD",
+        "env HTTP_X_CUSTOM",
+        "fs / hidden",
+        "fs /etc/passwd hidden",
+        "fs . hidden",
+        "args echo",
+    ] {
+        assert!(
+            text.lines().any(|l| l == expected),
+            "missing `{expected}` in:\n{text}"
+        );
+    }
+    for leaked in ["env PATH", "env HOME", "env KELVIN_TEST_HOST_SECRET"] {
+        assert!(
+            !text.lines().any(|l| l == leaked),
+            "host `{leaked}` leaked:\n{text}"
+        );
+    }
+    server.stop().await;
 }

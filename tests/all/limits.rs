@@ -9,6 +9,7 @@ use crate::util::{App, TestServer, invocation_id, invoke};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infinite_loop_is_stopped_at_its_timeout() {
+    let _cpu = crate::util::cpu_heavy().await;
     let app = App::with_guests("", "timeout = \"200ms\"", &["loop", "hello"]);
     let server = TestServer::start(&app).await;
     // Warm it, so the measured run is all loop.
@@ -70,6 +71,7 @@ async fn a_memory_bomb_is_capped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuel_is_metered_and_enforced() {
+    let _cpu = crate::util::cpu_heavy().await;
     let app = App::new(
         "",
         "[functions.spin]\nsource = \"{guests}/spin.wasm\"\nfuel = 100_000_000_000\n\
@@ -105,6 +107,7 @@ async fn fuel_is_metered_and_enforced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_waiting_in_a_host_call_is_stopped_too() {
+    let _cpu = crate::util::cpu_heavy().await;
     // While a guest sleeps no wasm runs, so no epoch check fires; the
     // backstop timer stops it instead.
     let app = App::with_guests("", "timeout = \"200ms\"", &["spin"]);
@@ -131,6 +134,7 @@ async fn a_guest_waiting_in_a_host_call_is_stopped_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_shorter_than_a_tick_still_fires() {
+    let _cpu = crate::util::cpu_heavy().await;
     let app = App::with_guests("", "timeout = \"1ms\"", &["spin"]);
     let (runtime, _) = app.runtime();
     let r = invoke(&runtime, "spin", "1000").await;

@@ -91,9 +91,8 @@ fn defaults_are_inherited_and_overridden() {
     assert_eq!(m.server.listen.to_string(), "127.0.0.1:3000");
 }
 
-fn start_error(wasm: &[u8]) -> String {
-    let app = App::new("", "[functions.bad]\nsource = \"bad.wasm\"\n");
-    write(&app.dir.path().join("bad.wasm"), wasm);
+/// The error of a runtime that must refuse to start.
+fn refusal(app: &App) -> String {
     match kelvin::Runtime::new(
         app.manifest(),
         std::sync::Arc::new(kelvin::metering::MemorySink::default()),
@@ -101,6 +100,12 @@ fn start_error(wasm: &[u8]) -> String {
         Ok(_) => panic!("a runtime with an unusable function started"),
         Err(e) => format!("{e}"),
     }
+}
+
+fn start_error(wasm: &[u8]) -> String {
+    let app = App::new("", "[functions.bad]\nsource = \"bad.wasm\"\n");
+    write(&app.dir.path().join("bad.wasm"), wasm);
+    refusal(&app)
 }
 
 #[test]
@@ -140,15 +145,20 @@ fn unusable_wasm_fails_at_start_up() {
     assert!(e.contains("not a usable wasm module"), "{e}");
 
     let app = App::new("", "[functions.gone]\nsource = \"missing.wasm\"\n");
-    let e = match kelvin::Runtime::new(
-        app.manifest(),
-        std::sync::Arc::new(kelvin::metering::MemorySink::default()),
-    ) {
-        Ok(_) => panic!("started without its wasm"),
-        Err(e) => format!("{e}"),
-    };
+    let e = refusal(&app);
     assert!(
         e.contains("function `gone`: failed to read") && e.contains("missing.wasm"),
+        "{e}"
+    );
+
+    // With a build command, the error says how to produce the file.
+    let app = App::new(
+        "",
+        "[functions.later]\nsource = \"later.wasm\"\nbuild = \"make\"\n",
+    );
+    let e = refusal(&app);
+    assert!(
+        e.contains("does not exist; build it with `kelvin build`"),
         "{e}"
     );
 }

@@ -7,6 +7,7 @@ use crate::util::{App, TestServer, invocation_id, invoke};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spin_50ms_bills_about_50ms_of_cpu() {
+    let _cpu = crate::util::cpu_heavy().await;
     let app = App::with_guests("", "", &["spin"]);
     let (runtime, _) = app.runtime();
     invoke(&runtime, "spin", "0").await;

@@ -26,8 +26,14 @@ impl App {
 
     pub fn in_dir(dir: TempDir, server: &str, body: &str) -> App {
         let guests = kelvin_tests::guest_dir().display().to_string();
+        // A small pool keeps many test servers in one process cheap.
+        let slots = if server.contains("instance_slots") {
+            ""
+        } else {
+            "instance_slots = 16\n"
+        };
         let text = format!(
-            "version = 1\nname = \"test\"\n\n[server]\nstate_dir = \"state\"\ninstance_slots = 16\n{server}\n\n{}",
+            "version = 1\nname = \"test\"\n\n[server]\nstate_dir = \"state\"\n{slots}{server}\n\n{}",
             body.replace("{guests}", &guests)
         );
         let manifest_path = dir.path().join("functions.toml");
@@ -166,4 +172,12 @@ pub fn invocation_id(r: &reqwest::Response) -> String {
 
 pub fn write(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).expect("write file");
+}
+
+/// Held by tests that burn CPU for long or assert on CPU time. On a 2-core
+/// machine two such tests at once starve each other's guests, and a guest
+/// that spins for 50 ms of wall time then honestly bills less CPU.
+pub async fn cpu_heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
