@@ -225,6 +225,7 @@ fn up(
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("kelvin up did not announce its address; last line: {line}");
 }
 
