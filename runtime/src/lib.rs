@@ -19,6 +19,7 @@
 //! - [`registry`] and [`cache`]: loading, the compiled-artifact cache, eviction.
 //! - [`engine`]: the one wasmtime engine and its epoch ticker.
 //! - [`invoke`]: one invocation in a fresh instance.
+//! - [`keys`]: access keys for HTTP routes.
 //! - [`metering`] and [`metrics`]: records per invocation, Prometheus metrics.
 //! - [`commands`]: the `kelvin` CLI.
 
@@ -27,6 +28,7 @@ pub mod cache;
 pub mod commands;
 pub mod engine;
 pub mod invoke;
+pub mod keys;
 pub mod manifest;
 pub mod metering;
 pub mod metrics;

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::keys::AuthLevel;
 use crate::router::{Method, Route};
 use crate::trigger::TriggerConfig;
 use crate::trigger::http::HttpTrigger;
@@ -55,6 +56,14 @@ pub struct ServerConfig {
     /// Instance slots in the pooling allocator: the most invocations that can
     /// run at once across all functions.
     pub instance_slots: NonZeroU32,
+    /// Largest request head (request line and headers); 431 beyond.
+    pub max_header_size: u64,
+    /// How long a client may take to send its request head.
+    pub header_read_timeout: Duration,
+    /// Open connections at most; more wait in the kernel's accept backlog.
+    pub max_connections: NonZeroU32,
+    /// How long in-flight requests may take to finish after shutdown begins.
+    pub drain_timeout: Duration,
 }
 
 /// One function, with every default already applied.
@@ -339,6 +348,10 @@ struct RawServer {
     memory_budget: Option<Spanned<Size>>,
     max_body: Option<Spanned<Size>>,
     instance_slots: Option<Spanned<u32>>,
+    max_header_size: Option<Spanned<Size>>,
+    header_read_timeout: Option<Spanned<HumanDuration>>,
+    max_connections: Option<Spanned<u32>>,
+    drain_timeout: Option<HumanDuration>,
 }
 
 /// Settings every function inherits unless it sets its own
@@ -379,6 +392,8 @@ struct RawHttpTrigger {
     route: Spanned<String>,
     #[serde(default)]
     methods: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    auth: AuthLevel,
 }
 
 /// A duration written as a human string: `"30s"`, `"500ms"`, `"5m"`.
@@ -526,6 +541,31 @@ impl RawServer {
             memory_budget: nonzero_size(self.memory_budget, "server.memory_budget", 2 << 30)?,
             max_body: nonzero_size(self.max_body, "server.max_body", 16 << 20)?,
             instance_slots: positive(self.instance_slots, "server.instance_slots", 256)?,
+            max_header_size: match self.max_header_size {
+                None => 16 << 10,
+                // hyper cannot buffer less than 8 KiB of request head.
+                Some(s) if s.get_ref().0 < 8 << 10 => {
+                    return Err(field_error(
+                        s.span(),
+                        "server.max_header_size",
+                        "must be at least 8KiB",
+                    ));
+                }
+                Some(s) => s.get_ref().0,
+            },
+            header_read_timeout: match self.header_read_timeout {
+                None => Duration::from_secs(10),
+                Some(s) if s.get_ref().0.is_zero() => {
+                    return Err(field_error(
+                        s.span(),
+                        "server.header_read_timeout",
+                        "must be longer than zero, e.g. \"10s\"",
+                    ));
+                }
+                Some(s) => s.get_ref().0,
+            },
+            max_connections: positive(self.max_connections, "server.max_connections", 1024)?,
+            drain_timeout: self.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
         })
     }
 }
@@ -718,6 +758,7 @@ impl RawHttpTrigger {
         Ok(HttpTrigger {
             route,
             methods,
+            auth: self.auth,
             span,
         })
     }

@@ -3,8 +3,8 @@
 //! one process do not share counters.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::metering::InvocationRecord;
@@ -19,7 +19,10 @@ pub struct Metrics {
     pub evictions: IntCounterVec,
     pub loaded: IntGauge,
     pub queue_depth: IntGaugeVec,
-    pub guest_cpu_us: IntCounterVec,
+    pub queue_wait: HistogramVec,
+    pub pool_slots_in_use: IntGauge,
+    pub guest_cpu_seconds: CounterVec,
+    pub guest_memory_byte_seconds: CounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -79,10 +82,29 @@ impl Metrics {
             &["function"],
         )
         .expect("valid metric");
-        let guest_cpu_us = IntCounterVec::new(
+        let queue_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "kelvin_queue_wait_seconds",
+                "Time invocations waited for a concurrency slot",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["function"],
+        )
+        .expect("valid metric");
+        let pool_slots_in_use = IntGauge::new(
+            "kelvin_pool_slots_in_use",
+            "Pooling-allocator instance slots held by running invocations",
+        )
+        .expect("valid metric");
+        let guest_cpu_seconds = CounterVec::new(
+            Opts::new("kelvin_guest_cpu_seconds_total", "CPU time spent in guests"),
+            &["function"],
+        )
+        .expect("valid metric");
+        let guest_memory_byte_seconds = CounterVec::new(
             Opts::new(
-                "kelvin_guest_cpu_microseconds_total",
-                "CPU time spent in guests",
+                "kelvin_guest_memory_byte_seconds_total",
+                "Guest linear memory integrated over time (memory-time)",
             ),
             &["function"],
         )
@@ -95,7 +117,10 @@ impl Metrics {
             Box::new(evictions.clone()),
             Box::new(loaded.clone()),
             Box::new(queue_depth.clone()),
-            Box::new(guest_cpu_us.clone()),
+            Box::new(queue_wait.clone()),
+            Box::new(pool_slots_in_use.clone()),
+            Box::new(guest_cpu_seconds.clone()),
+            Box::new(guest_memory_byte_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -108,7 +133,10 @@ impl Metrics {
             evictions,
             loaded,
             queue_depth,
-            guest_cpu_us,
+            queue_wait,
+            pool_slots_in_use,
+            guest_cpu_seconds,
+            guest_memory_byte_seconds,
         }
     }
 
@@ -125,9 +153,17 @@ impl Metrics {
         self.duration
             .with_label_values(&[r.function.as_str()])
             .observe(r.wall_us as f64 / 1e6);
-        self.guest_cpu_us
-            .with_label_values(&[r.function.as_str()])
-            .inc_by(r.cpu_us);
+        let f = [r.function.as_str()];
+        self.guest_cpu_seconds
+            .with_label_values(&f)
+            .inc_by(r.cpu_us as f64 / 1e6);
+        // KiB x us to byte x s.
+        self.guest_memory_byte_seconds
+            .with_label_values(&f)
+            .inc_by(r.memory_kib_us as f64 * 1024.0 / 1e6);
+        self.queue_wait
+            .with_label_values(&f)
+            .observe(r.queued_us as f64 / 1e6);
         if let Some(load) = r.load {
             let phase = match load.source {
                 crate::metering::LoadSource::Cache => "load",

@@ -163,7 +163,10 @@ impl Runtime {
         };
         record.queued_us = micros(queued_from.elapsed());
         let _permits = match admitted {
-            Ok(p) => p,
+            Ok((permit, slot)) => (
+                permit,
+                SlotInUse::hold(slot, &self.metrics.pool_slots_in_use),
+            ),
             Err(rejected) => {
                 record.reason = Some(rejected.to_string());
                 return Ok(self.finish(record, Bytes::new()));
@@ -217,5 +220,30 @@ impl Runtime {
         self.metrics.observe(&record);
         self.sink.record(&record);
         Invocation { record, stdout }
+    }
+}
+
+/// A pool slot held by a running invocation, counted in the gauge while held.
+struct SlotInUse<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    gauge: &'a prometheus::IntGauge,
+}
+
+impl<'a> SlotInUse<'a> {
+    fn hold(
+        permit: tokio::sync::SemaphorePermit<'a>,
+        gauge: &'a prometheus::IntGauge,
+    ) -> SlotInUse<'a> {
+        gauge.inc();
+        SlotInUse {
+            _permit: permit,
+            gauge,
+        }
+    }
+}
+
+impl Drop for SlotInUse<'_> {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }

@@ -23,7 +23,7 @@ fn app() -> (tempfile::TempDir, PathBuf) {
         format!(
             "version = 1\nname = \"cli\"\n[server]\ninstance_slots = 8\n\
              [functions.hello]\nsource = \"{guests}/hello.wasm\"\n\
-             [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\n\
+             [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nauth = \"anonymous\"\n\
              [functions.trap]\nsource = \"{guests}/trap.wasm\"\n"
         ),
     )

@@ -54,7 +54,7 @@ async fn body_headers_and_method_round_trip_through_cgi() {
 async fn unknown_route_is_404_and_wrong_method_405() {
     let server = TestServer::start(&App::new(
         "",
-        "[functions.echo]\nsource = \"{guests}/echo.wasm\"\n[[functions.echo.http]]\nroute = \"/echo\"\nmethods = [\"POST\", \"PUT\"]\n",
+        "[functions.echo]\nsource = \"{guests}/echo.wasm\"\n[[functions.echo.http]]\nroute = \"/echo\"\nauth = \"anonymous\"\nmethods = [\"POST\", \"PUT\"]\n",
     ))
     .await;
     let r = server.get("/nowhere").await;
@@ -178,20 +178,94 @@ async fn failures_get_public_messages_and_the_host_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_and_health_are_served() {
-    let server = TestServer::start(&app()).await;
+async fn metrics_parse_and_carry_every_series() {
+    let server =
+        TestServer::start(&App::with_guests("max_loaded = 1", "", &["hello", "trap"])).await;
     assert_eq!(server.get("/hello").await.status(), 200);
+    assert_eq!(server.get("/hello").await.status(), 200);
+    assert_eq!(server.get("/trap").await.status(), 500);
     assert_eq!(server.get("/healthz").await.status(), 200);
-    let text = server.get("/metrics").await.text().await.unwrap();
-    assert!(
-        text.contains("kelvin_invocations_total{function=\"hello\",outcome=\"ok\",temperature=\"cold\",trigger=\"http\"} 1"),
-        "{text}"
+    assert_eq!(server.get("/readyz").await.status(), 200);
+    let r = server.get("/metrics").await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .expect("valid Prometheus text");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        let sample = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .unwrap_or_else(|| panic!("no sample {name} {labels:?} in:\n{text}"));
+        match &sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            // A histogram's +Inf bucket is its count.
+            prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let inv = |outcome, temperature, function| {
+        value(
+            "kelvin_invocations_total",
+            &[
+                ("function", function),
+                ("outcome", outcome),
+                ("temperature", temperature),
+                ("trigger", "http"),
+            ],
+        )
+    };
+    assert_eq!(inv("ok", "cold", "hello"), 1.0);
+    assert_eq!(inv("ok", "warm", "hello"), 1.0);
+    assert_eq!(inv("trap", "cold", "trap"), 1.0);
+    assert_eq!(
+        value(
+            "kelvin_invocation_duration_seconds",
+            &[("function", "hello")]
+        ),
+        2.0
     );
-    assert!(
-        text.contains("kelvin_function_loads_total{function=\"hello\",source=\"compile\"} 1"),
-        "{text}"
+    assert_eq!(
+        value("kelvin_cold_start_phase_seconds", &[("phase", "compile")]),
+        2.0
     );
-    assert!(text.contains("kelvin_loaded_functions 1"), "{text}");
+    assert_eq!(
+        value(
+            "kelvin_cold_start_phase_seconds",
+            &[("phase", "instantiate")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            "kelvin_function_loads_total",
+            &[("function", "hello"), ("source", "compile")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            "kelvin_evictions_total",
+            &[("function", "hello"), ("reason", "capacity")]
+        ),
+        1.0
+    );
+    assert_eq!(value("kelvin_loaded_functions", &[]), 1.0);
+    assert_eq!(value("kelvin_queue_depth", &[("function", "hello")]), 0.0);
+    assert_eq!(
+        value("kelvin_queue_wait_seconds", &[("function", "hello")]),
+        2.0
+    );
+    assert_eq!(value("kelvin_pool_slots_in_use", &[]), 0.0);
+    assert!(value("kelvin_guest_cpu_seconds_total", &[("function", "hello")]) > 0.0);
+    assert!(
+        value(
+            "kelvin_guest_memory_byte_seconds_total",
+            &[("function", "hello")]
+        ) > 0.0
+    );
     server.stop().await;
 }
 
@@ -229,7 +303,7 @@ async fn the_guest_sees_its_contract_and_nothing_of_the_host() {
     let app = App::new(
         "",
         "[functions.echo]\nsource = \"{guests}/echo.wasm\"\nenv = { SETTING = \"on\" }\n\
-         [[functions.echo.http]]\nroute = \"/echo\"\n",
+         [[functions.echo.http]]\nroute = \"/echo\"\nauth = \"anonymous\"\n",
     );
     // SAFETY: set before the server starts; nothing else reads it concurrently.
     unsafe { std::env::set_var("KELVIN_TEST_HOST_SECRET", "leak") };
@@ -265,5 +339,84 @@ async fn the_guest_sees_its_contract_and_nothing_of_the_host() {
             "host `{leaked}` leaked:\n{text}"
         );
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_head_is_431() {
+    let server = TestServer::start(&App::with_guests(
+        "max_header_size = \"8KiB\"",
+        "",
+        &["hello"],
+    ))
+    .await;
+    let r = server
+        .client
+        .get(server.url("/hello"))
+        .header("x-big", "a".repeat(10_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 431);
+    assert!(server.sink.records().is_empty());
+    assert_eq!(server.get("/hello").await.status(), 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_cut_off_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(&App::with_guests(
+        "header_read_timeout = \"200ms\"",
+        "",
+        &["hello"],
+    ))
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // Never finish the head: the server must give up on its own.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        slow.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server kept a slow client's connection open"
+    );
+    // Others are served meanwhile and after.
+    assert_eq!(server.get("/hello").await.status(), 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_for_a_free_one() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(&App::with_guests("max_connections = 1", "", &["hello"])).await;
+    // One idle keep-alive connection holds the only slot.
+    let mut held = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    held.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = held.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    let client = server.client.clone();
+    let url = server.url("/hello");
+    let waiting = tokio::spawn(async move { client.get(url).send().await.unwrap().status() });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a second connection was served past max_connections = 1"
+    );
+    drop(held);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200);
     server.stop().await;
 }

@@ -4,6 +4,7 @@
 
 mod concurrency;
 mod http;
+mod keys;
 mod limits;
 mod manifest;
 mod metering;

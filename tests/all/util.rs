@@ -54,8 +54,8 @@ impl App {
             };
             body.push_str(&format!(
                 "[functions.{name}]\nsource = \"{{guests}}/{name}.wasm\"\n{extra}\n\
-                 [[functions.{name}.http]]\nroute = \"/{name}\"\n\
-                 [[functions.{name}.http]]\nroute = \"/{name}/{{{param}}}\"\n\n"
+                 [[functions.{name}.http]]\nroute = \"/{name}\"\nauth = \"anonymous\"\n\
+                 [[functions.{name}.http]]\nroute = \"/{name}/{{{param}}}\"\nauth = \"anonymous\"\n\n"
             ));
         }
         App::new(server, &body)
@@ -105,22 +105,17 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start(app: &App) -> TestServer {
         let (runtime, sink) = app.runtime();
-        let runtime = Arc::new(runtime);
+        let server = kelvin::trigger::http::HttpServer::new(Arc::new(runtime)).expect("keys open");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(kelvin::trigger::http::serve(
-            runtime.clone(),
-            listener,
-            async move {
-                let _ = rx.await;
-            },
-        ));
+        let task = tokio::spawn(server.serve(listener, async move {
+            let _ = rx.await;
+        }));
         TestServer {
             addr,
-
             sink,
             client: reqwest::Client::new(),
             shutdown: Some(tx),

@@ -10,11 +10,13 @@ use crate::manifest::Manifest;
 mod build;
 mod check;
 mod invoke;
+mod keys;
 mod up;
 
 pub use build::BuildCommand;
 pub use check::CheckCommand;
 pub use invoke::InvokeCommand;
+pub use keys::KeysCommand;
 pub use up::UpCommand;
 
 #[derive(Parser, Debug)]
@@ -34,6 +36,7 @@ enum Command {
     Build(BuildCommand),
     Check(CheckCommand),
     Invoke(InvokeCommand),
+    Keys(KeysCommand),
 }
 
 impl Cli {
@@ -43,6 +46,7 @@ impl Cli {
             Command::Build(c) => c.execute(),
             Command::Check(c) => c.execute(),
             Command::Invoke(c) => c.execute(),
+            Command::Keys(c) => c.execute(),
         }
     }
 }

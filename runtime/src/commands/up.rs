@@ -36,6 +36,7 @@ impl UpCommand {
         // Everything is validated before the socket is bound: a broken
         // function stops start-up here, not at its first request.
         let runtime = Arc::new(Runtime::new(manifest, Arc::new(sink))?);
+        let server = crate::trigger::http::HttpServer::new(runtime.clone())?;
         let rt = tokio_runtime()?;
         rt.block_on(async {
             if self.build {
@@ -52,7 +53,7 @@ impl UpCommand {
                 invocation_log = %log.display(),
                 "kelvin is serving"
             );
-            crate::trigger::http::serve(runtime.clone(), listener, shutdown_signal()).await?;
+            server.serve(listener, shutdown_signal()).await?;
             tracing::info!("stopped");
             anyhow::Ok(())
         })

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 use super::Trigger;
 use crate::invoke::Event;
+use crate::keys::{AuthLevel, KeyError, KeyStore};
 use crate::metering::Outcome;
 use crate::router::{MethodSet, Route, RouteMatch, Router};
 use crate::runtime::Runtime;
@@ -37,97 +38,136 @@ impl Trigger for Http {
 pub struct HttpTrigger {
     pub route: Route,
     pub methods: MethodSet,
+    /// Who may call it (`auth`: anonymous, function or admin).
+    pub auth: AuthLevel,
     /// Where the route is written in the manifest, for conflict errors.
     pub(crate) span: Range<usize>,
 }
 
 pub const INVOCATION_ID_HEADER: &str = "x-kelvin-invocation-id";
-
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long in-flight requests may take to finish after shutdown begins.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Where a client presents an access key (or in the `code` query parameter).
+pub const KEY_HEADER: &str = "x-kelvin-key";
 
 type Body = Full<Bytes>;
 
-struct Server {
-    runtime: Arc<Runtime>,
-    router: Router<String>,
-    local: SocketAddr,
+/// What a route leads to.
+struct Target {
+    function: String,
+    auth: AuthLevel,
 }
 
-/// Serves `runtime`'s HTTP routes on `listener` until `shutdown` completes,
-/// then stops accepting, lets in-flight requests finish (up to a drain
-/// timeout) and flushes metering.
-pub async fn serve(
+/// The HTTP trigger of one runtime: its routes and keys, ready to serve.
+pub struct HttpServer {
     runtime: Arc<Runtime>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let routes = runtime
-        .manifest()
-        .functions
-        .iter()
-        .flat_map(|f| {
-            f.triggers.iter().map(move |t| {
-                let super::TriggerConfig::Http(h) = t;
-                (h.route.clone(), h.methods, f.name.to_string())
-            })
-        })
-        .collect();
-    let server = Arc::new(Server {
-        runtime: runtime.clone(),
-        router: Router::new(routes),
-        local: listener.local_addr()?,
-    });
+    router: Router<Target>,
+    keys: KeyStore,
+}
 
-    let sweeper = tokio::spawn(sweep_idle(runtime.clone()));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                // Responses are small and written at once; Nagle would only add latency.
-                let _ = stream.set_nodelay(true);
-                let server = server.clone();
-                let service = hyper::service::service_fn(move |req| {
+impl HttpServer {
+    /// Builds the routing table and opens the access keys (creating them on
+    /// first start), before any socket is bound.
+    pub fn new(runtime: Arc<Runtime>) -> Result<HttpServer, KeyError> {
+        let routes = runtime
+            .manifest()
+            .functions
+            .iter()
+            .flat_map(|f| {
+                f.triggers.iter().map(move |t| {
+                    let super::TriggerConfig::Http(h) = t;
+                    let target = Target {
+                        function: f.name.to_string(),
+                        auth: h.auth,
+                    };
+                    (h.route.clone(), h.methods, target)
+                })
+            })
+            .collect();
+        let names: Vec<&str> = runtime
+            .manifest()
+            .functions
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        let keys = KeyStore::open(&runtime.manifest().server.state_dir, &names)?;
+        Ok(HttpServer {
+            runtime,
+            router: Router::new(routes),
+            keys,
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops
+    /// accepting, lets in-flight requests finish (up to the drain timeout)
+    /// and flushes metering.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let local = listener.local_addr()?;
+        let server = Arc::new(self);
+        let runtime = server.runtime.clone();
+        let settings = runtime.manifest().server.clone();
+        // Past the cap, connections wait in the kernel's backlog instead of
+        // costing a task and buffers each.
+        let connections = Arc::new(tokio::sync::Semaphore::new(
+            settings.max_connections.get() as usize
+        ));
+        let sweeper = tokio::spawn(sweep_idle(runtime.clone()));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+                () = &mut shutdown => break,
+            };
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off, keep serving.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    // Responses are small and written at once; Nagle would only add latency.
+                    let _ = stream.set_nodelay(true);
                     let server = server.clone();
-                    async move { Ok::<_, std::convert::Infallible>(server.handle(req, peer).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                });
+                    let service = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, std::convert::Infallible>(server.handle(req, peer, local).await) }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(settings.header_read_timeout)
+                        // A head larger than the buffer is answered with 431.
+                        .max_buf_size(usize::try_from(settings.max_header_size).unwrap_or(usize::MAX))
+                        .serve_connection(TokioIo::new(stream), service);
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        drop(permit);
+                    });
+                }
+                () = &mut shutdown => break,
             }
-            () = &mut shutdown => break,
         }
+        drop(listener);
+        tracing::info!("shutting down: draining in-flight requests");
+        if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain timeout passed; closing remaining connections");
+        }
+        sweeper.abort();
+        runtime.flush();
+        Ok(())
     }
-    drop(listener);
-    tracing::info!("shutting down: draining in-flight requests");
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout passed; closing remaining connections");
-    }
-    sweeper.abort();
-    runtime.flush();
-    Ok(())
 }
 
 async fn sweep_idle(runtime: Arc<Runtime>) {
@@ -137,8 +177,13 @@ async fn sweep_idle(runtime: Arc<Runtime>) {
     }
 }
 
-impl Server {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+impl HttpServer {
+    async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Response<Body> {
         let path = req.uri().path().to_owned();
         match (req.method().as_str(), path.as_str()) {
             ("GET", "/metrics") => {
@@ -153,12 +198,12 @@ impl Server {
             }
             _ => {}
         }
-        let (function, route, params) = match self.router.lookup(req.method().as_str(), &path) {
+        let (target, route, params) = match self.router.lookup(req.method().as_str(), &path) {
             RouteMatch::Found {
                 target,
                 route,
                 params,
-            } => (target.clone(), route.pattern().to_owned(), params),
+            } => (target, route.pattern().to_owned(), params),
             RouteMatch::NotFound => {
                 return error(
                     StatusCode::NOT_FOUND,
@@ -178,6 +223,20 @@ impl Server {
                 return r;
             }
         };
+
+        let function = target.function.as_str();
+        // Before anything else: an unauthorised request costs nothing, is not
+        // metered and never reaches the guest.
+        if !self
+            .keys
+            .authorize(target.auth, function, presented_key(&req).as_deref())
+        {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "missing or invalid access key".into(),
+            );
+        }
 
         let max_body = self.runtime.manifest().server.max_body;
         let declared = req
@@ -202,13 +261,13 @@ impl Server {
             }
         };
 
-        let env = cgi_env(&parts, &body, peer, self.local, &route, &params);
+        let env = cgi_env(&parts, &body, peer, local, &route, &params);
         let event = Event {
             trigger: Http::TYPE,
             input: body,
             env,
         };
-        let invocation = match self.runtime.invoke(&function, event).await {
+        let invocation = match self.runtime.invoke(function, event).await {
             Ok(i) => i,
             Err(e) => {
                 tracing::error!(error = %e, "route points at an unknown function");
@@ -262,6 +321,26 @@ impl Server {
             ),
         }
     }
+}
+
+/// The key from the `x-kelvin-key` header, else the `code` query parameter.
+fn presented_key(req: &Request<Incoming>) -> Option<String> {
+    if let Some(v) = req.headers().get(KEY_HEADER) {
+        return v.to_str().ok().map(str::to_owned);
+    }
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == "code").then(|| v.to_owned())
+    })
+}
+
+/// The query without `code=...`: a key is the host's business, not the guest's.
+fn without_key(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| !(pair.starts_with("code=") || *pair == "code"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 fn too_large(max: u64) -> String {
@@ -322,7 +401,7 @@ fn cgi_env(
         ("PATH_INFO".into(), parts.uri.path().to_owned()),
         (
             "QUERY_STRING".into(),
-            parts.uri.query().unwrap_or("").to_owned(),
+            without_key(parts.uri.query().unwrap_or("")),
         ),
         ("CONTENT_LENGTH".into(), body.len().to_string()),
         ("X_MATCHED_ROUTE".into(), route.to_owned()),
@@ -334,7 +413,7 @@ fn cgi_env(
         let Ok(value) = value.to_str() else { continue };
         if name == hyper::header::CONTENT_TYPE {
             env.push(("CONTENT_TYPE".into(), value.to_owned()));
-        } else if name != hyper::header::CONTENT_LENGTH {
+        } else if name != hyper::header::CONTENT_LENGTH && name != KEY_HEADER {
             env.push((
                 format!(
                     "HTTP_{}",
