@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// Every test guest.
+/// Every preview-1 test guest.
 pub const GUESTS: &[&str] = &["hello", "echo", "spin", "alloc", "trap", "loop"];
+/// Every wasi:http component test guest.
+pub const COMPONENTS: &[&str] = &["hello-http", "stream-echo", "fetch"];
 
 /// The workspace root.
 pub fn workspace_root() -> &'static Path {
@@ -15,7 +17,7 @@ pub fn workspace_root() -> &'static Path {
         .expect("tests/ sits in the workspace root")
 }
 
-/// Builds every guest to wasm32-wasip1 (once per process; cargo makes it a
+/// Builds every guest, preview-1 and component (once per process; cargo makes it a
 /// no-op when nothing changed) and returns the folder holding the `.wasm`s.
 pub fn guest_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -24,25 +26,30 @@ pub fn guest_dir() -> &'static Path {
         // A separate target dir: the outer `cargo test` may hold the lock on
         // the default one.
         let target = root.join("target").join("test-guests");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.current_dir(root)
-            .args([
-                "build",
-                "--quiet",
-                "--profile",
-                "guest",
-                "--target",
-                "wasm32-wasip1",
-                "--target-dir",
-            ])
-            .arg(&target);
-        for g in GUESTS {
-            cmd.args(["-p", &format!("guest-{g}")]);
+        for (triple, guests) in [("wasm32-wasip1", GUESTS), ("wasm32-wasip2", COMPONENTS)] {
+            let mut cmd = Command::new(env!("CARGO"));
+            cmd.current_dir(root)
+                .args([
+                    "build",
+                    "--quiet",
+                    "--profile",
+                    "guest",
+                    "--target",
+                    triple,
+                    "--target-dir",
+                ])
+                .arg(&target);
+            for g in guests {
+                cmd.args(["-p", &format!("guest-{g}")]);
+            }
+            let status = cmd
+                .status()
+                .expect("failed to run cargo to build the guests");
+            assert!(
+                status.success(),
+                "building the {triple} guests failed: {status}"
+            );
         }
-        let status = cmd
-            .status()
-            .expect("failed to run cargo to build the guests");
-        assert!(status.success(), "building the guests failed: {status}");
         target.join("wasm32-wasip1").join("guest")
     })
 }
@@ -56,4 +63,14 @@ pub fn guest(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The folder holding the built wasi:http components.
+pub fn component_dir() -> PathBuf {
+    guest_dir()
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/test-guests/<triple>/guest")
+        .join("wasm32-wasip2")
+        .join("guest")
 }

@@ -49,7 +49,7 @@ async fn an_infinite_loop_is_stopped_at_its_timeout() {
     let _ = server.get("/loop").await;
     let r = server.get("/loop").await;
     assert_eq!(r.status(), 504);
-    let record = server.record(&invocation_id(&r));
+    let record = server.record(&invocation_id(&r)).await;
     assert_eq!(record.outcome.as_str(), "timeout");
     assert!(
         record

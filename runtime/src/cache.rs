@@ -9,7 +9,53 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
+
+/// What a `.wasm` file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WasmKind {
+    /// A core module: a wasm32-wasip1 command.
+    Module,
+    /// A component: a wasi:http/proxy.
+    Component,
+}
+
+/// Compiled code of either kind.
+pub enum Compiled {
+    Module(Module),
+    Component(Component),
+}
+
+impl Compiled {
+    pub fn compile(engine: &Engine, kind: WasmKind, bytes: &[u8]) -> wasmtime::Result<Compiled> {
+        Ok(match kind {
+            WasmKind::Module => Compiled::Module(Module::new(engine, bytes)?),
+            WasmKind::Component => Compiled::Component(Component::new(engine, bytes)?),
+        })
+    }
+
+    fn serialize(&self) -> wasmtime::Result<Vec<u8>> {
+        match self {
+            Compiled::Module(m) => m.serialize(),
+            Compiled::Component(c) => c.serialize(),
+        }
+    }
+
+    /// Compiled code plus the initial linear memory a warm slot keeps around.
+    pub fn footprint(&self) -> u64 {
+        let (image, resources) = match self {
+            Compiled::Module(m) => (m.image_range(), Some(m.resources_required())),
+            Compiled::Component(c) => (c.image_range(), c.resources_required()),
+        };
+        let code = (image.end as usize - image.start as usize) as u64;
+        // Reported in wasm pages.
+        let pages = resources
+            .and_then(|r| r.max_initial_memory_size)
+            .unwrap_or(0);
+        code + pages.saturating_mul(64 * 1024)
+    }
+}
 
 /// The blake3 hash of a `.wasm` file's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,7 +112,12 @@ impl ArtifactCache {
 
     /// Loads a verified artifact. A bad entry is removed so the caller's
     /// rebuild replaces it.
-    pub fn load(&self, engine: &Engine, hash: &WasmHash) -> Result<Module, CacheMiss> {
+    pub fn load(
+        &self,
+        engine: &Engine,
+        hash: &WasmHash,
+        kind: WasmKind,
+    ) -> Result<Compiled, CacheMiss> {
         let path = self.artifact_path(hash);
         let expected = match std::fs::read(self.checksum_path(hash)) {
             Ok(sum) => sum,
@@ -83,8 +134,16 @@ impl ArtifactCache {
             // fingerprint, and its checksum was just verified, so it is not
             // arbitrary bytes. Files in the cache are replaced by rename,
             // never modified in place, so the mapping stays consistent.
-            unsafe { Module::deserialize_file(engine, &path) }
-                .map_err(|e| CacheMiss::Incompatible(format!("{e:#}")))
+            let compiled = match kind {
+                WasmKind::Module => {
+                    unsafe { Module::deserialize_file(engine, &path) }.map(Compiled::Module)
+                }
+                // SAFETY: as above.
+                WasmKind::Component => {
+                    unsafe { Component::deserialize_file(engine, &path) }.map(Compiled::Component)
+                }
+            };
+            compiled.map_err(|e| CacheMiss::Incompatible(format!("{e:#}")))
         })();
         if matches!(result, Err(CacheMiss::Corrupt | CacheMiss::Incompatible(_))) {
             self.remove(hash);
@@ -95,8 +154,8 @@ impl ArtifactCache {
     /// Writes an artifact and its checksum atomically (temp file + rename),
     /// checksum last, so a crash never leaves an entry that verifies but is
     /// incomplete.
-    pub fn store(&self, hash: &WasmHash, module: &Module) -> std::io::Result<()> {
-        let bytes = module
+    pub fn store(&self, hash: &WasmHash, compiled: &Compiled) -> std::io::Result<()> {
+        let bytes = compiled
             .serialize()
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
         let checksum = blake3::hash(&bytes);

@@ -36,15 +36,16 @@ impl KelvinEngine {
     pub fn new(settings: EngineSettings) -> wasmtime::Result<KelvinEngine> {
         let mut pool = PoolingAllocationConfig::default();
         let slots = settings.instance_slots;
-        pool.total_core_instances(slots)
-            .total_memories(slots)
-            .total_tables(slots)
+        // A component instance holds several core instances and tables
+        // (the main module, shims, fix-ups), so those pools are larger.
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(8))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(4))
             .total_stacks(slots)
             // Each slot reserves address space for the largest memory; a
             // function's own, smaller cap is enforced by its limiter.
-            .max_memory_size(usize::try_from(settings.max_memory).unwrap_or(usize::MAX))
-            // Component instances are not used by preview-1 functions yet.
-            .total_component_instances(0);
+            .max_memory_size(usize::try_from(settings.max_memory).unwrap_or(usize::MAX));
 
         let mut config = Config::new();
         config

@@ -10,18 +10,19 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use wasmtime::{ResourceLimiter, Store, Trap, UpdateDeadline};
+use wasmtime::{InstancePre, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
 use crate::engine::{EPOCH_TICK, KelvinEngine};
+use crate::manifest::Limits;
 use crate::metering::Outcome;
 use crate::registry::LoadedFunction;
 
 /// Guest stderr kept per invocation; the rest is dropped (logs are not a
 /// data channel, and an unbounded buffer is a memory bomb).
-const MAX_STDERR: usize = 256 * 1024;
+pub(crate) const MAX_STDERR: usize = 256 * 1024;
 
 /// What starts an invocation: the trigger's name, the input on stdin, and
 /// trigger metadata as environment variables.
@@ -55,7 +56,7 @@ impl Host {
 /// Caps linear memory and measures it: the peak, and the exact size-time
 /// integral (linear memory only grows during an instance's life, so the
 /// integral is a sum of rectangles between grow events).
-struct MemoryMeter {
+pub(crate) struct MemoryMeter {
     limit: u64,
     current: u64,
     peak: u64,
@@ -65,7 +66,7 @@ struct MemoryMeter {
 }
 
 impl MemoryMeter {
-    fn new(limit: u64) -> MemoryMeter {
+    pub(crate) fn new(limit: u64) -> MemoryMeter {
         MemoryMeter {
             limit,
             current: 0,
@@ -135,10 +136,151 @@ pub struct Execution {
     pub fuel_consumed: Option<u64>,
 }
 
-/// Runs `f` once in a fresh instance.
+/// Store data that carries a memory meter: preview-1 and component hosts.
+pub(crate) trait Metered: Send + 'static {
+    fn meter(&mut self) -> &mut MemoryMeter;
+}
+
+impl Metered for Host {
+    fn meter(&mut self) -> &mut MemoryMeter {
+        &mut self.meter
+    }
+}
+
+/// The limits armed on one store.
+pub(crate) struct Armed {
+    pub deadline: Instant,
+    pub fuel_budget: Option<u64>,
+}
+
+impl Armed {
+    /// Epoch checks stop guests that compute; this timer stops guests that
+    /// wait in a host call (a long sleep), where no epoch check runs.
+    pub fn backstop(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.deadline + 2 * EPOCH_TICK)
+    }
+}
+
+/// Arms a fresh store with a function's limits: the memory limiter, fuel,
+/// and the deadline.
+pub(crate) fn arm<T: Metered>(
+    engine: &KelvinEngine,
+    store: &mut Store<T>,
+    limits: &Limits,
+) -> Armed {
+    store.limiter(|h| h.meter());
+    let fuel_budget = engine
+        .fuel_enabled()
+        .then(|| limits.fuel.map_or(u64::MAX, |f| f.get()));
+    if let Some(budget) = fuel_budget {
+        store
+            .set_fuel(budget)
+            .expect("fuel is enabled on this engine");
+    }
+    let deadline = Instant::now() + limits.timeout;
+    // Check the deadline at every tick; in between, yield so one busy guest
+    // cannot hold a scheduler thread for its whole timeout.
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if Instant::now() >= deadline {
+            Err(wasmtime::Error::new(DeadlineExceeded))
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    Armed {
+        deadline,
+        fuel_budget,
+    }
+}
+
+/// Phase timings of one run.
+#[derive(Debug, Default)]
+pub(crate) struct Timings {
+    pub instantiate: Duration,
+    pub run: Duration,
+    pub run_started: Option<Instant>,
+    pub cpu: Duration,
+}
+
+/// What the store measured, read once the run is over.
+pub(crate) struct Measured {
+    pub peak_memory: u64,
+    pub memory_kib_us: u64,
+    pub denied: Option<u64>,
+    pub fuel_consumed: Option<u64>,
+}
+
+pub(crate) fn measure<T: Metered>(store: &mut Store<T>, armed: &Armed) -> Measured {
+    let fuel_consumed = armed
+        .fuel_budget
+        .map(|budget| budget - store.get_fuel().unwrap_or(0));
+    let meter = store.data_mut().meter();
+    meter.advance(Instant::now());
+    Measured {
+        peak_memory: meter.peak,
+        memory_kib_us: u64::try_from(meter.kib_us).unwrap_or(u64::MAX),
+        denied: meter.denied,
+        fuel_consumed,
+    }
+}
+
+/// Turns how a run ended into an outcome, a reason and an exit code.
+pub(crate) fn classify(
+    result: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
+    limits: &Limits,
+    armed: &Armed,
+    measured: &Measured,
+    stderr: &[u8],
+) -> (Outcome, Option<String>, Option<i32>) {
+    let timed_out = || {
+        (
+            Outcome::Timeout,
+            Some(format!(
+                "timed out after {}",
+                humantime::format_duration(limits.timeout)
+            )),
+            None,
+        )
+    };
+    let e = match result {
+        Err(_elapsed) => return timed_out(),
+        Ok(Ok(())) => return (Outcome::Ok, None, None),
+        Ok(Err(e)) => e,
+    };
+    if let Some(exit) = e.downcast_ref::<I32Exit>() {
+        return if exit.0 == 0 {
+            (Outcome::Ok, None, Some(0))
+        } else {
+            let why = format!("exited with code {}{}", exit.0, last_words(stderr));
+            (Outcome::Error, Some(why), Some(exit.0))
+        };
+    }
+    if e.downcast_ref::<DeadlineExceeded>().is_some() {
+        return timed_out();
+    }
+    let Some(trap) = e.downcast_ref::<Trap>() else {
+        return (Outcome::Error, Some(format!("{e:#}")), None);
+    };
+    let reason = if let Some(asked) = measured.denied {
+        format!(
+            "memory limit of {} exceeded (asked for {})",
+            human_size(limits.memory),
+            human_size(asked)
+        )
+    } else if *trap == Trap::OutOfFuel {
+        format!("fuel exhausted (limit {})", armed.fuel_budget.unwrap_or(0))
+    } else {
+        format!("{trap}{}", last_words(stderr))
+    };
+    (Outcome::Trap, Some(reason), None)
+}
+
+/// Runs `f`, a preview-1 command, once in a fresh instance.
 pub async fn execute(
     engine: &KelvinEngine,
     f: &LoadedFunction,
+    pre: &InstancePre<Host>,
     invocation_id: &str,
     event: &Event,
     max_output: usize,
@@ -163,115 +305,32 @@ pub async fn execute(
         meter: MemoryMeter::new(spec.limits.memory),
     };
     let mut store = Store::new(engine.engine(), host);
-    store.limiter(|h| &mut h.meter);
+    let armed = arm(engine, &mut store, &spec.limits);
 
-    let fuel_budget = engine
-        .fuel_enabled()
-        .then(|| spec.limits.fuel.map_or(u64::MAX, |f| f.get()));
-    if let Some(budget) = fuel_budget {
-        store
-            .set_fuel(budget)
-            .expect("fuel is enabled on this engine");
-    }
-
-    let timeout = spec.limits.timeout;
-    let deadline = Instant::now() + timeout;
-    // Check the deadline at every tick; in between, yield so one busy guest
-    // cannot hold a scheduler thread for its whole timeout.
-    store.set_epoch_deadline(1);
-    store.epoch_deadline_callback(move |_| {
-        if Instant::now() >= deadline {
-            Err(wasmtime::Error::new(DeadlineExceeded))
-        } else {
-            Ok(UpdateDeadline::Yield(1))
-        }
-    });
-
-    let mut instantiate = Duration::ZERO;
-    let mut run = Duration::ZERO;
-    let mut run_started = None;
-    let mut cpu = Duration::ZERO;
+    let mut t = Timings::default();
     let result = {
         let work = async {
-            let t = Instant::now();
-            let instance = f.pre.instantiate_async(&mut store).await?;
-            instantiate = t.elapsed();
+            let started = Instant::now();
+            let instance = pre.instantiate_async(&mut store).await?;
+            t.instantiate = started.elapsed();
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
-            let t = *run_started.insert(Instant::now());
-            let r = cpu_timed(start.call_async(&mut store, ()), &mut cpu).await;
-            run = t.elapsed();
+            let started = *t.run_started.insert(Instant::now());
+            let r = cpu_timed(start.call_async(&mut store, ()), &mut t.cpu).await;
+            t.run = started.elapsed();
             r
         };
-        // Epoch checks stop guests that compute; this stops guests that wait
-        // in a host call (a long sleep), where no epoch check runs.
-        let backstop = tokio::time::Instant::from_std(deadline + 2 * EPOCH_TICK);
-        tokio::time::timeout_at(backstop, work).await
+        tokio::time::timeout_at(armed.backstop(), work).await
     };
-    if let (Err(_), Some(t)) = (&result, run_started) {
+    if let (Err(_), Some(started)) = (&result, t.run_started) {
         // Stopped by the backstop mid-run: count the time it ran.
-        run = t.elapsed();
+        t.run = started.elapsed();
     }
-
-    let fuel_consumed = fuel_budget.map(|budget| budget - store.get_fuel().unwrap_or(0));
-    let meter = &mut store.data_mut().meter;
-    meter.advance(Instant::now());
-    let (peak_memory, memory_kib_us, denied) = (meter.peak, meter.kib_us, meter.denied);
+    let measured = measure(&mut store, &armed);
     drop(store);
 
     let stdout = stdout.contents();
     let stderr = stderr.contents();
-    let mut exit_code = None;
-    let (outcome, reason) = match result {
-        Err(_elapsed) => (
-            Outcome::Timeout,
-            Some(format!(
-                "timed out after {}",
-                humantime::format_duration(timeout)
-            )),
-        ),
-        Ok(Ok(())) => (Outcome::Ok, None),
-        Ok(Err(e)) => {
-            if let Some(exit) = e.downcast_ref::<I32Exit>() {
-                exit_code = Some(exit.0);
-                if exit.0 == 0 {
-                    (Outcome::Ok, None)
-                } else {
-                    (
-                        Outcome::Error,
-                        Some(format!(
-                            "exited with code {}{}",
-                            exit.0,
-                            last_words(&stderr)
-                        )),
-                    )
-                }
-            } else if e.downcast_ref::<DeadlineExceeded>().is_some() {
-                (
-                    Outcome::Timeout,
-                    Some(format!(
-                        "timed out after {}",
-                        humantime::format_duration(timeout)
-                    )),
-                )
-            } else if let Some(trap) = e.downcast_ref::<Trap>() {
-                let reason = if let Some(asked) = denied {
-                    format!(
-                        "memory limit of {} exceeded (asked for {})",
-                        human_size(spec.limits.memory),
-                        human_size(asked)
-                    )
-                } else if *trap == Trap::OutOfFuel {
-                    format!("fuel exhausted (limit {})", fuel_budget.unwrap_or(0))
-                } else {
-                    format!("{trap}{}", last_words(&stderr))
-                };
-                (Outcome::Trap, Some(reason))
-            } else {
-                (Outcome::Error, Some(format!("{e:#}")))
-            }
-        }
-    };
-
+    let (outcome, reason, exit_code) = classify(result, &spec.limits, &armed, &measured, &stderr);
     // Truncated output must never pass for a result, whatever the guest did
     // after its write failed.
     let (outcome, reason, stdout) = if stdout.len() > max_output {
@@ -290,12 +349,12 @@ pub async fn execute(
         exit_code,
         stdout,
         stderr,
-        instantiate,
-        run,
-        cpu,
-        peak_memory,
-        memory_kib_us: u64::try_from(memory_kib_us).unwrap_or(u64::MAX),
-        fuel_consumed,
+        instantiate: t.instantiate,
+        run: t.run,
+        cpu: t.cpu,
+        peak_memory: measured.peak_memory,
+        memory_kib_us: measured.memory_kib_us,
+        fuel_consumed: measured.fuel_consumed,
     }
 }
 
@@ -310,7 +369,7 @@ pub(crate) fn human_size(bytes: u64) -> String {
 }
 
 /// The guest's own explanation, if it printed a Rust panic message.
-fn last_words(stderr: &[u8]) -> String {
+pub(crate) fn last_words(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     match text.lines().find(|l| l.contains("panicked at")) {
         Some(line) => {
@@ -327,7 +386,7 @@ fn last_words(stderr: &[u8]) -> String {
 /// Polls `fut`, adding the calling thread's CPU time during each poll to
 /// `cpu`. Summing per poll stays right when the invocation yields and resumes
 /// on another thread.
-async fn cpu_timed<F: Future>(fut: F, cpu: &mut Duration) -> F::Output {
+pub(crate) async fn cpu_timed<F: Future>(fut: F, cpu: &mut Duration) -> F::Output {
     let mut fut = pin!(fut);
     std::future::poll_fn(|cx| {
         let before = thread_cpu_time();

@@ -18,7 +18,8 @@
 //! - [`admission`]: per-function concurrency and the bounded queue.
 //! - [`registry`] and [`cache`]: loading, the compiled-artifact cache, eviction.
 //! - [`engine`]: the one wasmtime engine and its epoch ticker.
-//! - [`invoke`]: one invocation in a fresh instance.
+//! - [`invoke`]: one invocation of a preview-1 command in a fresh instance.
+//! - [`proxy`]: one invocation of a wasi:http/proxy component.
 //! - [`keys`]: access keys for HTTP routes.
 //! - [`metering`] and [`metrics`]: records per invocation, Prometheus metrics.
 //! - [`commands`]: the `kelvin` CLI.
@@ -32,6 +33,7 @@ pub mod keys;
 pub mod manifest;
 pub mod metering;
 pub mod metrics;
+pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod runtime;

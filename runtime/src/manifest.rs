@@ -81,6 +81,65 @@ pub struct FunctionSpec {
     /// Idle time after which the function is unloaded.
     pub keep_warm: Duration,
     pub concurrency: Concurrency,
+    /// Where a wasi:http component may send requests; nowhere if empty.
+    pub allowed_outbound_hosts: Vec<OutboundHost>,
+}
+
+/// A destination a component may call: `scheme://host[:port]`, where the
+/// scheme, the host or the port may be `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundHost {
+    scheme: Option<String>,
+    host: Option<String>,
+    port: Option<u16>,
+}
+
+impl OutboundHost {
+    pub fn parse(s: &str) -> Result<OutboundHost, String> {
+        let bad = || {
+            format!(
+                "invalid outbound host {s:?}; write `scheme://host[:port]`, e.g. \"https://api.example.com\" or \"http://127.0.0.1:8080\" (`*` matches any scheme, host or port)"
+            )
+        };
+        let (scheme, rest) = s.split_once("://").ok_or_else(bad)?;
+        let scheme = match scheme {
+            "*" => None,
+            "http" | "https" => Some(scheme.to_owned()),
+            _ => return Err(bad()),
+        };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, "*")) => (h, None),
+            Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| bad())?)),
+            None => (
+                rest,
+                scheme
+                    .as_deref()
+                    .map(|s| if s == "https" { 443 } else { 80 }),
+            ),
+        };
+        if host.is_empty() || host.contains(['/', '?', '#', '@']) {
+            return Err(bad());
+        }
+        Ok(OutboundHost {
+            scheme,
+            host: (host != "*").then(|| host.to_ascii_lowercase()),
+            port,
+        })
+    }
+
+    /// Whether a request to `uri` may go out.
+    pub fn allows(&self, uri: &hyper::Uri) -> bool {
+        let scheme = uri.scheme_str().unwrap_or("https");
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        self.scheme.as_deref().is_none_or(|s| s == scheme)
+            && self
+                .host
+                .as_deref()
+                .is_none_or(|h| uri.host().is_some_and(|u| u.eq_ignore_ascii_case(h)))
+            && self
+                .port
+                .is_none_or(|p| uri.port_u16().unwrap_or(default_port) == p)
+    }
 }
 
 /// What one invocation may use.
@@ -382,6 +441,8 @@ struct RawFunction {
     queue_timeout: Option<Spanned<HumanDuration>>,
     #[serde(default)]
     env: BTreeMap<Spanned<String>, String>,
+    #[serde(default)]
+    allowed_outbound_hosts: Vec<Spanned<String>>,
     #[serde(default)]
     http: Vec<RawHttpTrigger>,
 }
@@ -691,6 +752,14 @@ impl RawFunction {
             env.push((k.into_inner(), v));
         }
 
+        let mut allowed_outbound_hosts = Vec::with_capacity(self.allowed_outbound_hosts.len());
+        for h in &self.allowed_outbound_hosts {
+            allowed_outbound_hosts.push(
+                OutboundHost::parse(h.get_ref())
+                    .map_err(|m| field_error(h.span(), at("allowed_outbound_hosts"), m))?,
+            );
+        }
+
         let mut triggers = Vec::with_capacity(self.http.len());
         for raw in self.http {
             triggers.push(TriggerConfig::Http(raw.validate(&at("http"))?));
@@ -713,6 +782,7 @@ impl RawFunction {
                 queue,
                 queue_timeout,
             },
+            allowed_outbound_hosts,
         })
     }
 }

@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 
 use lru::LruCache;
 use wasmtime::{InstancePre, Linker, Module, Store};
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use crate::cache::{ArtifactCache, CacheMiss, WasmHash};
+use crate::cache::{ArtifactCache, CacheMiss, Compiled, WasmHash, WasmKind};
 use crate::engine::KelvinEngine;
 use crate::invoke::Host;
 use crate::manifest::FunctionSpec;
 use crate::metering::{ColdStart, LoadSource};
 use crate::metrics::Metrics;
+use crate::proxy::HttpHost;
 
 /// The only import module a preview-1 function may use.
 const WASI_P1: &str = "wasi_snapshot_preview1";
@@ -27,9 +29,17 @@ const WASI_P1: &str = "wasi_snapshot_preview1";
 /// A function ready to instantiate: compiled, linked, pre-checked.
 pub struct LoadedFunction {
     pub spec: Arc<FunctionSpec>,
-    pub pre: InstancePre<Host>,
+    pub prepared: Prepared,
     /// Estimated resident cost: compiled code plus initial linear memory.
     pub footprint: u64,
+}
+
+/// A linked pre-instance of either kind.
+pub enum Prepared {
+    /// A preview-1 command, run with CGI for HTTP.
+    Module(InstancePre<Host>),
+    /// A wasi:http/proxy component, handed HTTP requests directly.
+    Component(ProxyPre<HttpHost>),
 }
 
 /// Why a function was unloaded.
@@ -91,6 +101,7 @@ pub struct LoadError {
 
 struct Slot {
     spec: Arc<FunctionSpec>,
+    kind: WasmKind,
     /// Hash of the wasm as last read; updated if the file changed when it is
     /// next compiled.
     hash: Mutex<WasmHash>,
@@ -119,6 +130,7 @@ pub struct Capacity {
 pub struct Registry {
     engine: Arc<KelvinEngine>,
     linker: Linker<Host>,
+    component_linker: wasmtime::component::Linker<HttpHost>,
     cache: ArtifactCache,
     slots: HashMap<String, Slot>,
     loaded: Mutex<Loaded>,
@@ -175,24 +187,34 @@ impl Registry {
                 }
             })?;
             let hash = WasmHash::of(&bytes);
-            check_shape(&bytes, &provided).map_err(invalid)?;
+            let kind = check_shape(&bytes, &provided).map_err(invalid)?;
             // A cached artifact was validated when it was compiled; full
             // validation is only needed for wasm never compiled here.
             if !cache.contains(&hash) {
-                Module::validate(engine.engine(), &bytes).map_err(|e| invalid(format!("{e:#}")))?;
+                match kind {
+                    WasmKind::Module => Module::validate(engine.engine(), &bytes)
+                        .map_err(|e| invalid(format!("{e:#}")))?,
+                    WasmKind::Component => wasmparser::Validator::new()
+                        .validate_all(&bytes)
+                        .map(drop)
+                        .map_err(|e| invalid(e.to_string()))?,
+                }
             }
             slots.insert(
                 spec.name.to_string(),
                 Slot {
                     spec: Arc::new(spec.clone()),
+                    kind,
                     hash: Mutex::new(hash),
                     load_lock: tokio::sync::Mutex::new(()),
                 },
             );
         }
+        let component_linker = crate::proxy::linker(engine.engine());
         Ok(Registry {
             engine,
             linker,
+            component_linker,
             cache,
             slots,
             loaded: Mutex::new(Loaded {
@@ -202,6 +224,11 @@ impl Registry {
             capacity,
             metrics,
         })
+    }
+
+    /// Whether `function` is a module or a component (known from start-up).
+    pub fn kind(&self, function: &str) -> Option<WasmKind> {
+        self.slots.get(function).map(|s| s.kind)
     }
 
     pub fn spec(&self, function: &str) -> Option<&Arc<FunctionSpec>> {
@@ -252,16 +279,25 @@ impl Registry {
             return Ok((f, None));
         }
         let start = Instant::now();
-        let (module, source) = self.module(slot).await?;
-        let pre = self
-            .linker
-            .instantiate_pre(&module)
-            .map_err(|e| LoadError {
-                function: function.to_owned(),
-                reason: format!("{e:#}"),
-            })?;
+        let (compiled, source) = self.compiled(slot).await?;
+        let link_error = |e: wasmtime::Error| LoadError {
+            function: function.to_owned(),
+            reason: format!("{e:#}"),
+        };
+        let prepared = match &compiled {
+            Compiled::Module(m) => {
+                Prepared::Module(self.linker.instantiate_pre(m).map_err(link_error)?)
+            }
+            Compiled::Component(c) => {
+                let pre = self
+                    .component_linker
+                    .instantiate_pre(c)
+                    .map_err(link_error)?;
+                Prepared::Component(ProxyPre::new(pre).map_err(link_error)?)
+            }
+        };
         let load_us = micros(start.elapsed());
-        let footprint = footprint(&module);
+        let footprint = compiled.footprint();
         tracing::info!(
             function,
             source = source.as_str(),
@@ -275,20 +311,21 @@ impl Registry {
             .inc();
         let loaded = Arc::new(LoadedFunction {
             spec: slot.spec.clone(),
-            pre,
+            prepared,
             footprint,
         });
         self.insert(function, loaded.clone());
         Ok((loaded, Some(ColdStart { source, load_us })))
     }
 
-    /// The compiled module: from the cache if a verified artifact is there,
+    /// The compiled code: from the cache if a verified artifact is there,
     /// else compiled (off the async threads) and cached.
-    async fn module(&self, slot: &Slot) -> Result<(Module, LoadSource), LoadError> {
+    async fn compiled(&self, slot: &Slot) -> Result<(Compiled, LoadSource), LoadError> {
         let function = slot.spec.name.to_string();
         let hash = *slot.hash.lock().expect("hash lock");
-        match self.cache.load(self.engine.engine(), &hash) {
-            Ok(module) => return Ok((module, LoadSource::Cache)),
+        let kind = slot.kind;
+        match self.cache.load(self.engine.engine(), &hash, kind) {
+            Ok(compiled) => return Ok((compiled, LoadSource::Cache)),
             Err(CacheMiss::Absent) => {}
             Err(miss) => {
                 tracing::warn!(function, reason = %miss, "discarding cached artifact; recompiling")
@@ -296,12 +333,13 @@ impl Registry {
         }
         let engine = self.engine.engine().clone();
         let path = slot.spec.source.clone();
-        let compiled =
-            tokio::task::spawn_blocking(move || -> Result<(Module, WasmHash), String> {
+        let (compiled, new_hash) =
+            tokio::task::spawn_blocking(move || -> Result<(Compiled, WasmHash), String> {
                 let bytes = std::fs::read(&path)
                     .map_err(|e| format!("failed to read `{}`: {e}", path.display()))?;
-                let module = Module::new(&engine, &bytes).map_err(|e| format!("{e:#}"))?;
-                Ok((module, WasmHash::of(&bytes)))
+                let compiled =
+                    Compiled::compile(&engine, kind, &bytes).map_err(|e| format!("{e:#}"))?;
+                Ok((compiled, WasmHash::of(&bytes)))
             })
             .await
             .map_err(|e| e.to_string())
@@ -310,7 +348,6 @@ impl Registry {
                 function: function.clone(),
                 reason,
             })?;
-        let (module, new_hash) = compiled;
         if new_hash != hash {
             tracing::warn!(
                 function,
@@ -318,11 +355,11 @@ impl Registry {
             );
             *slot.hash.lock().expect("hash lock") = new_hash;
         }
-        if let Err(e) = self.cache.store(&new_hash, &module) {
+        if let Err(e) = self.cache.store(&new_hash, &compiled) {
             // Serving goes on; the next cold start compiles again.
             tracing::warn!(function, error = %e, "failed to write compiled artifact to the cache");
         }
-        Ok((module, LoadSource::Compile))
+        Ok((compiled, LoadSource::Compile))
     }
 
     /// Compiles every function not in the cache yet (for `kelvin build` and
@@ -331,10 +368,15 @@ impl Registry {
         let mut compiled = 0;
         for slot in self.slots.values() {
             let hash = *slot.hash.lock().expect("hash lock");
-            if self.cache.contains(&hash) && self.cache.load(self.engine.engine(), &hash).is_ok() {
+            if self.cache.contains(&hash)
+                && self
+                    .cache
+                    .load(self.engine.engine(), &hash, slot.kind)
+                    .is_ok()
+            {
                 continue;
             }
-            self.module(slot).await?;
+            self.compiled(slot).await?;
             compiled += 1;
         }
         Ok(compiled)
@@ -429,32 +471,20 @@ fn pop_lru(loaded: &mut Loaded, reason: EvictReason) -> (String, EvictReason) {
     (name, reason)
 }
 
-/// Compiled code plus the initial linear memory a warm slot keeps around.
-fn footprint(module: &Module) -> u64 {
-    let image = module.image_range();
-    let code = (image.end as usize - image.start as usize) as u64;
-    // Reported in wasm pages.
-    let pages = module
-        .resources_required()
-        .max_initial_memory_size
-        .unwrap_or(0);
-    let memory = pages.saturating_mul(64 * 1024);
-    code + memory
-}
-
 pub(crate) fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Checks what can be checked without compiling: a core module (not a
-/// component), importing only WASI preview 1 functions the host provides,
-/// exporting `_start`.
-fn check_shape(bytes: &[u8], provided: &HashSet<String>) -> Result<(), String> {
+/// Checks what can be checked without compiling, and tells a module from a
+/// component: a core module must import only WASI preview 1 functions the
+/// host provides and export `_start`; a component must import only WASI
+/// interfaces and export `wasi:http/incoming-handler`.
+fn check_shape(bytes: &[u8], provided: &HashSet<String>) -> Result<WasmKind, String> {
     use wasmparser::{Parser, Payload, TypeRef};
-    if wasmparser::Parser::is_component(bytes) {
-        return Err("it is a component; this Kelvin runs wasm32-wasip1 command modules (components come with wasi:http support)".into());
+    if Parser::is_component(bytes) {
+        return check_component(bytes).map(|()| WasmKind::Component);
     }
-    if !wasmparser::Parser::is_core_wasm(bytes) {
+    if !Parser::is_core_wasm(bytes) {
         return Err("not a wasm binary (bad magic number or version)".into());
     }
     let mut has_start = false;
@@ -484,10 +514,42 @@ fn check_shape(bytes: &[u8], provided: &HashSet<String>) -> Result<(), String> {
         }
     }
     if !has_start {
-        return Err(
-            "it exports no `_start`; build it as a command (a `main` function) for wasm32-wasip1"
-                .into(),
-        );
+        return Err("it exports no `_start`; build it as a command (a `main` function) for wasm32-wasip1, or as a wasi:http component for wasm32-wasip2".into());
+    }
+    Ok(WasmKind::Module)
+}
+
+fn check_component(bytes: &[u8]) -> Result<(), String> {
+    use wasmparser::{Parser, Payload};
+    let mut handler = false;
+    // Nested modules and components have imports of their own; only the
+    // outermost component's face the host.
+    let mut depth = 0usize;
+    for payload in Parser::new(0).parse_all(bytes) {
+        match payload.map_err(|e| e.to_string())? {
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(imports) if depth == 0 => {
+                for import in imports {
+                    let name = import.map_err(|e| e.to_string())?.name.name;
+                    if !name.starts_with("wasi:") {
+                        return Err(format!(
+                            "it imports `{name}`, which Kelvin does not provide (a wasi:http/proxy component may import WASI interfaces only)"
+                        ));
+                    }
+                }
+            }
+            Payload::ComponentExportSection(exports) if depth == 0 => {
+                for export in exports {
+                    let name = export.map_err(|e| e.to_string())?.name.name;
+                    handler |= name.starts_with("wasi:http/incoming-handler@0.2");
+                }
+            }
+            _ => {}
+        }
+    }
+    if !handler {
+        return Err("it is a component but exports no `wasi:http/incoming-handler@0.2`; Kelvin runs wasi:http/proxy components (as `wasmtime serve` does)".into());
     }
     Ok(())
 }

@@ -11,11 +11,17 @@ use bytes::Bytes;
 
 use crate::admission::Admission;
 use crate::engine::{EngineSettings, KelvinEngine};
-use crate::invoke::{self, Event};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
+use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
+
+use crate::invoke::{self, Event, Execution};
 use crate::manifest::Manifest;
 use crate::metering::{InvocationRecord, Outcome, RecordSink};
 use crate::metrics::Metrics;
+use crate::proxy::{self, MeteredBody};
 use crate::registry::{Capacity, Registry, RegistryError, micros};
+use crate::registry::{LoadedFunction, Prepared};
 
 /// A runtime that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +36,53 @@ pub enum StartError {
 #[derive(Debug, thiserror::Error)]
 #[error("no function named `{0}` in the manifest")]
 pub struct UnknownFunction(pub String);
+
+/// A component's answer to an HTTP request, or why there is none.
+pub struct HttpInvocation {
+    pub invocation_id: String,
+    pub response: Result<hyper::Response<MeteredBody>, HttpFailure>,
+}
+
+/// Why a component gave no response.
+#[derive(Debug)]
+pub enum HttpFailure {
+    /// It set an error code instead of a response.
+    GuestError(String),
+    /// It ended (or was never run) without setting one.
+    Ended(Outcome),
+}
+
+type Permits<'a> = (tokio::sync::SemaphorePermit<'a>, SlotInUse<'a>);
+
+/// A record for an invocation that has not run yet.
+fn new_record(
+    invocation_id: &str,
+    function: &str,
+    trigger: &str,
+    bytes_in: usize,
+) -> InvocationRecord {
+    InvocationRecord {
+        invocation_id: invocation_id.to_owned(),
+        function: function.to_owned(),
+        trigger: trigger.to_owned(),
+        started_at: humantime::format_rfc3339_micros(SystemTime::now()).to_string(),
+        outcome: Outcome::Rejected,
+        reason: None,
+        wall_us: 0,
+        queued_us: 0,
+        cpu_us: 0,
+        peak_memory_bytes: 0,
+        memory_kib_us: 0,
+        fuel_consumed: None,
+        bytes_in: bytes_in as u64,
+        bytes_out: 0,
+        cold: false,
+        load: None,
+        instantiate_us: 0,
+        run_us: 0,
+        exit_code: None,
+    }
+}
 
 /// The result of one invocation: its output and its metering record.
 #[derive(Debug, Clone)]
@@ -119,41 +172,166 @@ impl Runtime {
         self.sink.flush();
     }
 
-    /// Runs one invocation of `function` and records it.
+    /// Runs one invocation of `function` and records it. A wasi:http
+    /// component gets a `POST /` whose body is the input; its response body
+    /// is the output.
     pub async fn invoke(
         &self,
         function: &str,
         event: Event,
     ) -> Result<Invocation, UnknownFunction> {
-        let admission = self
-            .admission
-            .get(function)
-            .ok_or_else(|| UnknownFunction(function.to_owned()))?;
+        let admission = self.admission_of(function)?;
         let invocation_id = uuid::Uuid::now_v7().to_string();
-        let started_at = SystemTime::now();
-        let queued_from = Instant::now();
-        let mut record = InvocationRecord {
-            invocation_id: invocation_id.clone(),
-            function: function.to_owned(),
-            trigger: event.trigger.to_owned(),
-            started_at: humantime::format_rfc3339_micros(started_at).to_string(),
-            outcome: Outcome::Rejected,
-            reason: None,
-            wall_us: 0,
-            queued_us: 0,
-            cpu_us: 0,
-            peak_memory_bytes: 0,
-            memory_kib_us: 0,
-            fuel_consumed: None,
-            bytes_in: event.input.len() as u64,
-            bytes_out: 0,
-            cold: false,
-            load: None,
-            instantiate_us: 0,
-            run_us: 0,
-            exit_code: None,
+        let mut record = new_record(&invocation_id, function, event.trigger, event.input.len());
+        let Some((_permits, loaded, start)) = self.admit_and_load(admission, &mut record).await
+        else {
+            return Ok(self.finish(record, Bytes::new()));
         };
+        let max_output = usize::try_from(self.manifest.server.max_body).unwrap_or(usize::MAX);
+        let (exec, output) = match &loaded.prepared {
+            Prepared::Module(pre) => {
+                let exec = invoke::execute(
+                    &self.engine,
+                    &loaded,
+                    pre,
+                    &invocation_id,
+                    &event,
+                    max_output,
+                )
+                .await;
+                let stdout = exec.stdout.clone();
+                (exec, stdout)
+            }
+            Prepared::Component(pre) => {
+                let request = hyper::Request::post("http://localhost/")
+                    .header(hyper::header::HOST, "localhost")
+                    .body(Full::new(event.input.clone()))
+                    .expect("a static request is valid");
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let respond: proxy::Respond = Box::new(move |r| {
+                    let _ = tx.send(r);
+                });
+                // The body must be read while the guest writes it: its
+                // stream holds one chunk at a time.
+                let read = async {
+                    let Ok(Ok(response)) = rx.await else {
+                        return Bytes::new();
+                    };
+                    let limited = http_body_util::Limited::new(response.into_body(), max_output);
+                    limited
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default()
+                };
+                tokio::join!(
+                    proxy::execute(&self.engine, &loaded, pre, &invocation_id, request, respond),
+                    read
+                )
+            }
+        };
+        record.wall_us = micros(start.elapsed());
+        record.bytes_out = output.len() as u64;
+        self.record_execution(&mut record, &exec);
+        Ok(self.finish(record, output))
+    }
 
+    /// Whether `function` is a wasi:http component (given HTTP requests
+    /// directly) rather than a preview-1 command (spoken to with CGI).
+    pub fn is_component(&self, function: &str) -> bool {
+        self.registry.kind(function) == Some(crate::cache::WasmKind::Component)
+    }
+
+    /// Runs `function`, a wasi:http component, for one HTTP request. Returns
+    /// as soon as the guest has set its response (whose body may still be
+    /// streaming) or has ended without one; the record is written when the
+    /// invocation and its response body are done.
+    pub async fn invoke_http(
+        self: &Arc<Self>,
+        function: &str,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<HttpInvocation, UnknownFunction> {
+        self.admission_of(function)?;
+        let invocation_id = uuid::Uuid::now_v7().to_string();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let runtime = self.clone();
+        let (function, id) = (function.to_owned(), invocation_id.clone());
+        let task =
+            tokio::spawn(async move { runtime.serve_component(&function, &id, request, tx).await });
+        let response = match rx.await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(code)) => Err(HttpFailure::GuestError(format!("{code:?}"))),
+            // The guest ended without a response: its record says why.
+            Err(_) => Err(match task.await {
+                Ok(record) => HttpFailure::Ended(record.outcome),
+                Err(_) => HttpFailure::Ended(Outcome::Error),
+            }),
+        };
+        Ok(HttpInvocation {
+            invocation_id,
+            response,
+        })
+    }
+
+    async fn serve_component(
+        &self,
+        function: &str,
+        invocation_id: &str,
+        request: hyper::Request<Full<Bytes>>,
+        respond_to: tokio::sync::oneshot::Sender<Result<hyper::Response<MeteredBody>, ErrorCode>>,
+    ) -> InvocationRecord {
+        let admission = self.admission_of(function).expect("checked by the caller");
+        let bytes_in = request.body().size_hint().exact().unwrap_or(0) as usize;
+        let mut record = new_record(invocation_id, function, "http", bytes_in);
+        let Some((_permits, loaded, start)) = self.admit_and_load(admission, &mut record).await
+        else {
+            drop(respond_to);
+            return self.finish(record, Bytes::new()).record;
+        };
+        let Prepared::Component(pre) = &loaded.prepared else {
+            unreachable!("the HTTP trigger sends only components here");
+        };
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+        let guest_error = Arc::new(std::sync::Mutex::new(None));
+        let noted = guest_error.clone();
+        let respond: proxy::Respond = Box::new(move |r| {
+            if let Err(code) = &r {
+                *noted.lock().expect("lock") = Some(format!("{code:?}"));
+            }
+            let _ = respond_to
+                .send(r.map(|response| response.map(|body| MeteredBody::new(body, sent_tx))));
+        });
+        let exec =
+            proxy::execute(&self.engine, &loaded, pre, invocation_id, request, respond).await;
+        // Bytes out are those the client was sent: wait for the body to end
+        // (or the client to leave), within the function's timeout.
+        let sent = tokio::time::timeout(loaded.spec.limits.timeout, sent_rx).await;
+        record.bytes_out = sent.ok().and_then(Result::ok).unwrap_or(0);
+        record.wall_us = micros(start.elapsed());
+        self.record_execution(&mut record, &exec);
+        if let (Outcome::Ok, Some(code)) =
+            (record.outcome, guest_error.lock().expect("lock").take())
+        {
+            record.outcome = Outcome::Error;
+            record.reason = Some(format!("the guest answered with error code {code}"));
+        }
+        self.finish(record, Bytes::new()).record
+    }
+
+    fn admission_of(&self, function: &str) -> Result<&Admission, UnknownFunction> {
+        self.admission
+            .get(function)
+            .ok_or_else(|| UnknownFunction(function.to_owned()))
+    }
+
+    /// Waits for a concurrency slot and a pool slot, then loads the function.
+    /// `None` means the record now says why it cannot run.
+    async fn admit_and_load<'a>(
+        &'a self,
+        admission: &'a Admission,
+        record: &mut InvocationRecord,
+    ) -> Option<(Permits<'a>, Arc<LoadedFunction>, Instant)> {
+        let queued_from = Instant::now();
         let admitted = match admission.enter().await {
             Ok(permit) => admission
                 .enter_pool(&self.pool_slots)
@@ -162,49 +340,59 @@ impl Runtime {
             Err(rejected) => Err(rejected),
         };
         record.queued_us = micros(queued_from.elapsed());
-        let _permits = match admitted {
+        let permits = match admitted {
             Ok((permit, slot)) => (
                 permit,
                 SlotInUse::hold(slot, &self.metrics.pool_slots_in_use),
             ),
             Err(rejected) => {
                 record.reason = Some(rejected.to_string());
-                return Ok(self.finish(record, Bytes::new()));
+                return None;
             }
         };
-
         let start = Instant::now();
-        let (loaded, cold) = match self.registry.acquire(function).await {
-            Ok(l) => l,
+        match self.registry.acquire(&record.function).await {
+            Ok((loaded, cold)) => {
+                record.cold = cold.is_some();
+                record.load = cold;
+                Some((permits, loaded, start))
+            }
             Err(e) => {
                 record.outcome = Outcome::Error;
                 record.reason = Some(e.to_string());
                 record.wall_us = micros(start.elapsed());
-                return Ok(self.finish(record, Bytes::new()));
+                None
             }
-        };
-        record.cold = cold.is_some();
-        record.load = cold;
+        }
+    }
 
-        let max_output = usize::try_from(self.manifest.server.max_body).unwrap_or(usize::MAX);
-        let exec = invoke::execute(&self.engine, &loaded, &invocation_id, &event, max_output).await;
-        record.wall_us = micros(start.elapsed());
+    /// Copies an execution's measurements into its record and forwards the
+    /// guest's logs, attributed to the invocation.
+    fn record_execution(&self, record: &mut InvocationRecord, exec: &Execution) {
         record.outcome = exec.outcome;
-        record.reason = exec.reason;
+        record.reason = exec.reason.clone();
         record.exit_code = exec.exit_code;
         record.cpu_us = micros(exec.cpu);
         record.peak_memory_bytes = exec.peak_memory;
         record.memory_kib_us = exec.memory_kib_us;
         record.fuel_consumed = exec.fuel_consumed;
-        record.bytes_out = exec.stdout.len() as u64;
         record.instantiate_us = micros(exec.instantiate);
         record.run_us = micros(exec.run);
-
-        // Guest logs, attributed to the invocation.
-        for line in String::from_utf8_lossy(&exec.stderr).lines() {
-            tracing::info!(target: "kelvin::guest", function, invocation_id = invocation_id.as_str(), "{line}");
+        let logs = match &self.registry.kind(&record.function) {
+            // A component's stdout is a log stream too.
+            Some(crate::cache::WasmKind::Component) => vec![&exec.stdout, &exec.stderr],
+            _ => vec![&exec.stderr],
+        };
+        for stream in logs {
+            for line in String::from_utf8_lossy(stream).lines() {
+                tracing::info!(
+                    target: "kelvin::guest",
+                    function = record.function.as_str(),
+                    invocation_id = record.invocation_id.as_str(),
+                    "{line}"
+                );
+            }
         }
-        Ok(self.finish(record, exec.stdout))
     }
 
     fn finish(&self, record: InvocationRecord, stdout: Bytes) -> Invocation {

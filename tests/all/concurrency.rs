@@ -38,13 +38,13 @@ async fn excess_requests_queue_and_only_a_full_queue_is_rejected() {
         "503 carries Retry-After"
     );
 
-    let queued = server.record(&results[1].2);
+    let queued = server.record(&results[1].2).await;
     assert!(
         queued.queued_us >= 200_000,
         "the second waited for the first: {}us",
         queued.queued_us
     );
-    let rejected = server.record(&results[2].2);
+    let rejected = server.record(&results[2].2).await;
     assert_eq!(rejected.outcome.as_str(), "rejected");
     assert!(rejected.reason.unwrap().contains("queue full"));
     assert_eq!(rejected.cpu_us, 0);
@@ -67,7 +67,7 @@ async fn a_wait_past_queue_timeout_is_rejected() {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let r = server.get("/spin/0").await;
     assert_eq!(r.status(), 503);
-    let record = server.record(&invocation_id(&r));
+    let record = server.record(&invocation_id(&r)).await;
     assert!(record.reason.unwrap().contains("queue timeout"));
     assert_eq!(slow.await.unwrap(), 200);
     server.stop().await;
@@ -91,7 +91,7 @@ async fn more_concurrency_than_pool_slots_waits_instead_of_failing() {
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let r = server.get("/hello").await;
     assert_eq!(r.status(), 200);
-    let record = server.record(&invocation_id(&r));
+    let record = server.record(&invocation_id(&r)).await;
     assert!(
         record.queued_us >= 150_000,
         "waited for the slot: {}us",

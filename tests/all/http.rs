@@ -15,7 +15,7 @@ async fn routes_params_and_query_reach_the_guest() {
     let id = invocation_id(&r);
     assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
     assert_eq!(r.text().await.unwrap(), "Hello, kelvin!\n");
-    assert_eq!(server.record(&id).function, "hello");
+    assert_eq!(server.record(&id).await.function, "hello");
 
     let r = server.get("/hello?name=J%C3%B6rg").await;
     assert_eq!(r.text().await.unwrap(), "Hello, Jörg!\n");
@@ -44,7 +44,7 @@ async fn body_headers_and_method_round_trip_through_cgi() {
     // The guest sees the same id the client gets.
     assert_eq!(r.headers()["x-echo-invocation"].to_str().unwrap(), id);
     assert_eq!(r.text().await.unwrap(), "{\"k\": 1}");
-    let record = server.record(&id);
+    let record = server.record(&id).await;
     assert_eq!(record.trigger, "http");
     assert_eq!(record.bytes_in, 8);
     server.stop().await;
@@ -113,7 +113,7 @@ async fn output_over_the_limit_fails_instead_of_being_truncated() {
         .await
         .unwrap();
     assert_eq!(r.status(), 500);
-    let record = server.record(&invocation_id(&r));
+    let record = server.record(&invocation_id(&r)).await;
     assert_eq!(record.outcome.as_str(), "error");
     assert!(
         record
@@ -166,7 +166,7 @@ async fn failures_get_public_messages_and_the_host_keeps_serving() {
         assert_eq!(body["error"], "function `trap` failed");
         assert_eq!(body["invocation_id"], id.as_str());
         // The detail is in the record (and the log), not in the response.
-        let record = server.record(&id);
+        let record = server.record(&id).await;
         assert_eq!(record.outcome.as_str(), outcome, "{path}");
         let why = record.reason.unwrap();
         assert!(why.contains(reason), "{path}: {why}");

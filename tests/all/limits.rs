@@ -11,7 +11,7 @@ async fn a_memory_bomb_is_capped() {
     assert_eq!(r.status(), 200);
     let r = server.get("/alloc/64").await;
     assert_eq!(r.status(), 500);
-    let record = server.record(&invocation_id(&r));
+    let record = server.record(&invocation_id(&r)).await;
     assert_eq!(record.outcome.as_str(), "trap");
     let reason = record.reason.unwrap();
     assert!(

@@ -60,7 +60,7 @@ fn bad_manifests_produce_their_golden_errors() {
 fn the_example_manifest_is_valid() {
     let m = Manifest::load(&kelvin_tests::workspace_root().join("functions.toml")).unwrap();
     let names: Vec<&str> = m.functions.iter().map(|f| f.name.as_str()).collect();
-    for guest in kelvin_tests::GUESTS {
+    for guest in kelvin_tests::GUESTS.iter().chain(kelvin_tests::COMPONENTS) {
         assert!(
             names.contains(guest),
             "the example app wires every guest; `{guest}` is missing"
@@ -118,7 +118,10 @@ fn unusable_wasm_fails_at_start_up() {
     );
 
     let e = start_error(b"\0asm\x0d\0\x01\0");
-    assert!(e.contains("it is a component"), "{e}");
+    assert!(
+        e.contains("exports no `wasi:http/incoming-handler@0.2`"),
+        "{e}"
+    );
 
     let e = start_error(header);
     assert!(e.contains("exports no `_start`"), "{e}");

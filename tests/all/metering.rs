@@ -55,7 +55,7 @@ async fn an_http_invocation_record_has_every_field() {
     let id = invocation_id(&r);
     let body = r.text().await.unwrap();
     assert_eq!(body, "twelve bytes");
-    let rec = server.record(&id);
+    let rec = server.record(&id).await;
 
     assert_eq!(rec.function, "echo");
     assert_eq!(rec.trigger, "http");
@@ -88,7 +88,7 @@ async fn an_http_invocation_record_has_every_field() {
         .send()
         .await
         .unwrap();
-    let warm = server.record(&invocation_id(&r));
+    let warm = server.record(&invocation_id(&r)).await;
     assert!(!warm.cold);
     assert!(warm.load.is_none());
     server.stop().await;

@@ -26,6 +26,7 @@ impl App {
 
     pub fn in_dir(dir: TempDir, server: &str, body: &str) -> App {
         let guests = kelvin_tests::guest_dir().display().to_string();
+        let components = kelvin_tests::component_dir().display().to_string();
         // A small pool keeps many test servers in one process cheap.
         let slots = if server.contains("instance_slots") {
             ""
@@ -35,6 +36,7 @@ impl App {
         let text = format!(
             "version = 1\nname = \"test\"\n\n[server]\nstate_dir = \"state\"\n{slots}{server}\n\n{}",
             body.replace("{guests}", &guests)
+                .replace("{components}", &components)
         );
         let manifest_path = dir.path().join("functions.toml");
         std::fs::write(&manifest_path, text).expect("write manifest");
@@ -135,13 +137,21 @@ impl TestServer {
             .expect("request")
     }
 
-    /// The record of the invocation with this id.
-    pub fn record(&self, id: &str) -> InvocationRecord {
-        self.sink
-            .records()
-            .into_iter()
-            .find(|r| r.invocation_id == id)
-            .unwrap_or_else(|| panic!("no record for invocation {id}"))
+    /// The record of the invocation with this id. A streamed response's
+    /// record is written when its body is done, so this waits (a little).
+    pub async fn record(&self, id: &str) -> InvocationRecord {
+        for _ in 0..500 {
+            if let Some(r) = self
+                .sink
+                .records()
+                .into_iter()
+                .find(|r| r.invocation_id == id)
+            {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("no record for invocation {id}")
     }
 
     /// Stops the server and waits for it to drain.

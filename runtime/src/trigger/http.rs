@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue};
@@ -23,7 +24,7 @@ use crate::invoke::Event;
 use crate::keys::{AuthLevel, KeyError, KeyStore};
 use crate::metering::Outcome;
 use crate::router::{MethodSet, Route, RouteMatch, Router};
-use crate::runtime::Runtime;
+use crate::runtime::{HttpFailure, Runtime};
 
 /// The HTTP trigger kind.
 pub struct Http;
@@ -48,7 +49,15 @@ pub const INVOCATION_ID_HEADER: &str = "x-kelvin-invocation-id";
 /// Where a client presents an access key (or in the `code` query parameter).
 pub const KEY_HEADER: &str = "x-kelvin-key";
 
-type Body = Full<Bytes>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Responses are either buffered (CGI, errors) or streamed (components).
+type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
 
 /// What a route leads to.
 struct Target {
@@ -261,6 +270,10 @@ impl HttpServer {
             }
         };
 
+        if self.runtime.is_component(function) {
+            return self.component_response(function, parts, body, local).await;
+        }
+
         let env = cgi_env(&parts, &body, peer, local, &route, &params);
         let event = Event {
             trigger: Http::TYPE,
@@ -299,27 +312,92 @@ impl HttpServer {
                     )
                 }
             },
-            Outcome::Timeout => error(
-                StatusCode::GATEWAY_TIMEOUT,
-                Some(id),
-                format!("function `{function}` timed out"),
-            ),
-            Outcome::Rejected => {
-                let mut r = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Some(id),
-                    format!("function `{function}` is at capacity; retry later"),
+            outcome => failure(function, id, outcome),
+        }
+    }
+
+    /// Hands the request to a wasi:http component and streams its answer.
+    async fn component_response(
+        &self,
+        function: &str,
+        mut parts: hyper::http::request::Parts,
+        body: Bytes,
+        local: SocketAddr,
+    ) -> Response<Body> {
+        // wasi:http needs an authority; an HTTP/1.0 request may come without.
+        if !parts.headers.contains_key(hyper::header::HOST)
+            && let Ok(v) = HeaderValue::from_str(&local.to_string())
+        {
+            parts.headers.insert(hyper::header::HOST, v);
+        }
+        parts.headers.remove(KEY_HEADER);
+        if let Some(q) = parts.uri.query() {
+            let stripped = without_key(q);
+            let pq = if stripped.is_empty() {
+                parts.uri.path().to_owned()
+            } else {
+                format!("{}?{stripped}", parts.uri.path())
+            };
+            if let Ok(uri) = pq.parse() {
+                parts.uri = uri;
+            }
+        }
+        let request = Request::from_parts(parts, Full::new(body));
+        let invocation = match self.runtime.invoke_http(function, request).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "route points at an unknown function");
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    None,
+                    "internal error".into(),
                 );
-                r.headers_mut()
-                    .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+        };
+        let id = invocation.invocation_id.as_str();
+        match invocation.response {
+            Ok(response) => {
+                let mut r = response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+                set_id(&mut r, id);
                 r
             }
-            Outcome::Error | Outcome::Trap => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Some(id),
-                format!("function `{function}` failed"),
-            ),
+            Err(HttpFailure::GuestError(code)) => {
+                tracing::warn!(
+                    function,
+                    invocation_id = id,
+                    code,
+                    "function answered with an error code"
+                );
+                failure(function, id, Outcome::Error)
+            }
+            Err(HttpFailure::Ended(outcome)) => failure(function, id, outcome),
         }
+    }
+}
+
+/// The public answer for an invocation that produced no response.
+fn failure(function: &str, id: &str, outcome: Outcome) -> Response<Body> {
+    match outcome {
+        Outcome::Timeout => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            Some(id),
+            format!("function `{function}` timed out"),
+        ),
+        Outcome::Rejected => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(id),
+                format!("function `{function}` is at capacity; retry later"),
+            );
+            r.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
+        Outcome::Ok | Outcome::Error | Outcome::Trap => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Some(id),
+            format!("function `{function}` failed"),
+        ),
     }
 }
 
@@ -357,7 +435,7 @@ fn set_id(r: &mut Response<Body>, id: &str) {
 }
 
 fn plain(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -434,7 +512,7 @@ fn cgi_response(stdout: Bytes) -> Result<Response<Body>, &'static str> {
         Some((headers, body_start)) => (headers, stdout.slice(body_start..)),
         None => (Vec::new(), stdout),
     };
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(full(body));
     let mut status = None;
     let mut has_location = false;
     for (name, value) in headers {
