@@ -74,6 +74,7 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> Linker<HttpHost> {
 /// `allowed_outbound_hosts`.
 struct Outbound {
     function: String,
+    invocation_id: String,
     allowed: Arc<[OutboundHost]>,
 }
 
@@ -97,7 +98,12 @@ impl WasiHttpHooks for Outbound {
         let uri = request.uri();
         let allowed = self.allowed.iter().any(|h| h.allows(uri));
         if !allowed {
-            tracing::warn!(function = self.function.as_str(), uri = %uri, "outbound request denied (not in allowed_outbound_hosts)");
+            tracing::warn!(
+                function = self.function.as_str(),
+                invocation_id = self.invocation_id.as_str(),
+                uri = %uri,
+                "outbound request denied (not in allowed_outbound_hosts)"
+            );
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         drop(fut);
@@ -143,6 +149,7 @@ pub(crate) async fn execute(
         table: ResourceTable::new(),
         outbound: Outbound {
             function: spec.name.to_string(),
+            invocation_id: invocation_id.to_owned(),
             allowed: spec.allowed_outbound_hosts.clone().into(),
         },
         meter: MemoryMeter::new(spec.limits.memory),

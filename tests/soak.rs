@@ -1,0 +1,162 @@
+//! Soak: 10,000 mixed requests (successes, traps, timeouts, memory bombs,
+//! a component) over loopback against one server; afterwards it must still
+//! answer, and its resident memory must not have grown by more than 10%
+//! since warm-up. Ignored by default (about a minute on 2 cores); run it with
+//!
+//!     cargo test --release -p kelvin-tests --test soak -- --ignored --nocapture
+
+#[path = "all/util.rs"]
+#[allow(dead_code)]
+mod util;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use util::App;
+
+const WARMUP: usize = 1_000;
+const REQUESTS: usize = 10_000;
+const CLIENTS: usize = 16;
+/// The whole test stops here even if the server misbehaves.
+const BUDGET: Duration = Duration::from_secs(600);
+
+/// Paths in proportion: mostly successes, with every kind of failure.
+const MIX: &[(&str, u16)] = &[
+    ("/hello/soak", 200),
+    ("/hello/soak", 200),
+    ("/hello/soak", 200),
+    ("/echo", 200),
+    ("/http/hello", 200),
+    ("/http/hello", 200),
+    ("/trap", 500),
+    ("/trap/div", 500),
+    ("/alloc/64", 500),
+    ("/alloc/4", 200),
+    ("/loop", 504),
+];
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+async fn drive(
+    client: &reqwest::Client,
+    base: &str,
+    count: usize,
+    started: Instant,
+) -> Vec<(String, u16)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (client, base, next) = (client.clone(), base.to_owned(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut wrong = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count || started.elapsed() > BUDGET {
+                    return wrong;
+                }
+                let (path, expected) = MIX[i % MIX.len()];
+                let status = match client.get(format!("{base}{path}")).send().await {
+                    Ok(r) => {
+                        let s = r.status().as_u16();
+                        let _ = r.bytes().await;
+                        s
+                    }
+                    Err(_) => 0,
+                };
+                if status != expected {
+                    wrong.push((path.to_owned(), status));
+                }
+            }
+        }));
+    }
+    let mut wrong = Vec::new();
+    for t in tasks {
+        wrong.extend(t.await.expect("client task"));
+    }
+    wrong
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a soak test: about a minute; run with --ignored"]
+async fn ten_thousand_mixed_requests_leave_the_server_healthy() {
+    let started = Instant::now();
+    let app = App::new(
+        "max_connections = 64",
+        "[defaults]\nmax_concurrency = 8\nqueue = 64\n\
+         [functions.hello]\nsource = \"{guests}/hello.wasm\"\n\
+         [[functions.hello.http]]\nroute = \"/hello/{name}\"\nauth = \"anonymous\"\n\
+         [functions.echo]\nsource = \"{guests}/echo.wasm\"\n\
+         [[functions.echo.http]]\nroute = \"/echo\"\nauth = \"anonymous\"\n\
+         [functions.trap]\nsource = \"{guests}/trap.wasm\"\n\
+         [[functions.trap.http]]\nroute = \"/trap\"\nauth = \"anonymous\"\n\
+         [[functions.trap.http]]\nroute = \"/trap/{kind}\"\nauth = \"anonymous\"\n\
+         [functions.alloc]\nsource = \"{guests}/alloc.wasm\"\nmemory = \"32MiB\"\n\
+         [[functions.alloc.http]]\nroute = \"/alloc/{mib}\"\nauth = \"anonymous\"\n\
+         [functions.loop]\nsource = \"{guests}/loop.wasm\"\ntimeout = \"50ms\"\n\
+         [[functions.loop.http]]\nroute = \"/loop\"\nauth = \"anonymous\"\n\
+         [functions.hello-http]\nsource = \"{components}/hello_http.wasm\"\n\
+         [[functions.hello-http.http]]\nroute = \"/http/hello\"\nauth = \"anonymous\"\n",
+    );
+    // The real sink: records go to a file, not to memory that would grow.
+    let log = app.state_dir().join("invocations.jsonl");
+    let sink = Arc::new(kelvin::metering::JsonLinesSink::open(&log).unwrap());
+    let runtime = Arc::new(kelvin::Runtime::new(app.manifest(), sink).unwrap());
+    let server = kelvin::trigger::http::HttpServer::new(runtime.clone()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+
+    let wrong = drive(&client, &base, WARMUP, started).await;
+    assert!(
+        wrong.is_empty(),
+        "warm-up answered wrongly: {:?}",
+        &wrong[..wrong.len().min(10)]
+    );
+    let warm_rss = rss_kib();
+
+    let t = Instant::now();
+    let wrong = drive(&client, &base, REQUESTS, started).await;
+    let took = t.elapsed();
+    assert!(started.elapsed() < BUDGET, "the soak ran out of time");
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+
+    // Still answering, promptly.
+    let r = client
+        .get(format!("{base}/hello/after"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let end_rss = rss_kib();
+    println!(
+        "{REQUESTS} requests in {took:?} ({:.0}/s); RSS after warm-up {warm_rss} KiB, at the end {end_rss} KiB ({:+.1}%)",
+        REQUESTS as f64 / took.as_secs_f64(),
+        (end_rss as f64 / warm_rss as f64 - 1.0) * 100.0
+    );
+    assert!(
+        end_rss * 100 <= warm_rss * 110,
+        "RSS grew more than 10%: {warm_rss} KiB -> {end_rss} KiB"
+    );
+
+    let _ = stop.send(());
+    serving.await.unwrap().unwrap();
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert_eq!(lines, WARMUP + REQUESTS + 1, "one record per invocation");
+}
