@@ -276,6 +276,39 @@ pub(crate) fn classify(
     (Outcome::Trap, Some(reason), None)
 }
 
+/// Ends a run: reads the store's measurements, drops the store (freeing its
+/// pool slot) and describes what happened.
+pub(crate) fn conclude<T: Metered>(
+    mut store: Store<T>,
+    armed: &Armed,
+    mut t: Timings,
+    result: Result<wasmtime::Result<()>, tokio::time::error::Elapsed>,
+    limits: &Limits,
+    stdout: Bytes,
+    stderr: Bytes,
+) -> Execution {
+    if let (Err(_), Some(started)) = (&result, t.run_started) {
+        // Stopped by the backstop mid-run: count the time it ran.
+        t.run = started.elapsed();
+    }
+    let measured = measure(&mut store, armed);
+    drop(store);
+    let (outcome, reason, exit_code) = classify(result, limits, armed, &measured, &stderr);
+    Execution {
+        outcome,
+        reason,
+        exit_code,
+        stdout,
+        stderr,
+        instantiate: t.instantiate,
+        run: t.run,
+        cpu: t.cpu,
+        peak_memory: measured.peak_memory,
+        memory_kib_us: measured.memory_kib_us,
+        fuel_consumed: measured.fuel_consumed,
+    }
+}
+
 /// Runs `f`, a preview-1 command, once in a fresh instance.
 pub async fn execute(
     engine: &KelvinEngine,
@@ -321,41 +354,30 @@ pub async fn execute(
         };
         tokio::time::timeout_at(armed.backstop(), work).await
     };
-    if let (Err(_), Some(started)) = (&result, t.run_started) {
-        // Stopped by the backstop mid-run: count the time it ran.
-        t.run = started.elapsed();
-    }
-    let measured = measure(&mut store, &armed);
-    drop(store);
-
-    let stdout = stdout.contents();
-    let stderr = stderr.contents();
-    let (outcome, reason, exit_code) = classify(result, &spec.limits, &armed, &measured, &stderr);
+    let exec = conclude(
+        store,
+        &armed,
+        t,
+        result,
+        &spec.limits,
+        stdout.contents(),
+        stderr.contents(),
+    );
     // Truncated output must never pass for a result, whatever the guest did
     // after its write failed.
-    let (outcome, reason, stdout) = if stdout.len() > max_output {
+    if exec.stdout.len() > max_output {
         let why = format!(
             "output exceeded the {} limit (server.max_body)",
             human_size(max_output as u64)
         );
-        (Outcome::Error, Some(why), Bytes::new())
-    } else {
-        (outcome, reason, stdout)
-    };
-
-    Execution {
-        outcome,
-        reason,
-        exit_code,
-        stdout,
-        stderr,
-        instantiate: t.instantiate,
-        run: t.run,
-        cpu: t.cpu,
-        peak_memory: measured.peak_memory,
-        memory_kib_us: measured.memory_kib_us,
-        fuel_consumed: measured.fuel_consumed,
+        return Execution {
+            outcome: Outcome::Error,
+            reason: Some(why),
+            stdout: Bytes::new(),
+            ..exec
+        };
     }
+    exec
 }
 
 /// `32 MiB` for whole units, else the nearest IEC unit with a decimal.

@@ -186,29 +186,15 @@ pub(crate) async fn execute(
         };
         tokio::time::timeout_at(armed.backstop(), work).await
     };
-    if let (Err(_), Some(started)) = (&result, t.run_started) {
-        t.run = started.elapsed();
-    }
-    let measured = invoke::measure(&mut store, &armed);
-    drop(store);
-
-    let stdout = stdout.contents();
-    let stderr = stderr.contents();
-    let (outcome, reason, exit_code) =
-        invoke::classify(result, &spec.limits, &armed, &measured, &stderr);
-    Execution {
-        outcome,
-        reason,
-        exit_code,
-        stdout,
-        stderr,
-        instantiate: t.instantiate,
-        run: t.run,
-        cpu: t.cpu,
-        peak_memory: measured.peak_memory,
-        memory_kib_us: measured.memory_kib_us,
-        fuel_consumed: measured.fuel_consumed,
-    }
+    invoke::conclude(
+        store,
+        &armed,
+        t,
+        result,
+        &spec.limits,
+        stdout.contents(),
+        stderr.contents(),
+    )
 }
 
 /// A response body that counts what it sends and says when it is done, so

@@ -282,14 +282,7 @@ impl HttpServer {
         };
         let invocation = match self.runtime.invoke(function, event).await {
             Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, "route points at an unknown function");
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    None,
-                    "internal error".into(),
-                );
-            }
+            Err(e) => return unknown_function(e),
         };
         let id = invocation.record.invocation_id.as_str();
         match invocation.record.outcome {
@@ -345,14 +338,7 @@ impl HttpServer {
         let request = Request::from_parts(parts, Full::new(body));
         let invocation = match self.runtime.invoke_http(function, request).await {
             Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, "route points at an unknown function");
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    None,
-                    "internal error".into(),
-                );
-            }
+            Err(e) => return unknown_function(e),
         };
         let id = invocation.invocation_id.as_str();
         match invocation.response {
@@ -373,6 +359,16 @@ impl HttpServer {
             Err(HttpFailure::Ended(outcome)) => failure(function, id, outcome),
         }
     }
+}
+
+/// A route that names no function: a bug in Kelvin, not the client's fault.
+fn unknown_function(e: crate::runtime::UnknownFunction) -> Response<Body> {
+    tracing::error!(error = %e, "route points at an unknown function");
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        None,
+        "internal error".into(),
+    )
 }
 
 /// The public answer for an invocation that produced no response.
