@@ -21,6 +21,7 @@
 //! - [`invoke`]: one invocation of a preview-1 command in a fresh instance.
 //! - [`proxy`]: one invocation of a wasi:http/proxy component.
 //! - [`keys`]: access keys for HTTP routes.
+//! - [`ledger`]: the durable invocation ledger (SQLite, group commit).
 //! - [`metering`] and [`metrics`]: records per invocation, Prometheus metrics.
 //! - [`commands`]: the `kelvin` CLI.
 
@@ -30,6 +31,7 @@ pub mod commands;
 pub mod engine;
 pub mod invoke;
 pub mod keys;
+pub mod ledger;
 pub mod manifest;
 pub mod metering;
 pub mod metrics;

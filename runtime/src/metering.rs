@@ -103,13 +103,48 @@ pub struct InvocationRecord {
     pub run_us: u64,
     /// The guest's exit code, when it called `proc_exit`.
     pub exit_code: Option<i32>,
+    /// The deployment: the blake3 hash of the function's `.wasm`.
+    #[serde(default)]
+    pub version: String,
 }
 
-/// Receives every invocation record. Must not block the request path.
+/// Receives every invocation record. Must not block the request path: a
+/// sink that makes records durable does it in the background and says when
+/// through the returned [`Durable`].
 pub trait RecordSink: Send + Sync {
-    fn record(&self, record: &InvocationRecord);
+    fn record(&self, record: &InvocationRecord) -> Durable;
     /// Makes everything recorded so far durable (on shutdown).
     fn flush(&self) {}
+}
+
+/// Resolves once a record is durable: at once for sinks that keep nothing,
+/// after the group commit that contains it for the ledger.
+#[derive(Debug, Default)]
+pub struct Durable(Vec<tokio::sync::oneshot::Receiver<Result<(), String>>>);
+
+impl Durable {
+    /// Already as durable as it will get.
+    pub fn now() -> Durable {
+        Durable(Vec::new())
+    }
+
+    pub fn pending(rx: tokio::sync::oneshot::Receiver<Result<(), String>>) -> Durable {
+        Durable(vec![rx])
+    }
+
+    /// Waits for every sink; the first failure is returned.
+    pub async fn wait(self) -> Result<(), String> {
+        for rx in self.0 {
+            rx.await
+                .map_err(|_| "the sink stopped before writing the record".to_owned())??;
+        }
+        Ok(())
+    }
+
+    fn join(mut self, other: Durable) -> Durable {
+        self.0.extend(other.0);
+        self
+    }
 }
 
 /// Appends records as JSON lines to a file, from a background thread so the
@@ -173,12 +208,14 @@ impl JsonLinesSink {
 }
 
 impl RecordSink for JsonLinesSink {
-    fn record(&self, record: &InvocationRecord) {
+    fn record(&self, record: &InvocationRecord) -> Durable {
         let mut line = serde_json::to_string(record).expect("records always serialise");
         line.push('\n');
         if let Some(tx) = &*self.tx.lock().expect("sink lock") {
             let _ = tx.send(Msg::Line(line));
         }
+        // A log, not a ledger: written soon, never waited for.
+        Durable::now()
     }
 
     fn flush(&self) {
@@ -214,8 +251,9 @@ impl MemorySink {
 }
 
 impl RecordSink for MemorySink {
-    fn record(&self, record: &InvocationRecord) {
+    fn record(&self, record: &InvocationRecord) -> Durable {
         self.records.lock().expect("sink lock").push(record.clone());
+        Durable::now()
     }
 }
 
@@ -223,10 +261,10 @@ impl RecordSink for MemorySink {
 pub struct Tee(pub Vec<std::sync::Arc<dyn RecordSink>>);
 
 impl RecordSink for Tee {
-    fn record(&self, record: &InvocationRecord) {
-        for s in &self.0 {
-            s.record(record);
-        }
+    fn record(&self, record: &InvocationRecord) -> Durable {
+        self.0
+            .iter()
+            .fold(Durable::now(), |d, s| d.join(s.record(record)))
     }
 
     fn flush(&self) {

@@ -226,6 +226,14 @@ impl Registry {
         })
     }
 
+    /// The deployment version of `function`: its wasm's hash.
+    pub fn version(&self, function: &str) -> String {
+        self.slots
+            .get(function)
+            .map(|s| s.hash.lock().expect("hash lock").hex())
+            .unwrap_or_default()
+    }
+
     /// Whether `function` is a module or a component (known from start-up).
     pub fn kind(&self, function: &str) -> Option<WasmKind> {
         self.slots.get(function).map(|s| s.kind)

@@ -58,10 +58,12 @@ type Permits<'a> = (tokio::sync::SemaphorePermit<'a>, SlotInUse<'a>);
 fn new_record(
     invocation_id: &str,
     function: &str,
+    version: String,
     trigger: &str,
     bytes_in: usize,
 ) -> InvocationRecord {
     InvocationRecord {
+        version,
         invocation_id: invocation_id.to_owned(),
         function: function.to_owned(),
         trigger: trigger.to_owned(),
@@ -182,10 +184,16 @@ impl Runtime {
     ) -> Result<Invocation, UnknownFunction> {
         let admission = self.admission_of(function)?;
         let invocation_id = uuid::Uuid::now_v7().to_string();
-        let mut record = new_record(&invocation_id, function, event.trigger, event.input.len());
+        let mut record = new_record(
+            &invocation_id,
+            function,
+            self.registry.version(function),
+            event.trigger,
+            event.input.len(),
+        );
         let Some((_permits, loaded, start)) = self.admit_and_load(admission, &mut record).await
         else {
-            return Ok(self.finish(record, Bytes::new()));
+            return Ok(self.finish(record, Bytes::new()).await);
         };
         let max_output = usize::try_from(self.manifest.server.max_body).unwrap_or(usize::MAX);
         let (exec, output) = match &loaded.prepared {
@@ -233,7 +241,7 @@ impl Runtime {
         record.wall_us = micros(start.elapsed());
         record.bytes_out = output.len() as u64;
         self.record_execution(&mut record, &exec);
-        Ok(self.finish(record, output))
+        Ok(self.finish(record, output).await)
     }
 
     /// Whether `function` is a wasi:http component (given HTTP requests
@@ -282,11 +290,17 @@ impl Runtime {
     ) -> InvocationRecord {
         let admission = self.admission_of(function).expect("checked by the caller");
         let bytes_in = request.body().size_hint().exact().unwrap_or(0) as usize;
-        let mut record = new_record(invocation_id, function, "http", bytes_in);
+        let mut record = new_record(
+            invocation_id,
+            function,
+            self.registry.version(function),
+            "http",
+            bytes_in,
+        );
         let Some((_permits, loaded, start)) = self.admit_and_load(admission, &mut record).await
         else {
             drop(respond_to);
-            return self.finish(record, Bytes::new()).record;
+            return self.finish(record, Bytes::new()).await.record;
         };
         let Prepared::Component(pre) = &loaded.prepared else {
             unreachable!("the HTTP trigger sends only components here");
@@ -315,7 +329,7 @@ impl Runtime {
             record.outcome = Outcome::Error;
             record.reason = Some(format!("the guest answered with error code {code}"));
         }
-        self.finish(record, Bytes::new()).record
+        self.finish(record, Bytes::new()).await.record
     }
 
     fn admission_of(&self, function: &str) -> Result<&Admission, UnknownFunction> {
@@ -395,7 +409,10 @@ impl Runtime {
         }
     }
 
-    fn finish(&self, record: InvocationRecord, stdout: Bytes) -> Invocation {
+    /// Logs, counts and records an invocation, returning once its record is
+    /// durable: an answer is never sent for an invocation the ledger could
+    /// still lose.
+    async fn finish(&self, record: InvocationRecord, stdout: Bytes) -> Invocation {
         if record.outcome != Outcome::Ok {
             tracing::warn!(
                 function = record.function.as_str(),
@@ -406,7 +423,13 @@ impl Runtime {
             );
         }
         self.metrics.observe(&record);
-        self.sink.record(&record);
+        if let Err(e) = self.sink.record(&record).wait().await {
+            tracing::error!(
+                invocation_id = record.invocation_id.as_str(),
+                error = e.as_str(),
+                "the invocation's record could not be made durable"
+            );
+        }
         Invocation { record, stdout }
     }
 }

@@ -290,3 +290,93 @@ fn up_refuses_to_start_with_a_broken_function() {
     );
     assert!(!stderr.contains("kelvin is serving"));
 }
+
+#[test]
+fn acknowledged_invocations_survive_sigkill() {
+    let (dir, manifest) = app();
+    let (mut child, addr, stderr) = up(&manifest);
+    // Keep the log pipe drained, or a chatty server would block on it.
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (acked, url) = (acked.clone(), format!("http://{addr}/hello/c{c}"));
+            rt.spawn(async move {
+                let client = reqwest::Client::new();
+                // Until the server dies under us.
+                while let Ok(r) = client.get(&url).send().await {
+                    let id = r.headers()["x-kelvin-invocation-id"]
+                        .to_str()
+                        .unwrap()
+                        .to_owned();
+                    // Acknowledged: the client has the whole response.
+                    if r.status() == 200 && r.bytes().await.is_ok() {
+                        acked.lock().unwrap().push(id);
+                    }
+                }
+            })
+        })
+        .collect();
+    // A moment that differs from run to run, after some traffic.
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+        % 400;
+    std::thread::sleep(Duration::from_millis(300 + u64::from(jitter)));
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGKILL) }, 0);
+    child.wait().unwrap();
+    for c in clients {
+        rt.block_on(c).unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() >= 10,
+        "too little traffic before the kill: {}",
+        acked.len()
+    );
+
+    // It starts again on the same ledger and serves.
+    let (mut again, addr, _stderr) = up(&manifest);
+    let status = rt.block_on(async {
+        reqwest::get(format!("http://{addr}/hello/after"))
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(status, 200);
+
+    // Read beside the running server: WAL lets a reader in.
+    let ledger =
+        kelvin::ledger::LedgerReader::open(&dir.path().join(".kelvin").join("ledger.sqlite3"))
+            .unwrap();
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|id| ledger.count(id).unwrap() != 1)
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged invocations are not in the ledger exactly once: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)]
+    );
+    let first = ledger.get(&acked[0]).unwrap().unwrap();
+    assert_eq!(first.function, "hello");
+    assert_eq!(
+        first.version.len(),
+        64,
+        "the deployment version is the wasm's hash"
+    );
+
+    // SAFETY: as above.
+    unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
+    assert!(again.wait().unwrap().success());
+}

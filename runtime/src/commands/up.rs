@@ -6,7 +6,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use super::{ManifestArgs, run_builds, tokio_runtime};
-use crate::metering::JsonLinesSink;
+use crate::ledger::Ledger;
+use crate::metering::{JsonLinesSink, RecordSink, Tee};
 use crate::runtime::Runtime;
 
 /// Serve the functions in the manifest.
@@ -20,6 +21,10 @@ pub struct UpCommand {
     /// Listen here instead of the manifest's `server.listen`.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Keep records out of the ledger (to measure what it costs; nothing is
+    /// billed then).
+    #[arg(long)]
+    pub no_ledger: bool,
 }
 
 impl UpCommand {
@@ -30,8 +35,17 @@ impl UpCommand {
             run_builds(&manifest)?;
         }
         let log = Runtime::invocation_log_path(&manifest);
-        let sink = JsonLinesSink::open(&log)
+        let json = JsonLinesSink::open(&log)
             .with_context(|| format!("failed to open `{}`", log.display()))?;
+        let mut sinks: Vec<Arc<dyn RecordSink>> = vec![Arc::new(json)];
+        if self.no_ledger {
+            tracing::warn!("--no-ledger: invocations are not written to the ledger");
+        } else {
+            sinks.push(Arc::new(Ledger::open(&Ledger::path_in(
+                &manifest.server.state_dir,
+            ))?));
+        }
+        let sink = Tee(sinks);
         let listen = self.listen.unwrap_or(manifest.server.listen);
         // Everything is validated before the socket is bound: a broken
         // function stops start-up here, not at its first request.
