@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS invocations (
     load_us           INTEGER,
     instantiate_us    INTEGER NOT NULL,
     run_us            INTEGER NOT NULL,
-    exit_code         INTEGER
+    exit_code         INTEGER,
+    memory_limit_bytes INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS invocations_by_time ON invocations (started_unix_us);
 ";
@@ -149,7 +150,7 @@ fn insert_batch<'a>(
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO invocations VALUES
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
         )?;
         for r in records {
             let started_unix_us = humantime::parse_rfc3339(&r.started_at)
@@ -179,6 +180,7 @@ fn insert_batch<'a>(
                 r.instantiate_us as i64,
                 r.run_us as i64,
                 r.exit_code,
+                r.memory_limit_bytes as i64,
             ])?;
         }
     }
@@ -263,50 +265,73 @@ impl LedgerReader {
 
     /// One invocation's record.
     pub fn get(&self, invocation_id: &str) -> Result<Option<InvocationRecord>, LedgerError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT invocation_id, function, version, trigger, started_at, outcome, reason, wall_us,
-                    queued_us, cpu_us, peak_memory_bytes, memory_kib_us, fuel_consumed, bytes_in,
-                    bytes_out, cold, load_source, load_us, instantiate_us, run_us, exit_code
-             FROM invocations WHERE invocation_id = ?1",
-        )?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM invocations WHERE invocation_id = ?1"
+        ))?;
         let mut rows = stmt.query([invocation_id])?;
-        let Some(row) = rows.next()? else {
-            return Ok(None);
-        };
-        let outcome: String = row.get(5)?;
-        let load_source: Option<String> = row.get(16)?;
-        let load_us: Option<i64> = row.get(17)?;
-        let u = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)? as u64) };
-        Ok(Some(InvocationRecord {
-            invocation_id: row.get(0)?,
-            function: row.get(1)?,
-            version: row.get(2)?,
-            trigger: row.get(3)?,
-            started_at: row.get(4)?,
-            outcome: parse_outcome(&outcome),
-            reason: row.get(6)?,
-            wall_us: u(7)?,
-            queued_us: u(8)?,
-            cpu_us: u(9)?,
-            peak_memory_bytes: u(10)?,
-            memory_kib_us: u(11)?,
-            fuel_consumed: row.get::<_, Option<i64>>(12)?.map(|f| f as u64),
-            bytes_in: u(13)?,
-            bytes_out: u(14)?,
-            cold: row.get(15)?,
-            load: load_source.map(|s| ColdStart {
-                source: if s == "cache" {
-                    LoadSource::Cache
-                } else {
-                    LoadSource::Compile
-                },
-                load_us: load_us.unwrap_or(0) as u64,
-            }),
-            instantiate_us: u(18)?,
-            run_us: u(19)?,
-            exit_code: row.get(20)?,
-        }))
+        Ok(match rows.next()? {
+            Some(row) => Some(from_row(row)?),
+            None => None,
+        })
     }
+
+    /// Every record that started in `[since, until)` (UNIX microseconds),
+    /// oldest first.
+    pub fn records(
+        &self,
+        since_unix_us: i64,
+        until_unix_us: i64,
+    ) -> Result<Vec<InvocationRecord>, LedgerError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM invocations
+             WHERE started_unix_us >= ?1 AND started_unix_us < ?2
+             ORDER BY started_unix_us, invocation_id"
+        ))?;
+        let rows = stmt.query_map([since_unix_us, until_unix_us], from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+const COLUMNS: &str =
+    "invocation_id, function, version, trigger, started_at, outcome, reason, wall_us,
+    queued_us, cpu_us, peak_memory_bytes, memory_kib_us, fuel_consumed, bytes_in, bytes_out, cold,
+    load_source, load_us, instantiate_us, run_us, exit_code, memory_limit_bytes";
+
+fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<InvocationRecord> {
+    let outcome: String = row.get(5)?;
+    let load_source: Option<String> = row.get(16)?;
+    let load_us: Option<i64> = row.get(17)?;
+    let u = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)? as u64) };
+    Ok(InvocationRecord {
+        invocation_id: row.get(0)?,
+        function: row.get(1)?,
+        version: row.get(2)?,
+        trigger: row.get(3)?,
+        started_at: row.get(4)?,
+        outcome: parse_outcome(&outcome),
+        reason: row.get(6)?,
+        wall_us: u(7)?,
+        queued_us: u(8)?,
+        cpu_us: u(9)?,
+        peak_memory_bytes: u(10)?,
+        memory_kib_us: u(11)?,
+        fuel_consumed: row.get::<_, Option<i64>>(12)?.map(|f| f as u64),
+        bytes_in: u(13)?,
+        bytes_out: u(14)?,
+        cold: row.get(15)?,
+        load: load_source.map(|s| ColdStart {
+            source: if s == "cache" {
+                LoadSource::Cache
+            } else {
+                LoadSource::Compile
+            },
+            load_us: load_us.unwrap_or(0) as u64,
+        }),
+        instantiate_us: u(18)?,
+        run_us: u(19)?,
+        exit_code: row.get(20)?,
+        memory_limit_bytes: u(21)?,
+    })
 }
 
 fn parse_outcome(s: &str) -> Outcome {
@@ -348,6 +373,7 @@ mod tests {
             run_us: 600,
             exit_code: None,
             version: "abc".into(),
+            memory_limit_bytes: 128 << 20,
         }
     }
 

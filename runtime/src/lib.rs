@@ -22,10 +22,12 @@
 //! - [`proxy`]: one invocation of a wasi:http/proxy component.
 //! - [`keys`]: access keys for HTTP routes.
 //! - [`ledger`]: the durable invocation ledger (SQLite, group commit).
+//! - [`billing`]: prices computed from the ledger by a policy.
 //! - [`metering`] and [`metrics`]: records per invocation, Prometheus metrics.
 //! - [`commands`]: the `kelvin` CLI.
 
 pub mod admission;
+pub mod billing;
 pub mod cache;
 pub mod commands;
 pub mod engine;

@@ -9,7 +9,16 @@ fn main() -> ExitCode {
     match cli.execute() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {e:?}");
+            // The message and its causes; never a backtrace (RUST_BACKTRACE
+            // is for panics, and a user's mistake is not one).
+            eprintln!("Error: {e}");
+            let mut causes = e.chain().skip(1).peekable();
+            if causes.peek().is_some() {
+                eprintln!("\nCaused by:");
+                for cause in causes {
+                    eprintln!("    {cause}");
+                }
+            }
             ExitCode::FAILURE
         }
     }

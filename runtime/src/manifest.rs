@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::billing::{MemoryBasis, Policy};
 use crate::keys::AuthLevel;
 use crate::router::{Method, Route};
 use crate::trigger::TriggerConfig;
@@ -38,6 +39,8 @@ pub struct Manifest {
     pub server: ServerConfig,
     /// The functions, sorted by name.
     pub functions: Vec<FunctionSpec>,
+    /// How `kelvin bill` prices the ledger.
+    pub billing: Policy,
 }
 
 /// Host-wide settings (`[server]`).
@@ -396,6 +399,101 @@ struct RawManifest {
     defaults: RawDefaults,
     #[serde(default)]
     functions: BTreeMap<Spanned<String>, RawFunction>,
+    #[serde(default)]
+    billing: RawBilling,
+}
+
+/// `[billing]`: a preset and overrides of any of its parameters.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBilling {
+    policy: Option<Spanned<String>>,
+    memory_basis: Option<MemoryBasis>,
+    memory_step_mb: Option<Price>,
+    min_memory_mb: Option<Price>,
+    max_memory_mb: Option<Price>,
+    min_duration_ms: Option<Price>,
+    duration_step_ms: Option<Price>,
+    price_per_gb_s: Option<Price>,
+    price_per_million_executions: Option<Price>,
+    price_per_million_cpu_ms: Option<Price>,
+    free_gb_s_per_month: Option<Price>,
+    free_executions_per_month: Option<Price>,
+    free_cpu_ms_per_month: Option<Price>,
+}
+
+/// A non-negative decimal written as a string, so no float rounding ever
+/// touches a price.
+#[derive(Clone, Copy)]
+struct Price(rust_decimal::Decimal);
+
+impl<'de> Deserialize<'de> for Price {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "write decimals as strings, e.g. \"0.000016\" (a TOML float would round)",
+            )
+        })?;
+        match s.parse::<rust_decimal::Decimal>() {
+            Ok(v) if !v.is_sign_negative() => Ok(Price(v)),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid decimal {s:?}; write a non-negative number as a string, e.g. \"0.20\""
+            ))),
+        }
+    }
+}
+
+impl RawBilling {
+    fn validate(self) -> Result<Policy, FieldError> {
+        let mut policy = match &self.policy {
+            None => Policy::preset("azure-consumption").expect("a preset"),
+            Some(name) => Policy::preset(name.get_ref()).ok_or_else(|| {
+                field_error(
+                    name.span(),
+                    "billing.policy",
+                    format!(
+                        "unknown billing policy {:?}; use one of {}",
+                        name.get_ref(),
+                        crate::billing::PRESETS.join(", ")
+                    ),
+                )
+            })?,
+        };
+        if let Some(b) = self.memory_basis {
+            policy.memory_basis = b;
+        }
+        let set = |field: &mut rust_decimal::Decimal, v: Option<Price>| {
+            if let Some(p) = v {
+                *field = p.0;
+            }
+        };
+        set(&mut policy.memory_step_mb, self.memory_step_mb);
+        set(&mut policy.min_memory_mb, self.min_memory_mb);
+        set(&mut policy.min_duration_ms, self.min_duration_ms);
+        set(&mut policy.duration_step_ms, self.duration_step_ms);
+        set(&mut policy.price_per_gb_s, self.price_per_gb_s);
+        set(
+            &mut policy.price_per_million_executions,
+            self.price_per_million_executions,
+        );
+        set(
+            &mut policy.price_per_million_cpu_ms,
+            self.price_per_million_cpu_ms,
+        );
+        set(&mut policy.free_gb_s_per_month, self.free_gb_s_per_month);
+        set(
+            &mut policy.free_executions_per_month,
+            self.free_executions_per_month,
+        );
+        set(
+            &mut policy.free_cpu_ms_per_month,
+            self.free_cpu_ms_per_month,
+        );
+        if let Some(max) = self.max_memory_mb {
+            policy.max_memory_mb = Some(max.0);
+        }
+        Ok(policy)
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -530,7 +628,9 @@ impl RawManifest {
             functions.push(raw.validate(key, &defaults, dir)?);
         }
         check_routes(&functions)?;
+        let billing = self.billing.validate()?;
         Ok(Manifest {
+            billing,
             path: path.to_owned(),
             name,
             server,

@@ -106,6 +106,10 @@ pub struct InvocationRecord {
     /// The deployment: the blake3 hash of the function's `.wasm`.
     #[serde(default)]
     pub version: String,
+    /// The function's configured memory limit when it ran (for billing by
+    /// configured memory without the manifest at hand).
+    #[serde(default)]
+    pub memory_limit_bytes: u64,
 }
 
 /// Receives every invocation record. Must not block the request path: a

@@ -58,12 +58,13 @@ type Permits<'a> = (tokio::sync::SemaphorePermit<'a>, SlotInUse<'a>);
 fn new_record(
     invocation_id: &str,
     function: &str,
-    version: String,
+    (version, memory_limit_bytes): (String, u64),
     trigger: &str,
     bytes_in: usize,
 ) -> InvocationRecord {
     InvocationRecord {
         version,
+        memory_limit_bytes,
         invocation_id: invocation_id.to_owned(),
         function: function.to_owned(),
         trigger: trigger.to_owned(),
@@ -187,7 +188,7 @@ impl Runtime {
         let mut record = new_record(
             &invocation_id,
             function,
-            self.registry.version(function),
+            self.deployment(function),
             event.trigger,
             event.input.len(),
         );
@@ -293,7 +294,7 @@ impl Runtime {
         let mut record = new_record(
             invocation_id,
             function,
-            self.registry.version(function),
+            self.deployment(function),
             "http",
             bytes_in,
         );
@@ -330,6 +331,12 @@ impl Runtime {
             record.reason = Some(format!("the guest answered with error code {code}"));
         }
         self.finish(record, Bytes::new()).await.record
+    }
+
+    /// The function's deployment version and memory limit, for its records.
+    fn deployment(&self, function: &str) -> (String, u64) {
+        let memory = self.registry.spec(function).map_or(0, |s| s.limits.memory);
+        (self.registry.version(function), memory)
     }
 
     fn admission_of(&self, function: &str) -> Result<&Admission, UnknownFunction> {

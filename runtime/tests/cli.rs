@@ -380,3 +380,97 @@ fn acknowledged_invocations_survive_sigkill() {
     unsafe { libc::kill(again.id() as i32, libc::SIGTERM) };
     assert!(again.wait().unwrap().success());
 }
+
+#[test]
+fn bill_reports_explains_and_refuses_bad_input() {
+    let (dir, manifest) = app();
+    let (mut child, addr, _stderr) = up(&manifest);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ids: Vec<String> = rt.block_on(async {
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let r = reqwest::get(format!("http://{addr}/hello/b{i}"))
+                .await
+                .unwrap();
+            ids.push(
+                r.headers()["x-kelvin-invocation-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        ids
+    });
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+
+    let bill = |args: &[&str]| {
+        kelvin()
+            .arg("bill")
+            .args(args)
+            .arg("-f")
+            .arg(&manifest)
+            .output()
+            .unwrap()
+    };
+    let out = bill(&["--format", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["policy"], "azure-consumption");
+    assert_eq!(report["total"]["invocations"], 3);
+    assert_eq!(report["lines"][0]["key"], "hello");
+    // Each hello bills the 128 MB x 100 ms minimum: 0.0125 GB-s, 0.0000004 USD.
+    assert_eq!(report["total"]["gb_s"], "0.0375");
+    assert_eq!(report["total"]["cost"], "0.0000012");
+
+    let out = bill(&[
+        "--format",
+        "csv",
+        "--by",
+        "outcome",
+        "--policy",
+        "aws-lambda",
+    ]);
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(csv.starts_with("outcome,invocations,"), "{csv}");
+    assert!(csv.lines().any(|l| l.starts_with("ok,3,3,")), "{csv}");
+
+    let out = bill(&["explain", &ids[1]]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains(&ids[1])
+            && text.contains("billed 128 MB")
+            && text.contains("price: 0.0000004 USD"),
+        "{text}"
+    );
+
+    for (args, message) in [
+        (
+            &["--since", "2026-12-01", "--until", "2026-11-01"][..],
+            "--since must be before --until",
+        ),
+        (&["--since", "yesterday"][..], "invalid date `yesterday`"),
+        (&["--policy", "gcp"][..], "unknown billing policy `gcp`"),
+        (
+            &["--ledger", "/nonexistent/ledger.sqlite3"][..],
+            "no ledger at `/nonexistent/ledger.sqlite3`",
+        ),
+        (&["explain", "nope"][..], "no invocation `nope`"),
+    ] {
+        let out = bill(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!stderr.contains("backtrace"), "{stderr}");
+    }
+    drop(dir);
+}

@@ -7,12 +7,14 @@ use clap::{Parser, Subcommand};
 
 use crate::manifest::Manifest;
 
+mod bill;
 mod build;
 mod check;
 mod invoke;
 mod keys;
 mod up;
 
+pub use bill::BillCommand;
 pub use build::BuildCommand;
 pub use check::CheckCommand;
 pub use invoke::InvokeCommand;
@@ -37,6 +39,7 @@ enum Command {
     Check(CheckCommand),
     Invoke(InvokeCommand),
     Keys(KeysCommand),
+    Bill(BillCommand),
 }
 
 impl Cli {
@@ -47,6 +50,7 @@ impl Cli {
             Command::Check(c) => c.execute(),
             Command::Invoke(c) => c.execute(),
             Command::Keys(c) => c.execute(),
+            Command::Bill(c) => c.execute(),
         }
     }
 }
@@ -56,6 +60,7 @@ impl Cli {
 pub struct ManifestArgs {
     /// The manifest to use.
     #[arg(
+        global = true,
         short = 'f',
         long = "manifest",
         default_value = "functions.toml",
@@ -63,7 +68,13 @@ pub struct ManifestArgs {
     )]
     pub manifest: PathBuf,
     /// Log format.
-    #[arg(long, value_enum, default_value = "human", env = "KELVIN_LOG_FORMAT")]
+    #[arg(
+        global = true,
+        long,
+        value_enum,
+        default_value = "human",
+        env = "KELVIN_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
 }
 
