@@ -247,6 +247,51 @@ pub fn charge(policy: &Policy, r: &InvocationRecord) -> Charge {
     }
 }
 
+/// A report request that could not be understood.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(
+        "invalid date `{0}`; write YYYY-MM-DD or an RFC 3339 time such as 2026-11-21T10:00:00Z"
+    )]
+    Date(String),
+    #[error("--since must be before --until")]
+    Range,
+    #[error("unknown billing policy `{0}`; use one of azure-consumption, aws-lambda, cpu-time")]
+    Policy(String),
+    #[error("unknown grouping `{0}`; use function, day, trigger or outcome")]
+    GroupBy(String),
+}
+
+/// `YYYY-MM-DD` (midnight UTC) or RFC 3339, as UNIX microseconds.
+pub fn parse_time(s: &str) -> Result<i64, QueryError> {
+    let text = if s.len() == 10 {
+        format!("{s}T00:00:00Z")
+    } else {
+        s.to_owned()
+    };
+    let t = humantime::parse_rfc3339_weak(&text).map_err(|_| QueryError::Date(s.to_owned()))?;
+    Ok(t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64))
+}
+
+/// The `[since, until)` range in UNIX microseconds; open ends are unbounded.
+pub fn parse_range(since: Option<&str>, until: Option<&str>) -> Result<(i64, i64), QueryError> {
+    let since = since.map(parse_time).transpose()?.unwrap_or(0);
+    let until = until.map(parse_time).transpose()?.unwrap_or(i64::MAX);
+    if since >= until {
+        return Err(QueryError::Range);
+    }
+    Ok((since, until))
+}
+
+/// A preset by name, or the given default policy when no name is given.
+pub fn policy_or(name: Option<&str>, default: &Policy) -> Result<Policy, QueryError> {
+    match name {
+        None => Ok(default.clone()),
+        Some(n) => Policy::preset(n).ok_or_else(|| QueryError::Policy(n.to_owned())),
+    }
+}
+
 /// How a report groups invocations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]

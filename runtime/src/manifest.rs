@@ -26,7 +26,7 @@ use crate::trigger::http::HttpTrigger;
 pub const MANIFEST_VERSION: u32 = 1;
 
 /// Paths Kelvin serves itself on the HTTP port; no function route may claim them.
-pub const RESERVED_PATHS: &[&str] = &["/metrics", "/healthz", "/readyz"];
+pub const RESERVED_PATHS: &[&str] = &["/metrics", "/healthz", "/readyz", "/admin/bill"];
 
 /// A validated manifest.
 #[derive(Debug, Clone)]

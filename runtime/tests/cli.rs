@@ -404,9 +404,6 @@ fn bill_reports_explains_and_refuses_bad_input() {
         }
         ids
     });
-    // SAFETY: plain kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
 
     let bill = |args: &[&str]| {
         kelvin()
@@ -424,6 +421,51 @@ fn bill_reports_explains_and_refuses_bad_input() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The same report over HTTP, for the master key only; read while the
+    // server is still serving (and writing).
+    let keys = kelvin::keys::KeyStore::open(&dir.path().join(".kelvin"), &[]).unwrap();
+    let master = keys
+        .list()
+        .into_iter()
+        .find(|k| k.scope == kelvin::keys::Scope::Master)
+        .unwrap()
+        .value;
+    let (served, unauthorised, bad) = rt.block_on(async {
+        let client = reqwest::Client::new();
+        let url = format!("http://{addr}/admin/bill");
+        let served = client
+            .get(&url)
+            .header("x-kelvin-key", &master)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(served.status(), 200);
+        let served: serde_json::Value =
+            serde_json::from_str(&served.text().await.unwrap()).unwrap();
+        let unauthorised = client.get(&url).send().await.unwrap().status();
+        let bad = client
+            .get(format!("{url}?since=soon&code={master}"))
+            .send()
+            .await
+            .unwrap();
+        (
+            served,
+            unauthorised,
+            (bad.status(), bad.text().await.unwrap()),
+        )
+    });
+    assert_eq!(
+        served, report,
+        "GET /admin/bill serves what kelvin bill prints"
+    );
+    assert_eq!(unauthorised, 401);
+    assert_eq!(bad.0, 400);
+    assert!(bad.1.contains("invalid date `soon`"), "{}", bad.1);
+
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
     assert_eq!(report["policy"], "azure-consumption");
     assert_eq!(report["total"]["invocations"], 3);
     assert_eq!(report["lines"][0]["key"], "hello");

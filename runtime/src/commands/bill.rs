@@ -2,14 +2,13 @@
 //! shows one invocation's way from raw record to price.
 
 use std::path::PathBuf;
-use std::time::UNIX_EPOCH;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use rust_decimal::Decimal;
 
 use super::ManifestArgs;
-use crate::billing::{self, GroupBy, Policy, Report};
+use crate::billing::{self, GroupBy, Report};
 use crate::ledger::{Ledger, LedgerReader};
 
 /// Report what invocations cost, from the ledger (read-only: safe beside a
@@ -55,15 +54,7 @@ pub enum Format {
 impl BillCommand {
     pub fn execute(self) -> Result<()> {
         let manifest = self.manifest.load()?;
-        let policy = match &self.policy {
-            None => manifest.billing.clone(),
-            Some(name) => Policy::preset(name).with_context(|| {
-                format!(
-                    "unknown billing policy `{name}`; use one of {}",
-                    billing::PRESETS.join(", ")
-                )
-            })?,
-        };
+        let policy = billing::policy_or(self.policy.as_deref(), &manifest.billing)?;
         let path = self
             .ledger
             .clone()
@@ -87,21 +78,7 @@ impl BillCommand {
             return Ok(());
         }
 
-        let since = self
-            .since
-            .as_deref()
-            .map(parse_time)
-            .transpose()?
-            .unwrap_or(0);
-        let until = self
-            .until
-            .as_deref()
-            .map(parse_time)
-            .transpose()?
-            .unwrap_or(i64::MAX);
-        if since >= until {
-            bail!("--since must be before --until");
-        }
+        let (since, until) = billing::parse_range(self.since.as_deref(), self.until.as_deref())?;
         let records = ledger.records(since, until)?;
         let report = billing::report(&policy, &records, self.by);
         match self.format {
@@ -111,22 +88,6 @@ impl BillCommand {
         }
         Ok(())
     }
-}
-
-/// `YYYY-MM-DD` (midnight UTC) or RFC 3339, as UNIX microseconds.
-fn parse_time(s: &str) -> Result<i64> {
-    let text = if s.len() == 10 {
-        format!("{s}T00:00:00Z")
-    } else {
-        s.to_owned()
-    };
-    let t = humantime::parse_rfc3339_weak(&text).with_context(|| {
-        format!(
-            "invalid date `{s}`; write YYYY-MM-DD or an RFC 3339 time such as 2026-11-21T10:00:00Z"
-        )
-    })?;
-    Ok(t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64))
 }
 
 fn by(r: &Report) -> String {

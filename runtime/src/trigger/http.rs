@@ -20,8 +20,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use super::Trigger;
+use crate::billing::{self, GroupBy};
 use crate::invoke::Event;
 use crate::keys::{AuthLevel, KeyError, KeyStore};
+use crate::ledger::{Ledger, LedgerReader};
 use crate::metering::Outcome;
 use crate::router::{MethodSet, Route, RouteMatch, Router};
 use crate::runtime::{HttpFailure, Runtime};
@@ -202,6 +204,7 @@ impl HttpServer {
                     self.runtime.metrics().render(),
                 );
             }
+            ("GET", "/admin/bill") => return self.bill(&req).await,
             ("GET", "/healthz" | "/readyz") => {
                 return plain(StatusCode::OK, "text/plain", "ok\n".into());
             }
@@ -394,6 +397,78 @@ fn failure(function: &str, id: &str, outcome: Outcome) -> Response<Body> {
             Some(id),
             format!("function `{function}` failed"),
         ),
+    }
+}
+
+impl HttpServer {
+    /// `GET /admin/bill`: the `kelvin bill --format json` report, for the
+    /// master key only. Query: `since`, `until`, `by`, `policy`.
+    async fn bill(&self, req: &Request<Incoming>) -> Response<Body> {
+        if !self
+            .keys
+            .authorize(AuthLevel::Admin, "", presented_key(req).as_deref())
+        {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "missing or invalid access key".into(),
+            );
+        }
+        let query: Vec<(String, String)> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|p| p.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+            .collect();
+        let get = |k: &str| query.iter().find(|(q, _)| q == k).map(|(_, v)| v.as_str());
+        let manifest = self.runtime.manifest();
+        let request = (|| {
+            let (since, until) = billing::parse_range(get("since"), get("until"))?;
+            let policy = billing::policy_or(get("policy"), &manifest.billing)?;
+            let by = match get("by") {
+                None => GroupBy::Function,
+                Some(b) => <GroupBy as clap::ValueEnum>::from_str(b, true)
+                    .map_err(|_| billing::QueryError::GroupBy(b.to_owned()))?,
+            };
+            Ok::<_, billing::QueryError>((since, until, policy, by))
+        })();
+        let (since, until, policy, by) = match request {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, None, e.to_string()),
+        };
+        let path = Ledger::path_in(&manifest.server.state_dir);
+        // SQLite reads block: off the async threads.
+        let report = tokio::task::spawn_blocking(move || {
+            let records = LedgerReader::open(&path)?.records(since, until)?;
+            Ok::<_, crate::ledger::LedgerError>(billing::report(&policy, &records, by))
+        })
+        .await;
+        match report {
+            Ok(Ok(report)) => plain(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(&report).expect("reports serialise") + "\n",
+            ),
+            Ok(Err(crate::ledger::LedgerError::Missing(_))) => error(
+                StatusCode::NOT_FOUND,
+                None,
+                "no ledger yet: nothing has been invoked".into(),
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "failed to read the ledger for /admin/bill");
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    None,
+                    "failed to read the ledger".into(),
+                )
+            }
+            Err(_) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+                "internal error".into(),
+            ),
+        }
     }
 }
 
