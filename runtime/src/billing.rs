@@ -302,6 +302,47 @@ pub enum GroupBy {
     Outcome,
 }
 
+/// One day of a function's invocations (per trigger and outcome), rolled up
+/// by `kelvin ledger compact`. It keeps billable quantities, not prices:
+/// executions, GB-s and CPU ms as the policy in force at compaction shaped
+/// them, so a compacted day can be priced again at any prices (but not with
+/// another memory basis, step or minimum).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DailyAggregate {
+    pub function: String,
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    pub trigger: String,
+    pub outcome: String,
+    /// The policy whose shape made `gb_s` and `cpu_ms`.
+    pub policy: String,
+    pub invocations: u64,
+    pub cold_starts: u64,
+    pub cpu_us: u64,
+    pub executions: Decimal,
+    pub gb_s: Decimal,
+    pub cpu_ms: Decimal,
+}
+
+impl DailyAggregate {
+    /// Adds one invocation, priced by `policy`.
+    pub fn add(&mut self, r: &InvocationRecord, policy: &Policy) {
+        let c = charge(policy, r);
+        self.invocations += 1;
+        self.cold_starts += u64::from(r.cold);
+        self.cpu_us += r.cpu_us;
+        self.executions += c.executions;
+        self.gb_s += c.gb_s;
+        self.cpu_ms += c.cpu_ms;
+    }
+
+    pub fn cost(&self, policy: &Policy) -> Decimal {
+        self.gb_s * policy.price_per_gb_s
+            + self.executions * policy.price_per_million_executions / Decimal::from(1_000_000)
+            + self.cpu_ms * policy.price_per_million_cpu_ms / Decimal::from(1_000_000)
+    }
+}
+
 /// One line of a report (or its total).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Line {
@@ -326,6 +367,15 @@ impl Line {
         }
     }
 
+    fn add_aggregate(&mut self, a: &DailyAggregate, cost: Decimal) {
+        self.invocations += a.invocations;
+        self.executions += a.executions;
+        self.cold_starts += a.cold_starts;
+        self.gb_s += a.gb_s;
+        self.cpu_s += Decimal::from(a.cpu_us) / Decimal::from(1_000_000);
+        self.cost += cost;
+    }
+
     fn add(&mut self, r: &InvocationRecord, c: &Charge) {
         self.invocations += 1;
         self.executions += c.executions;
@@ -348,8 +398,13 @@ pub struct Report {
     pub due: Decimal,
 }
 
-/// Prices `records` and groups them.
-pub fn report(policy: &Policy, records: &[InvocationRecord], by: GroupBy) -> Report {
+/// Prices `records` and the compacted `aggregates`, and groups them.
+pub fn report(
+    policy: &Policy,
+    records: &[InvocationRecord],
+    aggregates: &[DailyAggregate],
+    by: GroupBy,
+) -> Report {
     let mut lines: BTreeMap<String, Line> = BTreeMap::new();
     let mut total = Line {
         key: "total".into(),
@@ -379,6 +434,29 @@ pub fn report(policy: &Policy, records: &[InvocationRecord], by: GroupBy) -> Rep
         m.0 += c.gb_s;
         m.1 += c.executions;
         m.2 += c.cpu_ms;
+    }
+    for a in aggregates {
+        let cost = a.cost(policy);
+        let key = match by {
+            GroupBy::Function => a.function.clone(),
+            GroupBy::Day => a.day.clone(),
+            GroupBy::Trigger => a.trigger.clone(),
+            GroupBy::Outcome => a.outcome.clone(),
+        };
+        lines
+            .entry(key.clone())
+            .or_insert_with(|| Line {
+                key,
+                ..Line::default()
+            })
+            .add_aggregate(a, cost);
+        total.add_aggregate(a, cost);
+        let m = months
+            .entry(a.day.get(..7).unwrap_or("").to_owned())
+            .or_default();
+        m.0 += a.gb_s;
+        m.1 += a.executions;
+        m.2 += a.cpu_ms;
     }
     let million = Decimal::from(1_000_000);
     let free_grant: Decimal = months
@@ -516,7 +594,7 @@ mod tests {
     fn free_grants_come_off_the_total_per_month() {
         let policy = Policy::preset("azure-consumption").unwrap();
         let records = vec![rec(12_345, 65 * MIB, 0, 0), rec(12_345, 65 * MIB, 0, 0)];
-        let r = report(&policy, &records, GroupBy::Function);
+        let r = report(&policy, &records, &[], GroupBy::Function);
         assert_eq!(r.total.cost.normalize(), d("0.0000008"));
         assert_eq!(r.free_grant, r.total.cost, "well inside the monthly grant");
         assert_eq!(r.due, Decimal::ZERO);
@@ -575,7 +653,7 @@ mod tests {
                     policy.memory_basis = basis;
                     let explained: Decimal = records.iter().map(|r| charge(&policy, r).cost).sum();
                     for by in [GroupBy::Function, GroupBy::Day, GroupBy::Trigger, GroupBy::Outcome] {
-                        let report = report(&policy, &records, by);
+                        let report = report(&policy, &records, &[], by);
                         let lines: Decimal = report.lines.iter().map(|l| l.cost).sum();
                         prop_assert_eq!(lines, report.total.cost);
                         prop_assert_eq!(report.total.cost, explained);

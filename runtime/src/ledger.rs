@@ -20,8 +20,9 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, UNIX_EPOCH};
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
+use crate::billing::{DailyAggregate, Policy};
 use crate::metering::{ColdStart, Durable, InvocationRecord, LoadSource, Outcome, RecordSink};
 
 /// Records written in one transaction at most.
@@ -68,6 +69,20 @@ CREATE TABLE IF NOT EXISTS invocations (
     memory_limit_bytes INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS invocations_by_time ON invocations (started_unix_us);
+CREATE TABLE IF NOT EXISTS daily (
+    function    TEXT NOT NULL,
+    day         TEXT NOT NULL,
+    trigger     TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    policy      TEXT NOT NULL,
+    invocations INTEGER NOT NULL,
+    cold_starts INTEGER NOT NULL,
+    cpu_us      INTEGER NOT NULL,
+    executions  TEXT NOT NULL,
+    gb_s        TEXT NOT NULL,
+    cpu_ms      TEXT NOT NULL,
+    PRIMARY KEY (function, day, trigger, outcome, policy)
+) WITHOUT ROWID;
 ";
 
 type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
@@ -292,6 +307,163 @@ impl LedgerReader {
     }
 }
 
+impl LedgerReader {
+    /// The compacted days that fall in `[since, until)` (a day counts from
+    /// its midnight, UTC).
+    pub fn aggregates(
+        &self,
+        since_unix_us: i64,
+        until_unix_us: i64,
+    ) -> Result<Vec<DailyAggregate>, LedgerError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT function, day, trigger, outcome, policy, invocations, cold_starts, cpu_us, executions, gb_s, cpu_ms
+             FROM daily ORDER BY day, function",
+        )?;
+        let rows = stmt.query_map([], aggregate_from_row)?;
+        let mut out = Vec::new();
+        for a in rows {
+            let a = a?;
+            let start = humantime::parse_rfc3339(&format!("{}T00:00:00Z", a.day))
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_micros() as i64);
+            if (since_unix_us..until_unix_us).contains(&start) {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decimal(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<rust_decimal::Decimal> {
+    let text: String = row.get(i)?;
+    text.parse().map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn aggregate_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DailyAggregate> {
+    Ok(DailyAggregate {
+        function: row.get(0)?,
+        day: row.get(1)?,
+        trigger: row.get(2)?,
+        outcome: row.get(3)?,
+        policy: row.get(4)?,
+        invocations: row.get::<_, i64>(5)? as u64,
+        cold_starts: row.get::<_, i64>(6)? as u64,
+        cpu_us: row.get::<_, i64>(7)? as u64,
+        executions: decimal(row, 8)?,
+        gb_s: decimal(row, 9)?,
+        cpu_ms: decimal(row, 10)?,
+    })
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    pub invocations: u64,
+    pub days: u64,
+}
+
+/// Rolls every invocation that started before `before_unix_us` into daily
+/// aggregates shaped by `policy`, in one transaction (safe beside a running
+/// server: SQLite serialises the writers). Totals priced with that policy's
+/// shape are preserved exactly.
+pub fn compact(
+    path: &Path,
+    before_unix_us: i64,
+    policy: &Policy,
+) -> Result<Compacted, LedgerError> {
+    if !path.exists() {
+        return Err(LedgerError::Missing(path.to_owned()));
+    }
+    let mut conn = Connection::open(path).map_err(|source| LedgerError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    conn.execute_batch(SCHEMA)?;
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let records: Vec<InvocationRecord> = {
+        let mut stmt = tx.prepare(&format!(
+            "SELECT {COLUMNS} FROM invocations WHERE started_unix_us < ?1"
+        ))?;
+        stmt.query_map([before_unix_us], from_row)?
+            .collect::<Result<_, _>>()?
+    };
+    let mut days: std::collections::BTreeMap<(String, String, String, String), DailyAggregate> =
+        Default::default();
+    for r in &records {
+        let day = r.started_at.get(..10).unwrap_or("").to_owned();
+        let key = (
+            r.function.clone(),
+            day.clone(),
+            r.trigger.clone(),
+            r.outcome.as_str().to_owned(),
+        );
+        days.entry(key)
+            .or_insert_with(|| DailyAggregate {
+                function: r.function.clone(),
+                day,
+                trigger: r.trigger.clone(),
+                outcome: r.outcome.as_str().to_owned(),
+                policy: policy.name.clone(),
+                invocations: 0,
+                cold_starts: 0,
+                cpu_us: 0,
+                executions: Default::default(),
+                gb_s: Default::default(),
+                cpu_ms: Default::default(),
+            })
+            .add(r, policy);
+    }
+    for a in days.values() {
+        // A day compacted before (late records) is added to, not replaced.
+        let existing: Option<DailyAggregate> = tx
+            .query_row(
+                "SELECT function, day, trigger, outcome, policy, invocations, cold_starts, cpu_us, executions, gb_s, cpu_ms
+                 FROM daily WHERE function = ?1 AND day = ?2 AND trigger = ?3 AND outcome = ?4 AND policy = ?5",
+                params![a.function, a.day, a.trigger, a.outcome, a.policy],
+                aggregate_from_row,
+            )
+            .optional()?;
+        let mut merged = a.clone();
+        if let Some(e) = existing {
+            merged.invocations += e.invocations;
+            merged.cold_starts += e.cold_starts;
+            merged.cpu_us += e.cpu_us;
+            merged.executions += e.executions;
+            merged.gb_s += e.gb_s;
+            merged.cpu_ms += e.cpu_ms;
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO daily VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![
+                merged.function,
+                merged.day,
+                merged.trigger,
+                merged.outcome,
+                merged.policy,
+                merged.invocations as i64,
+                merged.cold_starts as i64,
+                merged.cpu_us as i64,
+                merged.executions.to_string(),
+                merged.gb_s.to_string(),
+                merged.cpu_ms.to_string(),
+            ],
+        )?;
+    }
+    tx.execute(
+        "DELETE FROM invocations WHERE started_unix_us < ?1",
+        [before_unix_us],
+    )?;
+    tx.commit()?;
+    Ok(Compacted {
+        invocations: records.len() as u64,
+        days: days.len() as u64,
+    })
+}
+
 const COLUMNS: &str =
     "invocation_id, function, version, trigger, started_at, outcome, reason, wall_us,
     queued_us, cpu_us, peak_memory_bytes, memory_kib_us, fuel_consumed, bytes_in, bytes_out, cold,
@@ -399,6 +571,80 @@ mod tests {
             w.wait().await.unwrap();
         }
         assert_eq!(reader.len().unwrap(), 501);
+    }
+
+    #[tokio::test]
+    async fn compaction_preserves_report_totals_exactly() {
+        use crate::billing::{GroupBy, report};
+        let dir = tempfile::tempdir().unwrap();
+        let path = Ledger::path_in(dir.path());
+        let ledger = Ledger::open(&path).unwrap();
+        let mut all = Vec::new();
+        for i in 0..300u64 {
+            let mut r = record(&format!("r{i}"));
+            r.function = ["a", "b", "c"][(i % 3) as usize].into();
+            r.started_at = format!("2026-10-{:02}T{:02}:00:00.000000Z", 1 + i % 20, i % 24);
+            r.wall_us = 1_000 + i * 997;
+            r.run_us = r.wall_us;
+            r.peak_memory_bytes = (1 + i % 300) << 20;
+            r.cpu_us = i * 311;
+            r.outcome = [Outcome::Ok, Outcome::Trap, Outcome::Rejected][(i % 3) as usize];
+            ledger.record(&r).wait().await.unwrap();
+            all.push(r);
+        }
+        let policy = Policy::preset("azure-consumption").unwrap();
+        let reader = LedgerReader::open(&path).unwrap();
+        let before = |all: &[InvocationRecord], by| report(&policy, all, &[], by);
+        let after = |by| {
+            let records = reader.records(0, i64::MAX).unwrap();
+            let days = reader.aggregates(0, i64::MAX).unwrap();
+            report(&policy, &records, &days, by)
+        };
+        // Everything before Oct 11.
+        let cutoff = humantime::parse_rfc3339("2026-10-11T00:00:00Z").unwrap();
+        let cutoff = cutoff.duration_since(UNIX_EPOCH).unwrap().as_micros() as i64;
+        let done = compact(&path, cutoff, &policy).unwrap();
+        assert_eq!(done.invocations, 150);
+        assert_eq!(reader.len().unwrap(), 150);
+        for by in [
+            GroupBy::Function,
+            GroupBy::Day,
+            GroupBy::Trigger,
+            GroupBy::Outcome,
+        ] {
+            assert_eq!(after(by), before(&all, by), "{by:?}");
+        }
+        // Again: nothing left to compact, nothing changes.
+        assert_eq!(compact(&path, cutoff, &policy).unwrap().invocations, 0);
+        assert_eq!(after(GroupBy::Day), before(&all, GroupBy::Day));
+
+        // A late record for a compacted day is merged into its aggregate.
+        let mut late = record("late");
+        late.started_at = "2026-10-02T12:00:00.000000Z".into();
+        ledger.record(&late).wait().await.unwrap();
+        all.push(late);
+        compact(&path, cutoff, &policy).unwrap();
+        assert_eq!(after(GroupBy::Function), before(&all, GroupBy::Function));
+        // Re-priced at other prices, compacted days stay exact.
+        let mut cheaper = policy.clone();
+        cheaper.price_per_gb_s = rust_decimal::Decimal::from_str_exact("0.00001").unwrap();
+        let records = reader.records(0, i64::MAX).unwrap();
+        let days = reader.aggregates(0, i64::MAX).unwrap();
+        assert_eq!(
+            report(&cheaper, &records, &days, GroupBy::Function).total,
+            report(&cheaper, &all, &[], GroupBy::Function).total
+        );
+        // A date range selects whole compacted days.
+        let oct_5 = humantime::parse_rfc3339("2026-10-05T00:00:00Z")
+            .unwrap()
+            .duration_since(UNIX_EPOCH)
+            .unwrap();
+        let days = reader.aggregates(oct_5.as_micros() as i64, cutoff).unwrap();
+        assert!(
+            days.iter()
+                .all(|d| ("2026-10-05".."2026-10-11").contains(&d.day.as_str()))
+        );
+        assert!(!days.is_empty());
     }
 
     #[test]

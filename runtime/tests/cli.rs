@@ -514,5 +514,25 @@ fn bill_reports_explains_and_refuses_bad_input() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
         assert!(!stderr.contains("backtrace"), "{stderr}");
     }
+    // Compaction keeps the totals; single invocations can no longer be explained.
+    let out = kelvin()
+        .args(["ledger", "compact", "--older-than", "0s", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with("compacted 3 invocations into 1 daily aggregates")
+    );
+    let compacted: serde_json::Value =
+        serde_json::from_slice(&bill(&["--format", "json"]).stdout).unwrap();
+    assert_eq!(compacted["total"], report["total"]);
+    let out = bill(&["explain", &ids[0]]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rolled up into daily aggregates"));
     drop(dir);
 }

@@ -63,7 +63,10 @@ impl BillCommand {
 
         if let Some(BillAction::Explain { invocation_id }) = &self.action {
             let record = ledger.get(invocation_id)?.with_context(|| {
-                format!("no invocation `{invocation_id}` in `{}`", path.display())
+                format!(
+                    "no invocation `{invocation_id}` in `{}` (invocations older than the last `kelvin ledger compact` are rolled up into daily aggregates)",
+                    path.display()
+                )
             })?;
             let charge = billing::charge(&policy, &record);
             println!("{}", serde_json::to_string_pretty(&record)?);
@@ -80,7 +83,8 @@ impl BillCommand {
 
         let (since, until) = billing::parse_range(self.since.as_deref(), self.until.as_deref())?;
         let records = ledger.records(since, until)?;
-        let report = billing::report(&policy, &records, self.by);
+        let days = ledger.aggregates(since, until)?;
+        let report = billing::report(&policy, &records, &days, self.by);
         match self.format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             Format::Csv => print_csv(&report),

@@ -12,6 +12,7 @@ mod build;
 mod check;
 mod invoke;
 mod keys;
+mod ledger;
 mod up;
 
 pub use bill::BillCommand;
@@ -19,6 +20,7 @@ pub use build::BuildCommand;
 pub use check::CheckCommand;
 pub use invoke::InvokeCommand;
 pub use keys::KeysCommand;
+pub use ledger::LedgerCommand;
 pub use up::UpCommand;
 
 #[derive(Parser, Debug)]
@@ -40,6 +42,7 @@ enum Command {
     Invoke(InvokeCommand),
     Keys(KeysCommand),
     Bill(BillCommand),
+    Ledger(LedgerCommand),
 }
 
 impl Cli {
@@ -51,6 +54,7 @@ impl Cli {
             Command::Invoke(c) => c.execute(),
             Command::Keys(c) => c.execute(),
             Command::Bill(c) => c.execute(),
+            Command::Ledger(c) => c.execute(),
         }
     }
 }

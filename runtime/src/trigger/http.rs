@@ -440,8 +440,10 @@ impl HttpServer {
         let path = Ledger::path_in(&manifest.server.state_dir);
         // SQLite reads block: off the async threads.
         let report = tokio::task::spawn_blocking(move || {
-            let records = LedgerReader::open(&path)?.records(since, until)?;
-            Ok::<_, crate::ledger::LedgerError>(billing::report(&policy, &records, by))
+            let ledger = LedgerReader::open(&path)?;
+            let records = ledger.records(since, until)?;
+            let days = ledger.aggregates(since, until)?;
+            Ok::<_, crate::ledger::LedgerError>(billing::report(&policy, &records, &days, by))
         })
         .await;
         match report {
