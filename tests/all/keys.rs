@@ -37,23 +37,9 @@ async fn function_routes_need_a_key_by_default() {
     let r = server.get("/echo").await;
     assert_eq!(r.status(), 401);
     invocation_id(&r);
-    let r = server
-        .client
-        .get(server.url("/echo"))
-        .header("x-kelvin-key", "nope")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = server
-        .client
-        .get(server.url("/echo"))
-        .header("x-kelvin-key", &hello_key)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(server.status_with_key("/echo", "nope").await, 401);
     assert_eq!(
-        r.status(),
+        server.status_with_key("/echo", &hello_key).await,
         401,
         "another function's key does not open this one"
     );
@@ -62,14 +48,7 @@ async fn function_routes_need_a_key_by_default() {
         "401s are not billed and never reach the guest"
     );
 
-    let r = server
-        .client
-        .get(server.url("/echo"))
-        .header("x-kelvin-key", &echo_key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(server.status_with_key("/echo", &echo_key).await, 200);
     let r = server.get(&format!("/hello?code={host_key}")).await;
     assert_eq!(
         r.status(),
@@ -89,23 +68,9 @@ async fn admin_routes_need_the_master_key() {
         key(&app, &Scope::Host),
         key(&app, &Scope::Function("echo".into())),
     ] {
-        let r = server
-            .client
-            .get(server.url("/admin/echo"))
-            .header("x-kelvin-key", &k)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401);
+        assert_eq!(server.status_with_key("/admin/echo", &k).await, 401);
     }
-    let r = server
-        .client
-        .get(server.url("/admin/echo"))
-        .header("x-kelvin-key", &master)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(server.status_with_key("/admin/echo", &master).await, 200);
     server.stop().await;
 }
 

@@ -137,6 +137,17 @@ impl TestServer {
             .expect("request")
     }
 
+    /// The status of a GET of `path` presenting `key` in `x-kelvin-key`.
+    pub async fn status_with_key(&self, path: &str, key: &str) -> u16 {
+        let r = self
+            .client
+            .get(self.url(path))
+            .header("x-kelvin-key", key)
+            .send()
+            .await;
+        r.expect("request").status().as_u16()
+    }
+
     /// The record of the invocation with this id. A streamed response's
     /// record is written when its body is done, so this waits (a little).
     pub async fn record(&self, id: &str) -> InvocationRecord {
