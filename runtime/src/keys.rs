@@ -182,6 +182,17 @@ impl KeyStore {
         }
     }
 
+    /// The first key with this scope (for the master key: the one).
+    pub fn find(&self, scope: &Scope) -> Option<Key> {
+        self.keys
+            .read()
+            .expect("key lock")
+            .1
+            .iter()
+            .find(|k| &k.scope == scope)
+            .cloned()
+    }
+
     pub fn list(&self) -> Vec<Key> {
         self.keys.read().expect("key lock").1.clone()
     }
@@ -281,14 +292,7 @@ mod tests {
     fn levels_and_scopes() {
         let dir = tempfile::tempdir().unwrap();
         let store = KeyStore::open(dir.path(), &["a", "b"]).unwrap();
-        let value = |scope: &Scope| {
-            store
-                .list()
-                .into_iter()
-                .find(|k| &k.scope == scope)
-                .unwrap()
-                .value
-        };
+        let value = |scope: &Scope| store.find(scope).unwrap().value;
         let master = value(&Scope::Master);
         let host = value(&Scope::Host);
         let a = value(&Scope::Function("a".into()));
@@ -323,12 +327,7 @@ mod tests {
     fn rotate_and_revoke() {
         let dir = tempfile::tempdir().unwrap();
         let store = KeyStore::open(dir.path(), &["a"]).unwrap();
-        let old = store
-            .list()
-            .into_iter()
-            .find(|k| k.scope == Scope::Master)
-            .unwrap()
-            .value;
+        let old = store.find(&Scope::Master).unwrap().value;
         let new = store.create("master", Scope::Master).unwrap().value;
         assert_ne!(old, new);
         assert!(!store.authorize(AuthLevel::Admin, "a", Some(&old)));

@@ -31,6 +31,18 @@ fn app() -> (tempfile::TempDir, PathBuf) {
     (dir, manifest)
 }
 
+/// A manifest in `dir` whose one function, `b`, is `wasm` (unusable).
+fn broken_app(dir: &Path, wasm: &[u8]) -> PathBuf {
+    std::fs::write(dir.join("broken.wasm"), wasm).unwrap();
+    let manifest = dir.join("broken.toml");
+    std::fs::write(
+        &manifest,
+        "version = 1\nname = \"x\"\n[functions.b]\nsource = \"broken.wasm\"\n",
+    )
+    .unwrap();
+    manifest
+}
+
 /// The pretty-printed JSON records in `kelvin invoke`'s stderr.
 fn records(stderr: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
@@ -169,13 +181,7 @@ fn check_accepts_a_good_app_and_explains_a_bad_one() {
     );
 
     // Invalid wasm fails the check (and would fail start-up).
-    std::fs::write(dir.path().join("broken.wasm"), b"\0asm\x01\0\0\0garbage").unwrap();
-    let broken = dir.path().join("broken.toml");
-    std::fs::write(
-        &broken,
-        "version = 1\nname = \"x\"\n[functions.b]\nsource = \"broken.wasm\"\n",
-    )
-    .unwrap();
+    let broken = broken_app(dir.path(), b"\0asm\x01\0\0\0garbage");
     let out = kelvin()
         .args(["check", "-f"])
         .arg(&broken)
@@ -270,13 +276,7 @@ fn up_serves_and_shuts_down_gracefully_on_sigterm() {
 #[test]
 fn up_refuses_to_start_with_a_broken_function() {
     let (dir, _) = app();
-    std::fs::write(dir.path().join("broken.wasm"), b"not wasm").unwrap();
-    let manifest = dir.path().join("broken.toml");
-    std::fs::write(
-        &manifest,
-        "version = 1\nname = \"x\"\n[functions.b]\nsource = \"broken.wasm\"\n",
-    )
-    .unwrap();
+    let manifest = broken_app(dir.path(), b"not wasm");
     let out = kelvin()
         .args(["up", "--listen", "127.0.0.1:0", "-f"])
         .arg(&manifest)
@@ -425,12 +425,7 @@ fn bill_reports_explains_and_refuses_bad_input() {
     // The same report over HTTP, for the master key only; read while the
     // server is still serving (and writing).
     let keys = kelvin::keys::KeyStore::open(&dir.path().join(".kelvin"), &[]).unwrap();
-    let master = keys
-        .list()
-        .into_iter()
-        .find(|k| k.scope == kelvin::keys::Scope::Master)
-        .unwrap()
-        .value;
+    let master = keys.find(&kelvin::keys::Scope::Master).unwrap().value;
     let (served, unauthorised, bad) = rt.block_on(async {
         let client = reqwest::Client::new();
         let url = format!("http://{addr}/admin/bill");

@@ -18,12 +18,7 @@ fn app() -> App {
 
 fn key(app: &App, scope: &Scope) -> String {
     let store = KeyStore::open(&app.state_dir(), &[]).unwrap();
-    store
-        .list()
-        .into_iter()
-        .find(|k| &k.scope == scope)
-        .unwrap()
-        .value
+    store.find(scope).unwrap().value
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
