@@ -2,8 +2,11 @@
 //! hash under a folder named for the engine's compatibility fingerprint.
 //!
 //! Each artifact has a checksum beside it, verified before the artifact is
-//! mapped: a stale, truncated or corrupt entry is deleted and rebuilt, never
-//! executed.
+//! first mapped: a stale, truncated or corrupt entry is deleted and rebuilt,
+//! never executed. A process verifies each file once; after an eviction the
+//! same file (same inode, size and modification time) is mapped without
+//! reading it again, which is most of what a cold start from cache cost
+//! (docs/performance.md).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
@@ -86,6 +89,29 @@ pub enum CacheMiss {
 
 pub struct ArtifactCache {
     dir: PathBuf,
+    /// Files this process has verified, by hash and identity.
+    verified: std::sync::Mutex<std::collections::HashMap<WasmHash, FileId>>,
+}
+
+/// What tells one file from another (or from itself, rewritten).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileId {
+    fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
 }
 
 impl ArtifactCache {
@@ -95,7 +121,10 @@ impl ArtifactCache {
         engine.precompile_compatibility_hash().hash(&mut h);
         let dir = root.join(format!("{:016x}", h.finish()));
         std::fs::create_dir_all(&dir)?;
-        Ok(ArtifactCache { dir })
+        Ok(ArtifactCache {
+            dir,
+            verified: Default::default(),
+        })
     }
 
     pub fn artifact_path(&self, hash: &WasmHash) -> PathBuf {
@@ -110,37 +139,75 @@ impl ArtifactCache {
         self.checksum_path(hash).exists() && self.artifact_path(hash).exists()
     }
 
-    /// Loads a verified artifact. A bad entry is removed so the caller's
-    /// rebuild replaces it.
+    /// Loads a verified artifact, by mapping the file (`mmap`) or reading
+    /// it. A bad entry is removed so the caller's rebuild replaces it.
     pub fn load(
         &self,
         engine: &Engine,
         hash: &WasmHash,
         kind: WasmKind,
+        mmap: bool,
     ) -> Result<Compiled, CacheMiss> {
         let path = self.artifact_path(hash);
-        let expected = match std::fs::read(self.checksum_path(hash)) {
-            Ok(sum) => sum,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CacheMiss::Absent),
-            Err(e) => return Err(e.into()),
-        };
         let result = (|| {
-            let bytes = std::fs::read(&path)?;
-            if blake3::hash(&bytes).as_bytes().as_slice() != expected.as_slice() {
-                return Err(CacheMiss::Corrupt);
-            }
-            // SAFETY: the file is one this cache wrote with
-            // `Module::serialize` for an engine with the same compatibility
-            // fingerprint, and its checksum was just verified, so it is not
-            // arbitrary bytes. Files in the cache are replaced by rename,
-            // never modified in place, so the mapping stays consistent.
-            let compiled = match kind {
-                WasmKind::Module => {
-                    unsafe { Module::deserialize_file(engine, &path) }.map(Compiled::Module)
+            let id = match std::fs::metadata(&path) {
+                Ok(meta) => FileId::of(&meta),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(CacheMiss::Absent);
                 }
-                // SAFETY: as above.
-                WasmKind::Component => {
-                    unsafe { Component::deserialize_file(engine, &path) }.map(Compiled::Component)
+                Err(e) => return Err(e.into()),
+            };
+            let known = self.verified.lock().expect("cache lock").get(hash) == Some(&id);
+            let mut bytes = None;
+            if !known {
+                let expected = match std::fs::read(self.checksum_path(hash)) {
+                    Ok(sum) => sum,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        return Err(CacheMiss::Absent);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                let read = std::fs::read(&path)?;
+                if blake3::hash(&read).as_bytes().as_slice() != expected.as_slice() {
+                    return Err(CacheMiss::Corrupt);
+                }
+                // What was read is what was checked: the identity must not
+                // have changed meanwhile.
+                if FileId::of(&std::fs::metadata(&path)?) != id {
+                    return Err(CacheMiss::Corrupt);
+                }
+                self.verified.lock().expect("cache lock").insert(*hash, id);
+                bytes = Some(read);
+            }
+            let compiled = if mmap {
+                // SAFETY: the file is one this cache wrote with `serialize`
+                // for an engine with the same compatibility fingerprint, and
+                // this process verified its checksum (now or at an earlier
+                // load of the same inode, size and mtime), so it is not
+                // arbitrary bytes. Files in the cache are replaced by rename,
+                // never modified in place, so the mapping stays consistent.
+                match kind {
+                    WasmKind::Module => {
+                        unsafe { Module::deserialize_file(engine, &path) }.map(Compiled::Module)
+                    }
+                    // SAFETY: as above.
+                    WasmKind::Component => unsafe { Component::deserialize_file(engine, &path) }
+                        .map(Compiled::Component),
+                }
+            } else {
+                let bytes = match bytes {
+                    Some(b) => b,
+                    None => std::fs::read(&path)?,
+                };
+                // SAFETY: as above; the bytes are the verified file's.
+                match kind {
+                    WasmKind::Module => {
+                        unsafe { Module::deserialize(engine, &bytes) }.map(Compiled::Module)
+                    }
+                    // SAFETY: as above.
+                    WasmKind::Component => {
+                        unsafe { Component::deserialize(engine, &bytes) }.map(Compiled::Component)
+                    }
                 }
             };
             compiled.map_err(|e| CacheMiss::Incompatible(format!("{e:#}")))
@@ -163,7 +230,9 @@ impl ArtifactCache {
         write_atomic(&self.checksum_path(hash), checksum.as_bytes())
     }
 
-    fn remove(&self, hash: &WasmHash) {
+    /// Deletes an entry (a no-op if absent).
+    pub fn remove(&self, hash: &WasmHash) {
+        self.verified.lock().expect("cache lock").remove(hash);
         let _ = std::fs::remove_file(self.checksum_path(hash));
         let _ = std::fs::remove_file(self.artifact_path(hash));
     }

@@ -44,8 +44,9 @@ impl Host {
         &mut self.wasi
     }
 
-    /// A host with no I/O, for linking checks.
-    pub(crate) fn empty() -> Host {
+    /// A host with no I/O and no memory, for linking checks and
+    /// benchmarks of instantiation.
+    pub fn empty() -> Host {
         Host {
             wasi: WasiCtxBuilder::new().build_p1(),
             meter: MemoryMeter::new(0),
@@ -348,7 +349,8 @@ pub async fn execute(
             t.instantiate = started.elapsed();
             let start = instance.get_typed_func::<(), ()>(&mut store, "_start")?;
             let started = *t.run_started.insert(Instant::now());
-            let r = cpu_timed(start.call_async(&mut store, ()), &mut t.cpu).await;
+            let call = start.call_async(&mut store, ());
+            let r = cpu_timed(engine.tuning().metering, call, &mut t.cpu).await;
             t.run = started.elapsed();
             r
         };
@@ -406,9 +408,12 @@ pub(crate) fn last_words(stderr: &[u8]) -> String {
 }
 
 /// Polls `fut`, adding the calling thread's CPU time during each poll to
-/// `cpu`. Summing per poll stays right when the invocation yields and resumes
-/// on another thread.
-pub(crate) async fn cpu_timed<F: Future>(fut: F, cpu: &mut Duration) -> F::Output {
+/// `cpu` (if `metering`). Summing per poll stays right when the invocation
+/// yields and resumes on another thread.
+pub(crate) async fn cpu_timed<F: Future>(metering: bool, fut: F, cpu: &mut Duration) -> F::Output {
+    if !metering {
+        return fut.await;
+    }
     let mut fut = pin!(fut);
     std::future::poll_fn(|cx| {
         let before = thread_cpu_time();

@@ -24,9 +24,11 @@
 //! - [`ledger`]: the durable invocation ledger (SQLite, group commit).
 //! - [`billing`]: prices computed from the ledger by a policy.
 //! - [`metering`] and [`metrics`]: records per invocation, Prometheus metrics.
+//! - [`bench`]: `kelvin bench`, cold-start and HTTP measurements.
 //! - [`commands`]: the `kelvin` CLI.
 
 pub mod admission;
+pub mod bench;
 pub mod billing;
 pub mod cache;
 pub mod commands;

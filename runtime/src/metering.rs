@@ -4,8 +4,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
@@ -151,17 +150,34 @@ impl Durable {
     }
 }
 
-/// Appends records as JSON lines to a file, from a background thread so the
-/// request path only pays for serialising into a channel.
+/// Appends records as JSON lines to a file. The request path only
+/// serialises a record into a buffer; a background thread writes the buffer
+/// out every [`JSON_LOG_INTERVAL`] (or on flush). Waking the writer for every
+/// record cost a futex wake and a context switch per request, a measurable
+/// share of a warm invocation on two cores (docs/performance.md).
 pub struct JsonLinesSink {
     path: PathBuf,
-    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    shared: Arc<LogShared>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-enum Msg {
-    Line(String),
-    Flush(mpsc::Sender<()>),
+/// How long a record may wait in memory before it is written.
+pub const JSON_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+#[derive(Default)]
+struct LogShared {
+    state: Mutex<LogState>,
+    wake: Condvar,
+    written: Condvar,
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: String,
+    flushes_asked: u64,
+    flushes_done: u64,
+    stop: bool,
+    dead: bool,
 }
 
 impl JsonLinesSink {
@@ -173,35 +189,14 @@ impl JsonLinesSink {
             .create(true)
             .append(true)
             .open(path)?;
-        let (tx, rx) = mpsc::channel::<Msg>();
+        let shared = Arc::new(LogShared::default());
+        let writer = shared.clone();
         let thread = std::thread::Builder::new()
             .name("kelvin-metering".into())
-            .spawn(move || {
-                let mut out = std::io::BufWriter::new(file);
-                while let Ok(msg) = rx.recv() {
-                    let mut acks = Vec::new();
-                    let mut handle = |msg| match msg {
-                        Msg::Line(line) => {
-                            let _ = out.write_all(line.as_bytes());
-                        }
-                        Msg::Flush(ack) => acks.push(ack),
-                    };
-                    handle(msg);
-                    // Drain what queued up meanwhile, then write it in one go.
-                    while let Ok(msg) = rx.try_recv() {
-                        handle(msg);
-                    }
-                    if let Err(e) = out.flush() {
-                        tracing::error!(error = %e, "failed to write metering records");
-                    }
-                    for ack in acks {
-                        let _ = ack.send(());
-                    }
-                }
-            })?;
+            .spawn(move || write_log(file, &writer))?;
         Ok(JsonLinesSink {
             path: path.to_owned(),
-            tx: Mutex::new(Some(tx)),
+            shared,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -211,32 +206,65 @@ impl JsonLinesSink {
     }
 }
 
+fn write_log(mut file: std::fs::File, shared: &LogShared) {
+    let lock = || shared.state.lock().expect("log lock");
+    let mut state = lock();
+    loop {
+        if !state.stop && state.flushes_asked == state.flushes_done {
+            state = shared
+                .wake
+                .wait_timeout(state, JSON_LOG_INTERVAL)
+                .expect("log lock")
+                .0;
+        }
+        let lines = std::mem::take(&mut state.lines);
+        let asked = state.flushes_asked;
+        let stop = state.stop;
+        drop(state);
+        if !lines.is_empty()
+            && let Err(e) = file.write_all(lines.as_bytes())
+        {
+            tracing::error!(error = %e, "failed to write metering records");
+        }
+        state = lock();
+        state.flushes_done = asked;
+        shared.written.notify_all();
+        if stop && state.lines.is_empty() {
+            state.dead = true;
+            return;
+        }
+    }
+}
+
 impl RecordSink for JsonLinesSink {
     fn record(&self, record: &InvocationRecord) -> Durable {
-        let mut line = serde_json::to_string(record).expect("records always serialise");
-        line.push('\n');
-        if let Some(tx) = &*self.tx.lock().expect("sink lock") {
-            let _ = tx.send(Msg::Line(line));
+        let line = serde_json::to_string(record).expect("records always serialise");
+        let mut state = self.shared.state.lock().expect("log lock");
+        if !state.dead {
+            state.lines.push_str(&line);
+            state.lines.push('\n');
         }
         // A log, not a ledger: written soon, never waited for.
         Durable::now()
     }
 
     fn flush(&self) {
-        let (ack_tx, ack_rx) = mpsc::channel();
-        // Wait for the ack without holding the lock, so recording goes on.
-        let tx = self.tx.lock().expect("sink lock").clone();
-        if tx.is_some_and(|tx| tx.send(Msg::Flush(ack_tx)).is_ok()) {
-            let _ = ack_rx.recv();
+        let mut state = self.shared.state.lock().expect("log lock");
+        state.flushes_asked += 1;
+        let asked = state.flushes_asked;
+        self.shared.wake.notify_one();
+        while state.flushes_done < asked && !state.dead {
+            state = self.shared.written.wait(state).expect("log lock");
         }
     }
 }
 
 impl Drop for JsonLinesSink {
     fn drop(&mut self) {
-        // Closing the channel ends the writer after it wrote everything queued.
-        self.tx.lock().expect("sink lock").take();
-        if let Some(t) = self.thread.lock().expect("sink lock").take() {
+        // The writer writes what is buffered, then ends.
+        self.shared.state.lock().expect("log lock").stop = true;
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.lock().expect("log lock").take() {
             let _ = t.join();
         }
     }

@@ -180,7 +180,8 @@ pub(crate) async fn execute(
             t.instantiate = started.elapsed();
             let started = *t.run_started.insert(Instant::now());
             let handler = proxy.wasi_http_incoming_handler();
-            let r = invoke::cpu_timed(handler.call_handle(&mut store, req, out), &mut t.cpu).await;
+            let call = handler.call_handle(&mut store, req, out);
+            let r = invoke::cpu_timed(engine.tuning().metering, call, &mut t.cpu).await;
             t.run = started.elapsed();
             r
         };

@@ -51,6 +51,8 @@ pub enum EvictReason {
     Capacity,
     /// Loaded functions' footprints exceeded `memory_budget`.
     Memory,
+    /// Unloaded on request (`kelvin bench` measuring cold starts).
+    Requested,
 }
 
 impl EvictReason {
@@ -59,6 +61,7 @@ impl EvictReason {
             EvictReason::Idle => "idle",
             EvictReason::Capacity => "capacity",
             EvictReason::Memory => "memory",
+            EvictReason::Requested => "requested",
         }
     }
 }
@@ -332,7 +335,8 @@ impl Registry {
         let function = slot.spec.name.to_string();
         let hash = *slot.hash.lock().expect("hash lock");
         let kind = slot.kind;
-        match self.cache.load(self.engine.engine(), &hash, kind) {
+        let mmap = self.engine.tuning().mmap_artifacts;
+        match self.cache.load(self.engine.engine(), &hash, kind, mmap) {
             Ok(compiled) => return Ok((compiled, LoadSource::Cache)),
             Err(CacheMiss::Absent) => {}
             Err(miss) => {
@@ -379,7 +383,7 @@ impl Registry {
             if self.cache.contains(&hash)
                 && self
                     .cache
-                    .load(self.engine.engine(), &hash, slot.kind)
+                    .load(self.engine.engine(), &hash, slot.kind, true)
                     .is_ok()
             {
                 continue;
@@ -440,6 +444,28 @@ impl Registry {
         }
         self.report(&evicted);
         evicted
+    }
+
+    /// Unloads `function` now, and with `forget_artifact` also deletes its
+    /// compiled artifact, so that its next invocation starts cold from the
+    /// cache or from scratch. Returns whether it was loaded.
+    pub fn unload(&self, function: &str, forget_artifact: bool) -> bool {
+        let popped = {
+            let mut loaded = self.lock();
+            let popped = loaded.lru.pop(function);
+            if let Some(e) = &popped {
+                loaded.bytes -= e.function.footprint;
+            }
+            self.metrics.loaded.set(loaded.lru.len() as i64);
+            popped.is_some()
+        };
+        if popped {
+            self.report(&[(function.to_owned(), EvictReason::Requested)]);
+        }
+        if forget_artifact && let Some(slot) = self.slots.get(function) {
+            self.cache.remove(&slot.hash.lock().expect("hash lock"));
+        }
+        popped
     }
 
     /// How long until the next idle eviction could be due, for the sweeper.

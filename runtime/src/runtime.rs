@@ -10,14 +10,14 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 
 use crate::admission::Admission;
-use crate::engine::{EngineSettings, KelvinEngine};
+use crate::engine::{EngineSettings, KelvinEngine, Tuning};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
 use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 
 use crate::invoke::{self, Event, Execution};
 use crate::manifest::Manifest;
-use crate::metering::{InvocationRecord, Outcome, RecordSink};
+use crate::metering::{Durable, InvocationRecord, Outcome, RecordSink};
 use crate::metrics::Metrics;
 use crate::proxy::{self, MeteredBody};
 use crate::registry::{Capacity, Registry, RegistryError, micros};
@@ -109,6 +109,17 @@ impl Runtime {
     /// Builds the engine and checks every function's wasm. Nothing is
     /// compiled yet; a broken function fails here, not at its first request.
     pub fn new(manifest: Manifest, sink: Arc<dyn RecordSink>) -> Result<Runtime, StartError> {
+        let tuning = Tuning::from_env().map_err(StartError::Engine)?;
+        Runtime::with_tuning(manifest, sink, tuning)
+    }
+
+    /// As [`Runtime::new`], with engine settings other than the defaults
+    /// (for benchmarks; see [`Tuning`]).
+    pub fn with_tuning(
+        manifest: Manifest,
+        sink: Arc<dyn RecordSink>,
+        tuning: Tuning,
+    ) -> Result<Runtime, StartError> {
         let max_memory = manifest
             .functions
             .iter()
@@ -119,6 +130,7 @@ impl Runtime {
             instance_slots: manifest.server.instance_slots.get(),
             max_memory,
             fuel: manifest.functions.iter().any(|f| f.limits.fuel.is_some()),
+            tuning,
         })
         .map_err(|e| StartError::Engine(format!("{e:#}")))?;
         let engine = Arc::new(engine);
@@ -430,7 +442,12 @@ impl Runtime {
             );
         }
         self.metrics.observe(&record);
-        if let Err(e) = self.sink.record(&record).wait().await {
+        let durable = if self.engine.tuning().metering {
+            self.sink.record(&record)
+        } else {
+            Durable::now()
+        };
+        if let Err(e) = durable.wait().await {
             tracing::error!(
                 invocation_id = record.invocation_id.as_str(),
                 error = e.as_str(),

@@ -531,3 +531,154 @@ fn bill_reports_explains_and_refuses_bad_input() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("rolled up into daily aggregates"));
     drop(dir);
 }
+
+#[test]
+fn bench_cold_start_measures_three_temperatures_per_phase() {
+    let (dir, manifest) = app();
+    let json = dir.path().join("cold.json");
+    let svg = dir.path().join("cold.svg");
+    let out = kelvin()
+        .args(["bench", "cold-start", "-n", "3", "--json"])
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .arg("-f")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for text in [
+        "cold from scratch",
+        "cold from cache",
+        "warm",
+        "p99",
+        "instantiate",
+    ] {
+        assert!(stdout.contains(text), "{text} missing from\n{stdout}");
+    }
+    // `trap` cannot succeed: skipped, with its reason, not a failure.
+    assert!(stdout.contains("skipped `trap`"), "{stdout}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let functions = report["functions"].as_array().unwrap();
+    assert_eq!(functions.len(), 1, "{report}");
+    assert_eq!(functions[0]["function"], "hello");
+    let temps = functions[0]["temperatures"].as_array().unwrap();
+    let names: Vec<&str> = temps
+        .iter()
+        .map(|t| t["temperature"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["scratch", "cache", "warm"]);
+    let phase = |t: &serde_json::Value, name: &str| {
+        t["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["phase"] == name)
+            .cloned()
+    };
+    for t in temps {
+        assert_eq!(t["total_us"].as_array().unwrap().len(), 3);
+        assert_eq!(phase(t, "total").unwrap()["n"], 3);
+        assert_eq!(
+            phase(t, "load").is_some(),
+            t["temperature"] != "warm",
+            "{t}"
+        );
+    }
+    // Compiling costs far more than mapping the cached artifact.
+    let load_p50 = |i: usize| phase(&temps[i], "load").unwrap()["p50"].as_u64().unwrap();
+    assert!(load_p50(0) > 5 * load_p50(1), "{report}");
+
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 3);
+    // The app's own state (cache, keys, ledger) is left alone.
+    assert!(!dir.path().join(".kelvin").exists());
+
+    let out = kelvin()
+        .args(["bench", "cold-start", "nope", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no function `nope`") && stderr.contains("hello, trap"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bench_http_measures_first_requests_and_steady_load() {
+    let (dir, manifest) = app();
+    let json = dir.path().join("http.json");
+    let out = kelvin()
+        .args([
+            "bench",
+            "http",
+            "--route",
+            "/hello/bench",
+            "-c",
+            "2",
+            "-d",
+            "500ms",
+            "--warmup",
+            "100ms",
+            "--cold-samples",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .arg("-f")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("first request after eviction"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["function"], "hello");
+    for cold in ["startup", "first_after_start", "first_after_eviction"] {
+        assert_eq!(report[cold]["n"], 2, "{report}");
+    }
+    let steady = &report["steady"];
+    let requests = steady["requests"].as_u64().unwrap();
+    assert!(requests > 0, "{report}");
+    assert_eq!(steady["status"]["200"].as_u64(), Some(requests), "{report}");
+    assert_eq!(steady["latency"]["n"].as_u64(), Some(requests));
+    assert!(!dir.path().join(".kelvin").exists());
+
+    // The same load generator against a server that is already running.
+    let (mut child, addr, _stderr) = up(&manifest);
+    let out = kelvin()
+        .args(["bench", "http", "-d", "300ms", "--warmup", "0s", "--url"])
+        .arg(format!("http://{addr}/hello/url"))
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("200: "), "{stdout}");
+
+    let out = kelvin()
+        .args(["bench", "http", "--route", "/nowhere", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no function answers GET /nowhere"));
+}

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::manifest::Manifest;
 
+mod bench;
 mod bill;
 mod build;
 mod check;
@@ -15,6 +16,7 @@ mod keys;
 mod ledger;
 mod up;
 
+pub use bench::BenchCommand;
 pub use bill::BillCommand;
 pub use build::BuildCommand;
 pub use check::CheckCommand;
@@ -43,6 +45,7 @@ enum Command {
     Keys(KeysCommand),
     Bill(BillCommand),
     Ledger(LedgerCommand),
+    Bench(BenchCommand),
 }
 
 impl Cli {
@@ -55,6 +58,7 @@ impl Cli {
             Command::Keys(c) => c.execute(),
             Command::Bill(c) => c.execute(),
             Command::Ledger(c) => c.execute(),
+            Command::Bench(c) => c.execute(),
         }
     }
 }
@@ -96,8 +100,13 @@ impl ManifestArgs {
 
     /// Logs go to stderr; `RUST_LOG` filters them (default `info`).
     pub fn init_logging(&self) {
+        self.init_logging_at("info");
+    }
+
+    /// Logs at `level` unless `RUST_LOG` says otherwise.
+    pub fn init_logging_at(&self, level: &str) {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr);
@@ -143,4 +152,25 @@ fn run_builds(manifest: &Manifest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a serving process's records go: the JSON-lines log, and the ledger
+/// unless `ledger` is false.
+fn record_sinks(
+    manifest: &Manifest,
+    ledger: bool,
+) -> Result<std::sync::Arc<dyn crate::metering::RecordSink>> {
+    use crate::metering::{JsonLinesSink, RecordSink, Tee};
+    use std::sync::Arc;
+    let log = crate::runtime::Runtime::invocation_log_path(manifest);
+    let json =
+        JsonLinesSink::open(&log).with_context(|| format!("failed to open `{}`", log.display()))?;
+    let mut sinks: Vec<Arc<dyn RecordSink>> = vec![Arc::new(json)];
+    if ledger {
+        let path = crate::ledger::Ledger::path_in(&manifest.server.state_dir);
+        sinks.push(Arc::new(crate::ledger::Ledger::open(&path)?));
+    } else {
+        tracing::warn!("invocations are not written to the ledger");
+    }
+    Ok(Arc::new(Tee(sinks)))
 }

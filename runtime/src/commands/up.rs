@@ -5,9 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use super::{ManifestArgs, run_builds, tokio_runtime};
-use crate::ledger::Ledger;
-use crate::metering::{JsonLinesSink, RecordSink, Tee};
+use super::{ManifestArgs, record_sinks, run_builds, tokio_runtime};
 use crate::runtime::Runtime;
 
 /// Serve the functions in the manifest.
@@ -35,21 +33,11 @@ impl UpCommand {
             run_builds(&manifest)?;
         }
         let log = Runtime::invocation_log_path(&manifest);
-        let json = JsonLinesSink::open(&log)
-            .with_context(|| format!("failed to open `{}`", log.display()))?;
-        let mut sinks: Vec<Arc<dyn RecordSink>> = vec![Arc::new(json)];
-        if self.no_ledger {
-            tracing::warn!("--no-ledger: invocations are not written to the ledger");
-        } else {
-            sinks.push(Arc::new(Ledger::open(&Ledger::path_in(
-                &manifest.server.state_dir,
-            ))?));
-        }
-        let sink = Tee(sinks);
+        let sink = record_sinks(&manifest, !self.no_ledger)?;
         let listen = self.listen.unwrap_or(manifest.server.listen);
         // Everything is validated before the socket is bound: a broken
         // function stops start-up here, not at its first request.
-        let runtime = Arc::new(Runtime::new(manifest, Arc::new(sink))?);
+        let runtime = Arc::new(Runtime::new(manifest, sink)?);
         let server = crate::trigger::http::HttpServer::new(runtime.clone())?;
         let rt = tokio_runtime()?;
         rt.block_on(async {

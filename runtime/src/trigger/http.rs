@@ -107,6 +107,15 @@ impl HttpServer {
         })
     }
 
+    /// The function a request for `method` and `path` would reach, and the
+    /// key it needs (for `kelvin bench http`).
+    pub fn resolve(&self, method: &str, path: &str) -> Option<(&str, AuthLevel)> {
+        match self.router.lookup(method, path) {
+            RouteMatch::Found { target, .. } => Some((target.function.as_str(), target.auth)),
+            _ => None,
+        }
+    }
+
     /// Serves on `listener` until `shutdown` completes, then stops
     /// accepting, lets in-flight requests finish (up to the drain timeout)
     /// and flushes metering.
