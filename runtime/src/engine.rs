@@ -215,3 +215,25 @@ impl EpochTicker {
         let _ = self.thread.join();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tuning_overrides_parse_and_bad_ones_are_named() {
+        assert_eq!(Tuning::parse("").unwrap(), Tuning::default());
+        let t = Tuning::parse("cow=off, keep_resident=16MiB,pagemap_scan=no,metering=off").unwrap();
+        assert!(!t.cow && !t.pagemap_scan && !t.metering);
+        assert_eq!(t.keep_resident, 16 << 20);
+        assert_eq!(
+            t.max_unused_warm_slots,
+            Tuning::default().max_unused_warm_slots
+        );
+        let e = Tuning::parse("cow=maybe").unwrap_err();
+        assert!(e.contains("`cow`") && e.contains("maybe"), "{e}");
+        let e = Tuning::parse("fast=yes").unwrap_err();
+        assert!(e.contains("unknown setting `fast`"), "{e}");
+        assert!(Tuning::parse("cow").unwrap_err().contains("key=value"));
+    }
+}
