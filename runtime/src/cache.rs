@@ -3,10 +3,9 @@
 //!
 //! Each artifact has a checksum beside it, verified before the artifact is
 //! first mapped: a stale, truncated or corrupt entry is deleted and rebuilt,
-//! never executed. A process verifies each file once; after an eviction the
-//! same file (same inode, size and modification time) is mapped without
-//! reading it again, which is most of what a cold start from cache cost
-//! (docs/performance.md).
+//! never executed. A process verifies each file once (a file it wrote itself
+//! counts as verified); after an eviction the same file (same inode, size and
+//! modification time) is mapped without reading it again (docs/performance.md).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
@@ -226,8 +225,13 @@ impl ArtifactCache {
             .serialize()
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
         let checksum = blake3::hash(&bytes);
-        write_atomic(&self.artifact_path(hash), &bytes)?;
-        write_atomic(&self.checksum_path(hash), checksum.as_bytes())
+        let path = self.artifact_path(hash);
+        write_atomic(&path, &bytes)?;
+        write_atomic(&self.checksum_path(hash), checksum.as_bytes())?;
+        // Written from these bytes by this process: verified already.
+        let id = FileId::of(&std::fs::metadata(&path)?);
+        self.verified.lock().expect("cache lock").insert(*hash, id);
+        Ok(())
     }
 
     /// Deletes an entry (a no-op if absent).

@@ -24,10 +24,12 @@
 //! - [`ledger`]: the durable invocation ledger (SQLite, group commit).
 //! - [`billing`]: prices computed from the ledger by a policy.
 //! - [`metering`] and [`metrics`]: records per invocation, Prometheus metrics.
+//! - [`batch`]: logs written in batches by a background thread.
 //! - [`bench`]: `kelvin bench`, cold-start and HTTP measurements.
 //! - [`commands`]: the `kelvin` CLI.
 
 pub mod admission;
+pub mod batch;
 pub mod bench;
 pub mod billing;
 pub mod cache;

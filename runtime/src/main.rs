@@ -6,7 +6,10 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = kelvin::commands::Cli::parse();
-    match cli.execute() {
+    let result = cli.execute();
+    // A server's logs are batched: write what is pending before the error.
+    kelvin::commands::flush_logs();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The message and its causes; never a backtrace (RUST_BACKTRACE

@@ -2,10 +2,10 @@
 //! flow to. The durable ledger is a sink too; for now records go to a
 //! JSON-lines file.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Mutex;
+
+use crate::batch::BatchWriter;
 
 use serde::{Deserialize, Serialize};
 
@@ -82,7 +82,8 @@ pub struct InvocationRecord {
     /// Time spent waiting for a concurrency slot.
     pub queued_us: u64,
     /// CPU time of the threads that ran the guest (thread CPU clock summed
-    /// over every poll of the invocation).
+    /// over every poll of the invocation; a poll under 100 µs counts its
+    /// wall time, see `invoke::EXACT_CPU_ABOVE`).
     pub cpu_us: u64,
     /// Largest linear memory size reached, in bytes.
     pub peak_memory_bytes: u64,
@@ -151,33 +152,11 @@ impl Durable {
 }
 
 /// Appends records as JSON lines to a file. The request path only
-/// serialises a record into a buffer; a background thread writes the buffer
-/// out every [`JSON_LOG_INTERVAL`] (or on flush). Waking the writer for every
-/// record cost a futex wake and a context switch per request, a measurable
-/// share of a warm invocation on two cores (docs/performance.md).
+/// serialises a record and appends it to a buffer; a background thread
+/// writes the buffer out (see [`crate::batch`]).
 pub struct JsonLinesSink {
     path: PathBuf,
-    shared: Arc<LogShared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-/// How long a record may wait in memory before it is written.
-pub const JSON_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
-#[derive(Default)]
-struct LogShared {
-    state: Mutex<LogState>,
-    wake: Condvar,
-    written: Condvar,
-}
-
-#[derive(Default)]
-struct LogState {
-    lines: String,
-    flushes_asked: u64,
-    flushes_done: u64,
-    stop: bool,
-    dead: bool,
+    writer: BatchWriter,
 }
 
 impl JsonLinesSink {
@@ -189,15 +168,9 @@ impl JsonLinesSink {
             .create(true)
             .append(true)
             .open(path)?;
-        let shared = Arc::new(LogShared::default());
-        let writer = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("kelvin-metering".into())
-            .spawn(move || write_log(file, &writer))?;
         Ok(JsonLinesSink {
             path: path.to_owned(),
-            shared,
-            thread: Mutex::new(Some(thread)),
+            writer: BatchWriter::spawn("kelvin-metering", Box::new(file))?,
         })
     }
 
@@ -206,67 +179,17 @@ impl JsonLinesSink {
     }
 }
 
-fn write_log(mut file: std::fs::File, shared: &LogShared) {
-    let lock = || shared.state.lock().expect("log lock");
-    let mut state = lock();
-    loop {
-        if !state.stop && state.flushes_asked == state.flushes_done {
-            state = shared
-                .wake
-                .wait_timeout(state, JSON_LOG_INTERVAL)
-                .expect("log lock")
-                .0;
-        }
-        let lines = std::mem::take(&mut state.lines);
-        let asked = state.flushes_asked;
-        let stop = state.stop;
-        drop(state);
-        if !lines.is_empty()
-            && let Err(e) = file.write_all(lines.as_bytes())
-        {
-            tracing::error!(error = %e, "failed to write metering records");
-        }
-        state = lock();
-        state.flushes_done = asked;
-        shared.written.notify_all();
-        if stop && state.lines.is_empty() {
-            state.dead = true;
-            return;
-        }
-    }
-}
-
 impl RecordSink for JsonLinesSink {
     fn record(&self, record: &InvocationRecord) -> Durable {
-        let line = serde_json::to_string(record).expect("records always serialise");
-        let mut state = self.shared.state.lock().expect("log lock");
-        if !state.dead {
-            state.lines.push_str(&line);
-            state.lines.push('\n');
-        }
+        let mut line = serde_json::to_vec(record).expect("records always serialise");
+        line.push(b'\n');
+        self.writer.append(&line);
         // A log, not a ledger: written soon, never waited for.
         Durable::now()
     }
 
     fn flush(&self) {
-        let mut state = self.shared.state.lock().expect("log lock");
-        state.flushes_asked += 1;
-        let asked = state.flushes_asked;
-        self.shared.wake.notify_one();
-        while state.flushes_done < asked && !state.dead {
-            state = self.shared.written.wait(state).expect("log lock");
-        }
-    }
-}
-
-impl Drop for JsonLinesSink {
-    fn drop(&mut self) {
-        // The writer writes what is buffered, then ends.
-        self.shared.state.lock().expect("log lock").stop = true;
-        self.shared.wake.notify_one();
-        if let Some(t) = self.thread.lock().expect("log lock").take() {
-            let _ = t.join();
-        }
+        self.writer.flush();
     }
 }
 

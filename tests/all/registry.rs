@@ -192,3 +192,28 @@ async fn concurrent_cold_requests_compile_once() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_changed_after_it_was_verified_is_checked_again() {
+    let app = App::with_guests("", "", &["hello"]);
+    let (runtime, _) = app.runtime();
+    invoke(&runtime, "hello", "").await;
+    let artifact = runtime.registry().artifact_path("hello").unwrap();
+    let good = std::fs::read(&artifact).unwrap();
+
+    // A reload after eviction trusts the file this process verified...
+    runtime.registry().unload("hello", false);
+    let r = invoke(&runtime, "hello", "").await;
+    assert_eq!(r.record.load.unwrap().source, LoadSource::Cache);
+
+    // ...but not once it changed (a new mtime, here with the same size).
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0xff;
+    std::fs::write(&artifact, &flipped).unwrap();
+    runtime.registry().unload("hello", false);
+    let r = invoke(&runtime, "hello", "").await;
+    assert_eq!(r.record.outcome.as_str(), "ok");
+    assert_eq!(r.record.load.unwrap().source, LoadSource::Compile);
+}

@@ -27,7 +27,7 @@ pub struct UpCommand {
 
 impl UpCommand {
     pub fn execute(self) -> Result<()> {
-        self.manifest.init_logging();
+        self.manifest.init_serving_logs();
         let manifest = self.manifest.load()?;
         if self.build {
             run_builds(&manifest)?;
