@@ -152,7 +152,8 @@ fn cold_start_svg(report: &ColdStartReport, app: &str) -> String {
 pub struct HttpCommand {
     #[command(flatten)]
     pub manifest: ManifestArgs,
-    /// The request path to measure, e.g. `/api/hello`.
+    /// The request path to measure with GET requests, e.g. `/api/hello`
+    /// (a query string may follow).
     #[arg(long, required_unless_present = "url")]
     pub route: Option<String>,
     /// Measure steady load against a server that is already running
