@@ -31,6 +31,20 @@ fn app() -> (tempfile::TempDir, PathBuf) {
     (dir, manifest)
 }
 
+/// Runs `kelvin ARGS -f MANIFEST`, which must fail with status 1, and
+/// returns its stderr.
+fn fails(args: &[&str], manifest: &Path) -> String {
+    let out = kelvin()
+        .args(args)
+        .arg("-f")
+        .arg(manifest)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    stderr
+}
+
 /// A manifest in `dir` whose one function, `b`, is `wasm` (unusable).
 fn broken_app(dir: &Path, wasm: &[u8]) -> PathBuf {
     std::fs::write(dir.join("broken.wasm"), wasm).unwrap();
@@ -155,9 +169,7 @@ fn check_accepts_a_good_app_and_explains_a_bad_one() {
         "version = 1\nname = \"x\"\n[functions.a]\nsource = \"a.wasm\"\nmemory = 5\n",
     )
     .unwrap();
-    let out = kelvin().args(["check", "-f"]).arg(&bad).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails(&["check"], &bad);
     assert!(stderr.starts_with("Error: "), "{stderr}");
     assert!(
         stderr.contains("bad.toml:5:10: `functions.a.memory`"),
@@ -165,12 +177,7 @@ fn check_accepts_a_good_app_and_explains_a_bad_one() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 
-    let missing = kelvin()
-        .args(["check", "-f", "/nonexistent/functions.toml"])
-        .output()
-        .unwrap();
-    assert_eq!(missing.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&missing.stderr);
+    let stderr = fails(&["check"], Path::new("/nonexistent/functions.toml"));
     assert!(
         stderr.contains("failed to read manifest `/nonexistent/functions.toml`"),
         "{stderr}"
@@ -182,13 +189,7 @@ fn check_accepts_a_good_app_and_explains_a_bad_one() {
 
     // Invalid wasm fails the check (and would fail start-up).
     let broken = broken_app(dir.path(), b"\0asm\x01\0\0\0garbage");
-    let out = kelvin()
-        .args(["check", "-f"])
-        .arg(&broken)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("function `b`"));
+    assert!(fails(&["check"], &broken).contains("function `b`"));
 }
 
 /// Starts `kelvin up` on port 0 and returns the child and its address, read
@@ -277,13 +278,7 @@ fn up_serves_and_shuts_down_gracefully_on_sigterm() {
 fn up_refuses_to_start_with_a_broken_function() {
     let (dir, _) = app();
     let manifest = broken_app(dir.path(), b"not wasm");
-    let out = kelvin()
-        .args(["up", "--listen", "127.0.0.1:0", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails(&["up", "--listen", "127.0.0.1:0"], &manifest);
     assert!(
         stderr.contains("function `b`") && stderr.contains("not a wasm binary"),
         "{stderr}"
@@ -599,13 +594,7 @@ fn bench_cold_start_measures_three_temperatures_per_phase() {
     // The app's own state (cache, keys, ledger) is left alone.
     assert!(!dir.path().join(".kelvin").exists());
 
-    let out = kelvin()
-        .args(["bench", "cold-start", "nope", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = fails(&["bench", "cold-start", "nope"], &manifest);
     assert!(
         stderr.contains("no function `nope`") && stderr.contains("hello, trap"),
         "{stderr}"
@@ -674,11 +663,9 @@ fn bench_http_measures_first_requests_and_steady_load() {
     );
     assert!(stdout.contains("200: "), "{stdout}");
 
-    let out = kelvin()
-        .args(["bench", "http", "--route", "/nowhere", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no function answers GET /nowhere"));
+    let stderr = fails(&["bench", "http", "--route", "/nowhere"], &manifest);
+    assert!(
+        stderr.contains("no function answers GET /nowhere"),
+        "{stderr}"
+    );
 }
