@@ -123,6 +123,17 @@ struct Loaded {
     bytes: u64,
 }
 
+impl Loaded {
+    /// Unloads `name`, keeping the byte count right; whether it was loaded.
+    fn remove(&mut self, name: &str) -> bool {
+        let Some(e) = self.lru.pop(name) else {
+            return false;
+        };
+        self.bytes -= e.function.footprint;
+        true
+    }
+}
+
 /// Bounds on what stays loaded.
 #[derive(Debug, Clone, Copy)]
 pub struct Capacity {
@@ -435,8 +446,7 @@ impl Registry {
                 .map(|(k, _)| k.clone())
                 .collect();
             for name in idle {
-                if let Some(e) = loaded.lru.pop(&name) {
-                    loaded.bytes -= e.function.footprint;
+                if loaded.remove(&name) {
                     evicted.push((name, EvictReason::Idle));
                 }
             }
@@ -452,12 +462,9 @@ impl Registry {
     pub fn unload(&self, function: &str, forget_artifact: bool) -> bool {
         let popped = {
             let mut loaded = self.lock();
-            let popped = loaded.lru.pop(function);
-            if let Some(e) = &popped {
-                loaded.bytes -= e.function.footprint;
-            }
+            let popped = loaded.remove(function);
             self.metrics.loaded.set(loaded.lru.len() as i64);
-            popped.is_some()
+            popped
         };
         if popped {
             self.report(&[(function.to_owned(), EvictReason::Requested)]);
