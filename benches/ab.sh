@@ -12,11 +12,8 @@ a=$1 b=$2 path=${3:-/hello} conns=${4:-1} dur=${5:-5s} rounds=${6:-3}
 loadgen=${LOADGEN:-$b}
 state=$(mktemp -d)
 trap 'rm -rf "$state"; [ -n "${pid:-}" ] && kill "$pid" 2>/dev/null || true' EXIT
-sed "s|^state_dir = .*|state_dir = \"$state\"|" functions.toml > "$state/functions.toml"
-sed -i "s|\"target/|\"$PWD/target/|" "$state/functions.toml"
-# The guests, built by the example app's own build commands (the scratch
-# copy compiles them on its first request, before any measurement).
-"$b" build > "$state/build.log" 2>&1 || { cat "$state/build.log" >&2; exit 1; }
+. benches/common.sh
+scratch_app "$b"
 ledger_flag=--no-ledger
 [ "${LEDGER:-0}" = 1 ] && ledger_flag=
 port=$((20000 + RANDOM % 20000))
@@ -25,7 +22,7 @@ for round in $(seq "$rounds"); do
     bin=$a; [ $side = B ] && bin=$b
     "$bin" up -f "$state/functions.toml" --listen 127.0.0.1:$port $ledger_flag > "$state/up.log" 2>&1 &
     pid=$!
-    for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port$path" > /dev/null 2>&1 && break; sleep 0.05; done
+    wait_ready "http://127.0.0.1:$port$path"
     "$loadgen" bench http --url "http://127.0.0.1:$port$path" -c "$conns" -d "$dur" --json "$state/$side.$round.json" > /dev/null 2>&1
     kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
     python3 - "$state/$side.$round.json" "$side round $round" <<'PY'

@@ -30,11 +30,8 @@ kelvin=target/release/kelvin
 state=$(mktemp -d)
 pid=
 trap 'rm -rf "$state"; [ -n "$pid" ] && kill "$pid" 2>/dev/null; true' EXIT
-sed "s|^state_dir = .*|state_dir = \"$state\"|" functions.toml > "$state/functions.toml"
-sed -i "s|\"target/|\"$PWD/target/|" "$state/functions.toml"
-# The guests, built by the example app's own build commands (the scratch
-# copy compiles them on its first request, before any measurement).
-"$kelvin" build > "$state/build.log" 2>&1 || { cat "$state/build.log" >&2; exit 1; }
+. benches/common.sh
+scratch_app "$kelvin"
 component=target/wasm32-wasip2/guest/hello_http.wasm
 port=$((20000 + RANDOM % 20000))
 
@@ -52,7 +49,7 @@ for round in $(seq "$rounds"); do
     IFS='|' read -r name cmd path <<< "${servers[$i]}"
     $cmd > "$state/server.log" 2>&1 &
     pid=$!
-    for _ in $(seq 200); do curl -fs "http://127.0.0.1:$port$path" > /dev/null 2>&1 && break; sleep 0.05; done
+    wait_ready "http://127.0.0.1:$port$path"
     "$kelvin" bench http --url "http://127.0.0.1:$port$path" -c "$conns" -d "$dur" \
       --json "$state/$i.$round.json" > /dev/null 2>&1 || echo "run failed: $name" >&2
     kill "$pid"; wait "$pid" 2>/dev/null || true; pid=

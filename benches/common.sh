@@ -1,0 +1,22 @@
+# Shared by benches/ab.sh and benches/compare.sh (sourced, not run).
+
+# scratch_app KELVIN: builds the example app's guests with KELVIN and writes
+# a copy of functions.toml into $state whose state (cache, keys, ledger)
+# lives there, so measurements never touch the app's own .kelvin.
+scratch_app() {
+  sed "s|^state_dir = .*|state_dir = \"$state\"|" functions.toml > "$state/functions.toml"
+  sed -i "s|\"target/|\"$PWD/target/|" "$state/functions.toml"
+  # The scratch copy compiles them on its first request, before any
+  # measurement.
+  "$1" build > "$state/build.log" 2>&1 || { cat "$state/build.log" >&2; exit 1; }
+}
+
+# wait_ready URL: returns once URL answers 2xx; fails after 10 s.
+wait_ready() {
+  for _ in $(seq 200); do
+    curl -fs "$1" > /dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "no answer from $1 within 10 s" >&2
+  return 1
+}
