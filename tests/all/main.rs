@@ -4,8 +4,10 @@
 
 mod components;
 mod concurrency;
+mod hostile;
 mod http;
 mod keys;
+mod languages;
 mod limits;
 mod manifest;
 mod metering;

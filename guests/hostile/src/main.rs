@@ -1,0 +1,50 @@
+//! `hostile`: CGI output that tries to hurt the host, to test that it
+//! cannot. The kind comes from the route `{kind}` (`KELVIN_PARAM_kind`) or
+//! the input. No SDK on purpose: it writes raw bytes.
+
+use std::io::{Read, Write};
+
+fn main() {
+    let kind = std::env::var("KELVIN_PARAM_kind").unwrap_or_else(|_| {
+        let mut input = String::new();
+        let _ = std::io::stdin().read_to_string(&mut input);
+        input.trim().to_owned()
+    });
+    let mut out = std::io::stdout().lock();
+    let head: Vec<u8> = match kind.as_str() {
+        // A header block no client could want: 100,000 lines.
+        "headers" => (0..100_000)
+            .flat_map(|i| format!("X-Header-{i}: {i}\r\n").into_bytes())
+            .collect(),
+        // One header line of 1 MiB.
+        "big-header" => format!("X-Big: {}\r\n", "a".repeat(1 << 20)).into_bytes(),
+        // Statuses a CGI script must not choose.
+        "switch" => {
+            b"Status: 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                .to_vec()
+        }
+        "informational" => b"Status: 103 Early Hints\r\n".to_vec(),
+        "status-999" => b"Status: 999 Whatever\r\n".to_vec(),
+        // Framing the host owns.
+        "short-length" => b"Content-Length: 5\r\n".to_vec(),
+        "long-length" => b"Content-Length: 50\r\n".to_vec(),
+        "chunked" => b"Transfer-Encoding: chunked\r\n".to_vec(),
+        // Hop-by-hop headers that are only dropped.
+        "hop" => b"Connection: close\r\nKeep-Alive: timeout=5\r\nX-Kept: yes\r\n".to_vec(),
+        // 50 MB of logs, then a normal answer.
+        "stderr" => {
+            let chunk = vec![b'e'; 1 << 20];
+            let mut err = std::io::stderr().lock();
+            for _ in 0..50 {
+                if err.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            Vec::new()
+        }
+        _ => b"Status: 400\r\n\r\nunknown kind\n".to_vec(),
+    };
+    let _ = out.write_all(&head);
+    let _ = out.write_all(b"Content-Type: text/plain\r\n\r\n0123456789");
+    let _ = out.flush();
+}
