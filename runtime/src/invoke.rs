@@ -12,16 +12,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use wasmtime::{InstancePre, ResourceLimiter, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p1::WasiP1Ctx;
-use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
 use crate::engine::{EPOCH_TICK, KelvinEngine};
 use crate::manifest::Limits;
 use crate::metering::Outcome;
+use crate::pipe::CappedPipe;
 use crate::registry::LoadedFunction;
 
-/// Guest stderr kept per invocation; the rest is dropped (logs are not a
-/// data channel, and an unbounded buffer is a memory bomb).
+/// Guest stderr kept per invocation; the rest is accepted and dropped at
+/// once (logs are not a data channel, and an unbounded buffer is a memory
+/// bomb; see [`crate::pipe`]).
 pub(crate) const MAX_STDERR: usize = 256 * 1024;
 
 /// What starts an invocation: the trigger's name, the input on stdin, and
@@ -120,6 +122,19 @@ impl ResourceLimiter for MemoryMeter {
 #[derive(Debug, thiserror::Error)]
 #[error("deadline exceeded")]
 struct DeadlineExceeded;
+
+/// Logs that the guest wrote past [`MAX_STDERR`] were dropped: say so once.
+pub(crate) fn note_dropped_logs(function: &str, invocation_id: &str, dropped: u64) {
+    if dropped > 0 {
+        tracing::warn!(
+            function,
+            invocation_id,
+            dropped_bytes = dropped,
+            "guest logs past the {} cap were dropped",
+            human_size(MAX_STDERR as u64)
+        );
+    }
+}
 
 /// What running one invocation produced.
 #[derive(Debug, Clone)]
@@ -320,10 +335,8 @@ pub async fn execute(
     max_output: usize,
 ) -> Execution {
     let spec = &f.spec;
-    // One byte over the limit: a guest that writes more than `max_output`
-    // fills it, which is how an overflow is told from output that fits.
-    let stdout = MemoryOutputPipe::new(max_output.saturating_add(1));
-    let stderr = MemoryOutputPipe::new(MAX_STDERR);
+    let stdout = CappedPipe::new(max_output);
+    let stderr = CappedPipe::new(MAX_STDERR);
     let mut wasi = WasiCtxBuilder::new();
     wasi.stdin(MemoryInputPipe::new(event.input.clone()))
         .stdout(stdout.clone())
@@ -338,7 +351,7 @@ pub async fn execute(
         wasi: wasi.build_p1(),
         meter: MemoryMeter::new(spec.limits.memory),
     };
-    let mut store = Store::new(engine.engine(), host);
+    let mut store = Store::new(&f.engine, host);
     let armed = arm(engine, &mut store, &spec.limits);
 
     let mut t = Timings::default();
@@ -365,9 +378,9 @@ pub async fn execute(
         stdout.contents(),
         stderr.contents(),
     );
-    // Truncated output must never pass for a result, whatever the guest did
-    // after its write failed.
-    if exec.stdout.len() > max_output {
+    note_dropped_logs(spec.name.as_str(), invocation_id, stderr.dropped());
+    // Truncated output must never pass for a result.
+    if stdout.dropped() > 0 {
         let why = format!(
             "output exceeded the {} limit (server.max_body)",
             human_size(max_output as u64)

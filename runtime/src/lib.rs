@@ -24,6 +24,7 @@
 //! - [`ledger`]: the durable invocation ledger (SQLite, group commit).
 //! - [`billing`]: prices computed from the ledger by a policy.
 //! - [`metering`] and [`metrics`]: records per invocation, Prometheus metrics.
+//! - [`pipe`]: guest stdout and stderr, capped without refusing writes.
 //! - [`batch`]: logs written in batches by a background thread.
 //! - [`bench`]: `kelvin bench`, cold-start and HTTP measurements.
 //! - [`commands`]: the `kelvin` CLI.
@@ -41,6 +42,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod metering;
 pub mod metrics;
+pub mod pipe;
 pub mod proxy;
 pub mod registry;
 pub mod router;

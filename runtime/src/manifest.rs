@@ -933,3 +933,65 @@ impl RawHttpTrigger {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const VALID: &str = r#"version = 1
+name = "app"
+[server]
+listen = "127.0.0.1:3000"
+max_body = "1MiB"
+[defaults]
+timeout = "5s"
+[functions.hello]
+source = "hello.wasm"
+memory = "64MiB"
+env = { GREETING = "Hi" }
+[[functions.hello.http]]
+route = "/hello/{name}"
+methods = ["GET"]
+"#;
+
+    #[test]
+    fn the_example_parses() {
+        let m = Manifest::parse(Path::new("f.toml"), VALID).unwrap();
+        assert_eq!(m.functions.len(), 1);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Any text is a manifest or a located error, never a panic.
+        #[test]
+        fn any_text_parses_or_is_explained(text in "\\PC{0,400}") {
+            check(&text);
+        }
+
+        /// The same for a valid manifest with a piece replaced: closer to
+        /// the mistakes people make (and to the validation code).
+        #[test]
+        fn a_damaged_manifest_parses_or_is_explained(
+            at in 0..VALID.len(),
+            len in 0..40usize,
+            with in "[\\PC\n]{0,40}",
+        ) {
+            let at = (0..=at).rev().find(|i| VALID.is_char_boundary(*i)).unwrap_or(0);
+            let end = (at + len).min(VALID.len());
+            let end = (end..=VALID.len()).find(|i| VALID.is_char_boundary(*i)).unwrap_or(VALID.len());
+            let text = format!("{}{}{}", &VALID[..at], with, &VALID[end..]);
+            check(&text);
+        }
+    }
+
+    fn check(text: &str) {
+        if let Err(ManifestError::Invalid(d)) = Manifest::parse(Path::new("f.toml"), text) {
+            // The rendering walks the text by the location: it must hold.
+            let shown = d.to_string();
+            assert!(shown.starts_with("f.toml:"), "{shown}");
+            assert!(d.line >= 1 && d.column >= 1);
+        }
+    }
+}

@@ -50,7 +50,7 @@ impl Metrics {
         let cold_start_phase = HistogramVec::new(
             HistogramOpts::new(
                 "kelvin_cold_start_phase_seconds",
-                "Cold-start phases: load (from cache), compile, instantiate",
+                "Cold-start phases: load (from cache), compile, baseline (Winch), instantiate",
             )
             .buckets(LATENCY_BUCKETS.to_vec()),
             &["phase"],
@@ -59,7 +59,7 @@ impl Metrics {
         let loads = IntCounterVec::new(
             Opts::new(
                 "kelvin_function_loads_total",
-                "Functions loaded, by source (cache or compile)",
+                "Functions loaded, by source (cache, compile or baseline)",
             ),
             &["function", "source"],
         )
@@ -140,6 +140,48 @@ impl Metrics {
         }
     }
 
+    /// Creates every series whose labels are known at start-up, at 0, so
+    /// a rate or an alert sees each one before its first event (as
+    /// Prometheus' instrumentation guide advises): per function, its
+    /// evictions by reason, loads by source, and invocations by each of
+    /// its triggers, outcome and temperature.
+    pub fn start_at_zero(&self, functions: &[crate::manifest::FunctionSpec]) {
+        use crate::metering::Outcome;
+        const OUTCOMES: [Outcome; 5] = [
+            Outcome::Ok,
+            Outcome::Error,
+            Outcome::Timeout,
+            Outcome::Trap,
+            Outcome::Rejected,
+        ];
+        for f in functions {
+            let name = f.name.as_str();
+            for reason in ["idle", "capacity", "memory"] {
+                self.evictions.with_label_values(&[name, reason]);
+            }
+            for source in ["cache", "compile", "baseline"] {
+                self.loads.with_label_values(&[name, source]);
+            }
+            let mut triggers: Vec<&str> = f.triggers.iter().map(|t| t.kind()).collect();
+            triggers.dedup();
+            for trigger in triggers {
+                for outcome in OUTCOMES {
+                    for temperature in ["cold", "warm"] {
+                        self.invocations.with_label_values(&[
+                            name,
+                            trigger,
+                            outcome.as_str(),
+                            temperature,
+                        ]);
+                    }
+                }
+            }
+            self.guest_cpu_seconds.with_label_values(&[name]);
+            self.guest_memory_byte_seconds.with_label_values(&[name]);
+            self.queue_depth.with_label_values(&[name]);
+        }
+    }
+
     pub fn observe(&self, r: &InvocationRecord) {
         let temperature = if r.cold { "cold" } else { "warm" };
         self.invocations
@@ -168,6 +210,7 @@ impl Metrics {
             let phase = match load.source {
                 crate::metering::LoadSource::Cache => "load",
                 crate::metering::LoadSource::Compile => "compile",
+                crate::metering::LoadSource::Baseline => "baseline",
             };
             self.cold_start_phase
                 .with_label_values(&[phase])

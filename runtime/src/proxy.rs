@@ -14,7 +14,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame};
 use wasmtime::Store;
 use wasmtime::component::{Linker, ResourceTable};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
@@ -24,6 +23,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 use crate::engine::KelvinEngine;
 use crate::invoke::{self, Execution, MAX_STDERR, MemoryMeter, Metered, Timings};
 use crate::manifest::OutboundHost;
+use crate::pipe::CappedPipe;
 use crate::registry::LoadedFunction;
 
 /// The store's data for a component.
@@ -134,8 +134,8 @@ pub(crate) async fn execute(
 ) -> Execution {
     let spec = &f.spec;
     // A component's stdout is not its response; both streams are logs.
-    let stdout = MemoryOutputPipe::new(MAX_STDERR);
-    let stderr = MemoryOutputPipe::new(MAX_STDERR);
+    let stdout = CappedPipe::new(MAX_STDERR);
+    let stderr = CappedPipe::new(MAX_STDERR);
     let mut wasi = WasiCtxBuilder::new();
     wasi.stdout(stdout.clone())
         .stderr(stderr.clone())
@@ -154,7 +154,7 @@ pub(crate) async fn execute(
         },
         meter: MemoryMeter::new(spec.limits.memory),
     };
-    let mut store = Store::new(engine.engine(), host);
+    let mut store = Store::new(&f.engine, host);
     let armed = invoke::arm(engine, &mut store, &spec.limits);
 
     let mut t = Timings::default();
@@ -187,7 +187,7 @@ pub(crate) async fn execute(
         };
         tokio::time::timeout_at(armed.backstop(), work).await
     };
-    invoke::conclude(
+    let exec = invoke::conclude(
         store,
         &armed,
         t,
@@ -195,41 +195,99 @@ pub(crate) async fn execute(
         &spec.limits,
         stdout.contents(),
         stderr.contents(),
-    )
+    );
+    invoke::note_dropped_logs(
+        spec.name.as_str(),
+        invocation_id,
+        stdout.dropped() + stderr.dropped(),
+    );
+    exec
 }
 
-/// A response body that counts what it sends and says when it is done, so
-/// the invocation's record can carry the bytes actually sent.
+/// How much of a response reached the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Body bytes handed to the connection.
+    pub bytes: u64,
+    /// Whether the body ended as the guest ended it; `false` if the client
+    /// went away, the body failed, or it was cut off at its deadline.
+    pub whole: bool,
+}
+
+/// A response body that counts what it sends and says how it ended, so the
+/// invocation's record can tell what the client got. Past `deadline` it
+/// ends with an error instead of going on: a response recorded as not
+/// delivered must not reach the client whole afterwards.
 pub struct MeteredBody {
     inner: HyperOutgoingBody,
     sent: u64,
-    done: Option<tokio::sync::oneshot::Sender<u64>>,
+    /// The response's Content-Length, if it has one: hyper stops polling
+    /// once that much is sent, without asking for the end.
+    length: Option<u64>,
+    deadline: Instant,
+    done: Option<tokio::sync::oneshot::Sender<Delivery>>,
 }
 
 impl MeteredBody {
-    pub fn new(inner: HyperOutgoingBody, done: tokio::sync::oneshot::Sender<u64>) -> MeteredBody {
+    /// Wraps the body of `response`, which must be sent by `deadline`.
+    pub fn wrap(
+        response: hyper::Response<HyperOutgoingBody>,
+        deadline: Instant,
+        done: tokio::sync::oneshot::Sender<Delivery>,
+    ) -> hyper::Response<MeteredBody> {
+        let length = response
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        response.map(|body| MeteredBody::new(body, length, deadline, done))
+    }
+
+    fn new(
+        inner: HyperOutgoingBody,
+        length: Option<u64>,
+        deadline: Instant,
+        done: tokio::sync::oneshot::Sender<Delivery>,
+    ) -> MeteredBody {
         MeteredBody {
+            length: length.or(inner.size_hint().exact()),
             inner,
             sent: 0,
+            deadline,
             done: Some(done),
         }
     }
 
-    fn finish(&mut self) {
+    /// Whether everything the guest meant to send was sent.
+    fn complete(&self) -> bool {
+        self.inner.is_end_stream() || self.length == Some(self.sent)
+    }
+
+    fn finish(&mut self, whole: bool) {
         if let Some(done) = self.done.take() {
-            let _ = done.send(self.sent);
+            let _ = done.send(Delivery {
+                bytes: self.sent,
+                whole,
+            });
         }
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for MeteredBody {
     type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.done.is_some() && Instant::now() >= self.deadline {
+            self.finish(false);
+            return Poll::Ready(Some(Err(
+                "the response was not sent within the function's timeout".into(),
+            )));
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -237,10 +295,11 @@ impl Body for MeteredBody {
                     self.sent += data.len() as u64;
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
             Poll::Pending => {}
         }
-        polled
+        polled.map(|frame| frame.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -254,7 +313,9 @@ impl Body for MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
-        // A client that went away ends the body too.
-        self.finish();
+        // A client that went away drops the body before its end; hyper
+        // drops a body of known length once that length is sent.
+        let whole = self.complete();
+        self.finish(whole);
     }
 }

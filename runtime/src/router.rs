@@ -374,4 +374,27 @@ mod tests {
         assert!(!r("/a/{x}").same_shape(&r("/a/b")));
         assert!(!r("/a").same_shape(&r("/a/b")));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any method and path a client sends finds a route or not, and any
+        /// pattern a manifest holds parses or is explained: never a panic.
+        #[test]
+        fn lookups_and_patterns_never_panic(
+            method in "\\PC{0,10}",
+            path in "(/[\\PC%]{0,12}){0,6}",
+            raw in "\\PC{0,30}",
+            pattern in "(/(\\{[a-z_]{0,4}\\}?|[a-z.~%-]{0,4})){0,4}",
+        ) {
+            let router = router();
+            let _ = router.lookup(&method, &path);
+            let _ = router.lookup(&method, &raw);
+            if let Ok(route) = Route::parse(&pattern) {
+                let table = Router::new(vec![(route, MethodSet::ANY, ())]);
+                let _ = table.lookup("GET", &path);
+            }
+            let _ = Route::parse(&raw);
+        }
+    }
 }

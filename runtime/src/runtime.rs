@@ -13,7 +13,6 @@ use crate::admission::Admission;
 use crate::engine::{EngineSettings, KelvinEngine, Tuning};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Body as _;
-use wasmtime_wasi_http::p2::bindings::http::types::ErrorCode;
 
 use crate::invoke::{self, Event, Execution};
 use crate::manifest::Manifest;
@@ -48,8 +47,38 @@ pub struct HttpInvocation {
 pub enum HttpFailure {
     /// It set an error code instead of a response.
     GuestError(String),
+    /// It set a response the host will not pass on (a status outside
+    /// 200-599), and why.
+    Malformed(String),
     /// It ended (or was never run) without setting one.
     Ended(Outcome),
+}
+
+impl HttpFailure {
+    /// The reason its record gives.
+    fn reason(&self) -> String {
+        match self {
+            HttpFailure::GuestError(code) => format!("the guest answered with error code {code}"),
+            HttpFailure::Malformed(why) => format!("malformed response: {why}"),
+            HttpFailure::Ended(outcome) => {
+                format!("ended without a response ({})", outcome.as_str())
+            }
+        }
+    }
+}
+
+/// What a component may not answer that wasmtime-wasi-http lets through:
+/// its own checks already refuse hop-by-hop and framing headers, bound the
+/// header block, and hold the body to its Content-Length.
+fn check_component_response<B>(response: &hyper::Response<B>) -> Result<(), String> {
+    let status = response.status().as_u16();
+    if (200..=599).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!(
+            "status {status} is not allowed (a function answers 200-599)"
+        ))
+    }
 }
 
 type Permits<'a> = (tokio::sync::SemaphorePermit<'a>, SlotInUse<'a>);
@@ -94,6 +123,28 @@ pub struct Invocation {
     pub stdout: Bytes,
 }
 
+/// The result of [`Runtime::invoke_as`]: the record, and the output as the
+/// trigger accepted it.
+#[derive(Debug)]
+pub struct Checked<T> {
+    pub record: InvocationRecord,
+    /// The accepted output; `None` if the run failed or its output was
+    /// refused.
+    pub output: Option<T>,
+    /// Why a successful run's output was refused (the record says `error`).
+    pub refused: Option<String>,
+}
+
+impl<T> Checked<T> {
+    fn failed(record: InvocationRecord) -> Checked<T> {
+        Checked {
+            record,
+            output: None,
+            refused: None,
+        }
+    }
+}
+
 pub struct Runtime {
     manifest: Arc<Manifest>,
     engine: Arc<KelvinEngine>,
@@ -135,6 +186,7 @@ impl Runtime {
         .map_err(|e| StartError::Engine(format!("{e:#}")))?;
         let engine = Arc::new(engine);
         let metrics = Metrics::new();
+        metrics.start_at_zero(&manifest.functions);
         let registry = Registry::new(
             engine.clone(),
             &manifest.functions,
@@ -195,6 +247,23 @@ impl Runtime {
         function: &str,
         event: Event,
     ) -> Result<Invocation, UnknownFunction> {
+        let checked = self.invoke_as(function, event, Ok).await?;
+        Ok(Invocation {
+            record: checked.record,
+            stdout: checked.output.unwrap_or_default(),
+        })
+    }
+
+    /// As [`Runtime::invoke`], with `accept` turning a successful run's
+    /// output into what the trigger answers, before the record is written:
+    /// output it refuses is recorded as the `error` its caller will see,
+    /// with the reason, never as a success.
+    pub async fn invoke_as<T>(
+        &self,
+        function: &str,
+        event: Event,
+        accept: impl FnOnce(Bytes) -> Result<T, String>,
+    ) -> Result<Checked<T>, UnknownFunction> {
         let admission = self.admission_of(function)?;
         let invocation_id = uuid::Uuid::now_v7().to_string();
         let mut record = new_record(
@@ -206,7 +275,7 @@ impl Runtime {
         );
         let Some((_permits, loaded, start)) = self.admit_and_load(admission, &mut record).await
         else {
-            return Ok(self.finish(record, Bytes::new()).await);
+            return Ok(Checked::failed(self.finish(record).await));
         };
         let max_output = usize::try_from(self.manifest.server.max_body).unwrap_or(usize::MAX);
         let (exec, output) = match &loaded.prepared {
@@ -254,7 +323,19 @@ impl Runtime {
         record.wall_us = micros(start.elapsed());
         record.bytes_out = output.len() as u64;
         self.record_execution(&mut record, &exec);
-        Ok(self.finish(record, output).await)
+        let mut checked = Checked::failed(record);
+        if checked.record.outcome == Outcome::Ok {
+            match accept(output) {
+                Ok(t) => checked.output = Some(t),
+                Err(why) => {
+                    checked.record.outcome = Outcome::Error;
+                    checked.record.reason = Some(format!("malformed response: {why}"));
+                    checked.refused = Some(why);
+                }
+            }
+        }
+        checked.record = self.finish(checked.record).await;
+        Ok(checked)
     }
 
     /// Whether `function` is a wasi:http component (given HTTP requests
@@ -280,8 +361,7 @@ impl Runtime {
         let task =
             tokio::spawn(async move { runtime.serve_component(&function, &id, request, tx).await });
         let response = match rx.await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(code)) => Err(HttpFailure::GuestError(format!("{code:?}"))),
+            Ok(answer) => answer,
             // The guest ended without a response: its record says why.
             Err(_) => Err(match task.await {
                 Ok(record) => HttpFailure::Ended(record.outcome),
@@ -299,7 +379,7 @@ impl Runtime {
         function: &str,
         invocation_id: &str,
         request: hyper::Request<Full<Bytes>>,
-        respond_to: tokio::sync::oneshot::Sender<Result<hyper::Response<MeteredBody>, ErrorCode>>,
+        respond_to: tokio::sync::oneshot::Sender<Result<hyper::Response<MeteredBody>, HttpFailure>>,
     ) -> InvocationRecord {
         let admission = self.admission_of(function).expect("checked by the caller");
         let bytes_in = request.body().size_hint().exact().unwrap_or(0) as usize;
@@ -313,36 +393,73 @@ impl Runtime {
         let Some((_permits, loaded, start)) = self.admit_and_load(admission, &mut record).await
         else {
             drop(respond_to);
-            return self.finish(record, Bytes::new()).await.record;
+            return self.finish(record).await;
         };
         let Prepared::Component(pre) = &loaded.prepared else {
             unreachable!("the HTTP trigger sends only components here");
         };
         let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
-        let guest_error = Arc::new(std::sync::Mutex::new(None));
-        let noted = guest_error.clone();
+        // What the client was told instead of the guest's response, if not it.
+        let refused = Arc::new(std::sync::Mutex::new(None));
+        let noted = refused.clone();
+        let deadline = start + loaded.spec.limits.timeout;
         let respond: proxy::Respond = Box::new(move |r| {
-            if let Err(code) = &r {
-                *noted.lock().expect("lock") = Some(format!("{code:?}"));
+            let answer = match r {
+                Ok(response) => match check_component_response(&response) {
+                    Ok(()) => Ok(MeteredBody::wrap(response, deadline, sent_tx)),
+                    Err(why) => Err(HttpFailure::Malformed(why)),
+                },
+                Err(code) => Err(HttpFailure::GuestError(format!("{code:?}"))),
+            };
+            if let Err(failure) = &answer {
+                *noted.lock().expect("lock") = Some(failure.reason());
             }
-            let _ = respond_to
-                .send(r.map(|response| response.map(|body| MeteredBody::new(body, sent_tx))));
+            let _ = respond_to.send(answer);
         });
         let exec =
             proxy::execute(&self.engine, &loaded, pre, invocation_id, request, respond).await;
+        // The guest is done: its slots are free while the client reads.
+        drop(_permits);
         // Bytes out are those the client was sent: wait for the body to end
-        // (or the client to leave), within the function's timeout.
-        let sent = tokio::time::timeout(loaded.spec.limits.timeout, sent_rx).await;
-        record.bytes_out = sent.ok().and_then(Result::ok).unwrap_or(0);
+        // (or the client to leave), within the function's timeout; the body
+        // ends itself at that deadline.
+        let delivered = tokio::time::timeout_at(
+            tokio::time::Instant::from_std(deadline + crate::engine::EPOCH_TICK),
+            sent_rx,
+        )
+        .await;
         record.wall_us = micros(start.elapsed());
         self.record_execution(&mut record, &exec);
-        if let (Outcome::Ok, Some(code)) =
-            (record.outcome, guest_error.lock().expect("lock").take())
-        {
+        let refused = refused.lock().expect("lock").take();
+        if let Some(why) = refused {
+            // What the client saw: the guest's answer refused (whatever the
+            // guest did after, such as failing to write to the dropped body).
             record.outcome = Outcome::Error;
-            record.reason = Some(format!("the guest answered with error code {code}"));
+            record.reason = Some(why);
+        } else if let Ok(Ok(delivery)) = delivered {
+            record.bytes_out = delivery.bytes;
+            if !delivery.whole {
+                // Said whatever the guest did (it often fails writing to a
+                // client that has gone): the client did not get it all.
+                let cut = format!(
+                    "the response was not sent whole ({} body bytes sent): the client went away, the body failed or it passed the timeout",
+                    delivery.bytes
+                );
+                record.reason = Some(match record.reason.take() {
+                    Some(why) => format!("{cut}; {why}"),
+                    None => cut,
+                });
+                if record.outcome == Outcome::Ok {
+                    record.outcome = Outcome::Error;
+                }
+            }
+        } else if record.outcome == Outcome::Ok {
+            // The guest set a response whose body was not done within the
+            // timeout (a client not reading it): the body ends in an error.
+            record.outcome = Outcome::Error;
+            record.reason = Some("the response was not sent within the function's timeout".into());
         }
-        self.finish(record, Bytes::new()).await.record
+        self.finish(record).await
     }
 
     /// The function's deployment version and memory limit, for its records.
@@ -431,7 +548,7 @@ impl Runtime {
     /// Logs, counts and records an invocation, returning once its record is
     /// durable: an answer is never sent for an invocation the ledger could
     /// still lose.
-    async fn finish(&self, record: InvocationRecord, stdout: Bytes) -> Invocation {
+    async fn finish(&self, record: InvocationRecord) -> InvocationRecord {
         if record.outcome != Outcome::Ok {
             tracing::warn!(
                 function = record.function.as_str(),
@@ -454,7 +571,7 @@ impl Runtime {
                 "the invocation's record could not be made durable"
             );
         }
-        Invocation { record, stdout }
+        record
     }
 }
 

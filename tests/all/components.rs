@@ -82,6 +82,51 @@ async fn a_streaming_component_echoes_a_large_body_in_chunks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_client_did_not_take_whole_is_recorded_so() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start(&App::new(
+        "max_body = \"64MiB\"",
+        "[functions.stream-echo]\nsource = \"{components}/stream_echo.wasm\"\n\
+         [[functions.stream-echo.http]]\nroute = \"/p2/echo\"\nauth = \"anonymous\"\n",
+    ))
+    .await;
+    // 24 MiB echoed back to a client that reads the head and hangs up: more
+    // than the socket buffers hold, so the body cannot have been sent.
+    let len = 24 << 20;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = format!("POST /p2/echo HTTP/1.1\r\nhost: x\r\ncontent-length: {len}\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&vec![b'x'; len]).await.unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buf = [0; 1024];
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    let id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-kelvin-invocation-id: "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    drop(tcp);
+    // The record says what the client got, whatever the guest did next
+    // (here it fails writing to the gone client and panics).
+    let rec = server.record(&id).await;
+    assert_ne!(rec.outcome.as_str(), "ok", "{rec:?}");
+    assert!(
+        rec.reason.as_deref().unwrap().contains("not sent whole"),
+        "{:?}",
+        rec.reason
+    );
+    assert!(rec.bytes_out < len as u64, "{}", rec.bytes_out);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_requests_are_denied_unless_allowed() {
     // The upstream a guest would call: another server on loopback.
     let upstream = TestServer::start(&App::with_guests("", "", &["hello"])).await;

@@ -420,3 +420,82 @@ async fn connections_past_the_cap_wait_for_a_free_one() {
     assert_eq!(status, 200);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_with_known_labels_start_at_zero() {
+    let server = TestServer::start(&App::with_guests("", "", &["hello"])).await;
+    // Before any invocation, load or eviction: an alert on a rate needs the
+    // series to exist.
+    let text = server.get("/metrics").await.text().await.unwrap();
+    for series in [
+        r#"kelvin_evictions_total{function="hello",reason="idle"} 0"#,
+        r#"kelvin_evictions_total{function="hello",reason="memory"} 0"#,
+        r#"kelvin_function_loads_total{function="hello",source="cache"} 0"#,
+        r#"kelvin_invocations_total{function="hello",outcome="ok",temperature="cold",trigger="http"} 0"#,
+        r#"kelvin_invocations_total{function="hello",outcome="timeout",temperature="warm",trigger="http"} 0"#,
+        r#"kelvin_guest_cpu_seconds_total{function="hello"} 0"#,
+    ] {
+        assert!(text.contains(series), "{series} missing from\n{text}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_with_prior_knowledge_is_served_beside_http1() {
+    let app = App::new(
+        "max_body = \"4KiB\"\nmax_header_size = \"8KiB\"",
+        "[functions.echo]\nsource = \"{guests}/echo.wasm\"\n\
+         [[functions.echo.http]]\nroute = \"/echo\"\nauth = \"anonymous\"\n\
+         [functions.hello-http]\nsource = \"{components}/hello_http.wasm\"\n\
+         [[functions.hello-http.http]]\nroute = \"/p2/hello\"\nauth = \"anonymous\"\n",
+    );
+    let server = TestServer::start(&app).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    // A preview-1 function over CGI...
+    let r = h2
+        .post(server.url("/echo"))
+        .header("content-type", "text/plain")
+        .body("over h2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let id = invocation_id(&r);
+    assert_eq!(r.text().await.unwrap(), "over h2");
+    assert_eq!(server.record(&id).await.outcome.as_str(), "ok");
+    // ...a component...
+    let r = h2
+        .get(server.url("/p2/hello?name=h2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.text().await.unwrap(), "Hello from wasi:http, h2!\n");
+    // ...and the same limits: the body, the head.
+    let r = h2
+        .post(server.url("/echo"))
+        .body(vec![b'x'; 5 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let big = h2
+        .get(server.url("/echo"))
+        .header("x-big", "a".repeat(10_000))
+        .send()
+        .await;
+    assert!(
+        big.as_ref().map_or(true, |r| r.status() == 431),
+        "an oversized head got through: {big:?}"
+    );
+    // HTTP/1.1 on the same port still works.
+    assert_eq!(
+        server.get("/p2/hello").await.version(),
+        reqwest::Version::HTTP_11
+    );
+    server.stop().await;
+}

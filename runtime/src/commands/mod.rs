@@ -129,8 +129,14 @@ impl ManifestArgs {
             Some(log) => BoxMakeWriter::new(crate::batch::BatchedLog(log)),
             None => BoxMakeWriter::new(std::io::stderr),
         };
+        // Colour only for a person at a terminal: never in files or pipes,
+        // never when NO_COLOR is set (https://no-color.org), never in JSON.
+        let colour = matches!(self.log_format, LogFormat::Human)
+            && std::io::IsTerminal::is_terminal(&std::io::stderr())
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(colour)
             .with_writer(writer);
         let _ = match self.log_format {
             LogFormat::Human => builder.try_init(),

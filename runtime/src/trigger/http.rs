@@ -14,12 +14,13 @@ use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderName, HeaderValue};
+use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use super::Trigger;
+use super::{Trigger, cgi};
 use crate::billing::{self, GroupBy};
 use crate::invoke::Event;
 use crate::keys::{AuthLevel, KeyError, KeyStore};
@@ -134,6 +135,7 @@ impl HttpServer {
             settings.max_connections.get() as usize
         ));
         let sweeper = tokio::spawn(sweep_idle(runtime.clone()));
+        let protocols = protocols(&settings);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
@@ -159,12 +161,7 @@ impl HttpServer {
                         let server = server.clone();
                         async move { Ok::<_, std::convert::Infallible>(server.handle(req, peer, local).await) }
                     });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(settings.header_read_timeout)
-                        // A head larger than the buffer is answered with 431.
-                        .max_buf_size(usize::try_from(settings.max_header_size).unwrap_or(usize::MAX))
-                        .serve_connection(TokioIo::new(stream), service);
+                    let conn = protocols.serve_connection(TokioIo::new(stream), service).into_owned();
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
@@ -189,6 +186,34 @@ impl HttpServer {
         Ok(())
     }
 }
+
+/// HTTP/1.1, and HTTP/2 with prior knowledge (h2c) on the same port, told
+/// apart by the connection preface, with the same limits: the request head
+/// (`max_header_size`, 431 beyond) and the time to send it.
+fn protocols(settings: &crate::manifest::ServerConfig) -> auto::Builder<TokioExecutor> {
+    let max_head = usize::try_from(settings.max_header_size).unwrap_or(usize::MAX);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        // A head larger than the buffer is answered with 431.
+        .max_buf_size(max_head);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_head).unwrap_or(u32::MAX))
+        // Streams per connection: a client cannot get around
+        // max_connections by multiplexing without bound.
+        .max_concurrent_streams(MAX_STREAMS)
+        // A silent peer is found and its connection closed.
+        .keep_alive_interval(Some(settings.header_read_timeout))
+        .keep_alive_timeout(settings.header_read_timeout);
+    builder
+}
+
+/// Concurrent requests on one HTTP/2 connection.
+const MAX_STREAMS: u32 = 100;
 
 async fn sweep_idle(runtime: Arc<Runtime>) {
     loop {
@@ -286,38 +311,45 @@ impl HttpServer {
             return self.component_response(function, parts, body, local).await;
         }
 
-        let env = cgi_env(&parts, &body, peer, local, &route, &params);
+        let (mut parts, body) = (parts, body);
+        parts.headers.remove(KEY_HEADER);
+        let query = without_key(parts.uri.query().unwrap_or(""));
+        let meta = cgi::Meta {
+            peer,
+            local,
+            route: &route,
+            params: &params,
+            query: &query,
+        };
+        let env = cgi::env(&parts, body.len(), &meta);
         let event = Event {
             trigger: Http::TYPE,
             input: body,
             env,
         };
-        let invocation = match self.runtime.invoke(function, event).await {
+        let max_head =
+            usize::try_from(self.runtime.manifest().server.max_header_size).unwrap_or(usize::MAX);
+        let accept = |stdout| cgi::response(stdout, max_head, full).map_err(|e| e.to_string());
+        let invocation = match self.runtime.invoke_as(function, event, accept).await {
             Ok(i) => i,
             Err(e) => return unknown_function(e),
         };
         let id = invocation.record.invocation_id.as_str();
-        match invocation.record.outcome {
-            Outcome::Ok => match cgi_response(invocation.stdout) {
-                Ok(mut r) => {
-                    set_id(&mut r, id);
-                    r
-                }
-                Err(why) => {
-                    tracing::warn!(
-                        function,
-                        invocation_id = id,
-                        why,
-                        "function returned a malformed CGI response"
-                    );
-                    error(
-                        StatusCode::BAD_GATEWAY,
-                        Some(id),
-                        format!("function `{function}` returned a malformed response"),
-                    )
-                }
-            },
-            outcome => failure(function, id, outcome),
+        if let Some(why) = &invocation.refused {
+            tracing::warn!(
+                function,
+                invocation_id = id,
+                why,
+                "function returned a malformed CGI response"
+            );
+            return malformed(function, id);
+        }
+        match invocation.output {
+            Some(mut r) => {
+                set_id(&mut r, id);
+                r
+            }
+            None => failure(function, id, invocation.record.outcome),
         }
     }
 
@@ -355,7 +387,7 @@ impl HttpServer {
         let id = invocation.invocation_id.as_str();
         match invocation.response {
             Ok(response) => {
-                let mut r = response.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
+                let mut r = response.map(BodyExt::boxed_unsync);
                 set_id(&mut r, id);
                 r
             }
@@ -367,6 +399,15 @@ impl HttpServer {
                     "function answered with an error code"
                 );
                 failure(function, id, Outcome::Error)
+            }
+            Err(HttpFailure::Malformed(why)) => {
+                tracing::warn!(
+                    function,
+                    invocation_id = id,
+                    why,
+                    "function returned a malformed response"
+                );
+                malformed(function, id)
             }
             Err(HttpFailure::Ended(outcome)) => failure(function, id, outcome),
         }
@@ -380,6 +421,15 @@ fn unknown_function(e: crate::runtime::UnknownFunction) -> Response<Body> {
         StatusCode::INTERNAL_SERVER_ERROR,
         None,
         "internal error".into(),
+    )
+}
+
+/// The public answer for a response the host will not pass on.
+fn malformed(function: &str, id: &str) -> Response<Body> {
+    error(
+        StatusCode::BAD_GATEWAY,
+        Some(id),
+        format!("function `{function}` returned a malformed response"),
     )
 }
 
@@ -534,177 +584,4 @@ fn error(status: StatusCode, invocation_id: Option<&str>, message: String) -> Re
     let mut r = plain(status, "application/json", body);
     set_id(&mut r, &id);
     r
-}
-
-/// CGI meta-variables (RFC 3875 section 4.1) plus Kelvin's route variables.
-fn cgi_env(
-    parts: &hyper::http::request::Parts,
-    body: &Bytes,
-    peer: SocketAddr,
-    local: SocketAddr,
-    route: &str,
-    params: &[(String, String)],
-) -> Vec<(String, String)> {
-    let mut env = vec![
-        ("GATEWAY_INTERFACE".into(), "CGI/1.1".into()),
-        ("SERVER_PROTOCOL".into(), format!("{:?}", parts.version)),
-        (
-            "SERVER_SOFTWARE".into(),
-            concat!("kelvin/", env!("CARGO_PKG_VERSION")).into(),
-        ),
-        ("SERVER_NAME".into(), local.ip().to_string()),
-        ("SERVER_PORT".into(), local.port().to_string()),
-        ("REMOTE_ADDR".into(), peer.ip().to_string()),
-        ("REMOTE_HOST".into(), peer.ip().to_string()),
-        ("REQUEST_METHOD".into(), parts.method.to_string()),
-        ("SCRIPT_NAME".into(), String::new()),
-        ("PATH_INFO".into(), parts.uri.path().to_owned()),
-        (
-            "QUERY_STRING".into(),
-            without_key(parts.uri.query().unwrap_or("")),
-        ),
-        ("CONTENT_LENGTH".into(), body.len().to_string()),
-        ("X_MATCHED_ROUTE".into(), route.to_owned()),
-    ];
-    for (name, value) in params {
-        env.push((format!("KELVIN_PARAM_{name}"), value.clone()));
-    }
-    for (name, value) in &parts.headers {
-        let Ok(value) = value.to_str() else { continue };
-        if name == hyper::header::CONTENT_TYPE {
-            env.push(("CONTENT_TYPE".into(), value.to_owned()));
-        } else if name != hyper::header::CONTENT_LENGTH && name != KEY_HEADER {
-            env.push((
-                format!(
-                    "HTTP_{}",
-                    name.as_str().to_ascii_uppercase().replace('-', "_")
-                ),
-                value.to_owned(),
-            ));
-        }
-    }
-    env
-}
-
-/// Turns a guest's stdout into a response. CGI header lines, a blank line,
-/// then the body; output without a header block is all body (so any program
-/// that prints is a valid function).
-fn cgi_response(stdout: Bytes) -> Result<Response<Body>, &'static str> {
-    let (headers, body) = match split_header_block(&stdout) {
-        Some((headers, body_start)) => (headers, stdout.slice(body_start..)),
-        None => (Vec::new(), stdout),
-    };
-    let mut response = Response::new(full(body));
-    let mut status = None;
-    let mut has_location = false;
-    for (name, value) in headers {
-        if name.eq_ignore_ascii_case("status") {
-            let code = value
-                .split_whitespace()
-                .next()
-                .and_then(|c| c.parse::<u16>().ok());
-            status = Some(
-                code.and_then(|c| StatusCode::from_u16(c).ok())
-                    .ok_or("invalid Status header")?,
-            );
-            continue;
-        }
-        has_location |= name.eq_ignore_ascii_case("location");
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| "invalid header name")?;
-        let value = HeaderValue::from_str(value).map_err(|_| "invalid header value")?;
-        response.headers_mut().append(name, value);
-    }
-    *response.status_mut() = match status {
-        Some(s) => s,
-        None if has_location => StatusCode::FOUND,
-        None => StatusCode::OK,
-    };
-    if !response.headers().contains_key(hyper::header::CONTENT_TYPE) {
-        response.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-    }
-    Ok(response)
-}
-
-/// Splits `Name: value` lines up to the first blank line. `None` if the output
-/// does not start with such a block.
-fn split_header_block(out: &[u8]) -> Option<(Vec<(&str, &str)>, usize)> {
-    let mut headers = Vec::new();
-    let mut pos = 0;
-    loop {
-        let end = out[pos..].iter().position(|&b| b == b'\n')? + pos;
-        let line = out[pos..end].strip_suffix(b"\r").unwrap_or(&out[pos..end]);
-        pos = end + 1;
-        if line.is_empty() {
-            return (!headers.is_empty()).then_some((headers, pos));
-        }
-        let line = std::str::from_utf8(line).ok()?;
-        let (name, value) = line.split_once(':')?;
-        let token = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-        if !token {
-            return None;
-        }
-        headers.push((name, value.trim()));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn body(r: Response<Body>) -> Bytes {
-        futures_lite(r.into_body())
-    }
-
-    fn futures_lite(b: Body) -> Bytes {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        rt.block_on(async { b.collect().await.unwrap().to_bytes() })
-    }
-
-    #[test]
-    fn cgi_headers_status_and_body() {
-        let r = cgi_response(Bytes::from_static(
-            b"Status: 201 Created\r\nContent-Type: application/json\r\nX-A: 1\r\n\r\n{}",
-        ))
-        .unwrap();
-        assert_eq!(r.status(), 201);
-        assert_eq!(r.headers()["content-type"], "application/json");
-        assert_eq!(r.headers()["x-a"], "1");
-        assert_eq!(body(r), "{}");
-    }
-
-    #[test]
-    fn location_without_status_redirects() {
-        let r = cgi_response(Bytes::from_static(b"Location: /there\n\n")).unwrap();
-        assert_eq!(r.status(), 302);
-    }
-
-    #[test]
-    fn plain_output_is_all_body() {
-        for out in [
-            &b"Hello, world!\n"[..],
-            b"no newline",
-            b"a: b\nno blank line",
-            b"",
-            b"x y: z\n\nbody",
-        ] {
-            let r = cgi_response(Bytes::copy_from_slice(out)).unwrap();
-            assert_eq!(r.status(), 200);
-            assert_eq!(body(r), out);
-        }
-    }
-
-    #[test]
-    fn malformed_headers_are_rejected() {
-        assert!(cgi_response(Bytes::from_static(b"Status: abc\n\n")).is_err());
-        assert!(cgi_response(Bytes::from_static(b"Status: 99\n\n")).is_err());
-        assert!(cgi_response(Bytes::from_static(b"X-Bad: a\x01b\n\n")).is_err());
-    }
 }

@@ -2,6 +2,7 @@
 //! validated config, and a way to run; HTTP is the first, timers, queues and
 //! blobs slot in beside it.
 
+pub mod cgi;
 pub mod http;
 
 /// A kind of trigger. `TYPE` is the manifest key (`[[functions.NAME.http]]`)
