@@ -1,18 +1,43 @@
 //! The on-disk cache of compiled artifacts, content-addressed by the wasm's
 //! hash under a folder named for the engine's compatibility fingerprint.
 //!
-//! Each artifact has a checksum beside it, verified before the artifact is
-//! first mapped: a stale, truncated or corrupt entry is deleted and rebuilt,
-//! never executed. A process verifies each file once (a file it wrote itself
-//! counts as verified); after an eviction the same file (same inode, size and
-//! modification time) is mapped without reading it again (docs/performance.md).
+//! # Integrity
+//!
+//! Beside each artifact, a `.sum` file holds its length and checksums
+//! (blake3) of its first and last [`SYNC_CHECK`]/2 bytes and of the whole
+//! file. Artifacts are written to a temporary file, fsynced and renamed, the
+//! `.sum` last, so a crash never leaves an entry that passes its checks but
+//! is incomplete.
+//!
+//! Before an artifact is first mapped in a process, its length, its head and
+//! its tail are checked, and wasmtime checks its header and engine
+//! compatibility: a truncated, foreign, stale or garbled file is deleted and
+//! rebuilt, never run. An artifact of up to [`SYNC_CHECK`] bytes is thereby
+//! checked whole. A larger one is checked whole off the request path, right
+//! after its first load ([`ArtifactCache::verify_full`]): reading 35 MB before
+//! the first request would cost tens of milliseconds warm and far more from
+//! a cold disk. If that check fails, the registry unloads the function and
+//! the file is rebuilt; invocations that started in the meantime (the
+//! milliseconds the check takes) ran on it. docs/performance.md has the
+//! numbers.
+//!
+//! A process checks each file once: a file it wrote itself or checked whole
+//! counts as verified, and after an eviction the same file (same inode, size
+//! and modification time) is mapped without reading it again.
 
+use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use wasmtime::component::Component;
 use wasmtime::{Engine, Module};
+
+/// Artifacts up to this size are checked whole before their first load;
+/// larger ones have their first and last half of it checked then, and the
+/// rest just after.
+pub const SYNC_CHECK: u64 = 1 << 20;
 
 /// What a `.wasm` file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +49,7 @@ pub enum WasmKind {
 }
 
 /// Compiled code of either kind.
+#[derive(Clone)]
 pub enum Compiled {
     Module(Module),
     Component(Component),
@@ -86,10 +112,36 @@ pub enum CacheMiss {
     Io(#[from] std::io::Error),
 }
 
+/// An artifact loaded from the cache.
+pub struct Cached {
+    pub compiled: Compiled,
+    /// Set when the file is larger than [`SYNC_CHECK`] and was not checked
+    /// whole in this process yet: the caller runs [`ArtifactCache::verify_full`]
+    /// off the request path.
+    pub unverified: Option<FullCheck>,
+}
+
+/// A whole-file check still to do.
+#[derive(Debug)]
+pub struct FullCheck {
+    hash: WasmHash,
+    id: FileId,
+    sum: Sum,
+}
+
+impl FullCheck {
+    /// The wasm whose artifact this checks.
+    pub fn hash(&self) -> WasmHash {
+        self.hash
+    }
+}
+
 pub struct ArtifactCache {
     dir: PathBuf,
-    /// Files this process has verified, by hash and identity.
-    verified: std::sync::Mutex<std::collections::HashMap<WasmHash, FileId>>,
+    /// Files this process has verified whole, by hash and identity.
+    verified: Mutex<HashMap<WasmHash, FileId>>,
+    /// Whole-file checks under way, so a reload does not start another.
+    checking: Mutex<HashSet<WasmHash>>,
 }
 
 /// What tells one file from another (or from itself, rewritten).
@@ -113,6 +165,60 @@ impl FileId {
     }
 }
 
+/// The contents of a `.sum` file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sum {
+    len: u64,
+    head: [u8; 32],
+    tail: [u8; 32],
+    full: [u8; 32],
+}
+
+const SUM_MAGIC: &str = "kelvin-artifact 1";
+
+impl Sum {
+    fn of(bytes: &[u8]) -> Sum {
+        let half = (SYNC_CHECK / 2) as usize;
+        let head = &bytes[..bytes.len().min(half)];
+        let tail = &bytes[bytes.len().saturating_sub(half)..];
+        Sum {
+            len: bytes.len() as u64,
+            head: *blake3::hash(head).as_bytes(),
+            tail: *blake3::hash(tail).as_bytes(),
+            full: *blake3::hash(bytes).as_bytes(),
+        }
+    }
+
+    fn render(&self) -> String {
+        let hex = |h: &[u8; 32]| blake3::Hash::from_bytes(*h).to_hex().to_string();
+        format!(
+            "{SUM_MAGIC}\nlen {}\nhead {}\ntail {}\nfull {}\n",
+            self.len,
+            hex(&self.head),
+            hex(&self.tail),
+            hex(&self.full)
+        )
+    }
+
+    fn parse(text: &str) -> Option<Sum> {
+        let mut lines = text.lines();
+        if lines.next()? != SUM_MAGIC {
+            return None;
+        }
+        let mut field = |name: &str| -> Option<String> {
+            let (key, value) = lines.next()?.split_once(' ')?;
+            (key == name).then(|| value.to_owned())
+        };
+        let hash = |hex: String| blake3::Hash::from_hex(hex).ok().map(|h| *h.as_bytes());
+        Some(Sum {
+            len: field("len")?.parse().ok()?,
+            head: hash(field("head")?)?,
+            tail: hash(field("tail")?)?,
+            full: hash(field("full")?)?,
+        })
+    }
+}
+
 impl ArtifactCache {
     /// A cache under `root` for artifacts that `engine` can run.
     pub fn new(root: &Path, engine: &Engine) -> std::io::Result<ArtifactCache> {
@@ -122,7 +228,8 @@ impl ArtifactCache {
         std::fs::create_dir_all(&dir)?;
         Ok(ArtifactCache {
             dir,
-            verified: Default::default(),
+            verified: Mutex::default(),
+            checking: Mutex::default(),
         })
     }
 
@@ -130,104 +237,178 @@ impl ArtifactCache {
         self.dir.join(format!("{}.cwasm", hash.hex()))
     }
 
-    fn checksum_path(&self, hash: &WasmHash) -> PathBuf {
-        self.dir.join(format!("{}.b3", hash.hex()))
+    fn sum_path(&self, hash: &WasmHash) -> PathBuf {
+        self.dir.join(format!("{}.sum", hash.hex()))
     }
 
     pub fn contains(&self, hash: &WasmHash) -> bool {
-        self.checksum_path(hash).exists() && self.artifact_path(hash).exists()
+        self.sum_path(hash).exists() && self.artifact_path(hash).exists()
     }
 
-    /// Loads a verified artifact, by mapping the file (`mmap`) or reading
-    /// it. A bad entry is removed so the caller's rebuild replaces it.
+    fn is_verified(&self, hash: &WasmHash, id: &FileId) -> bool {
+        self.verified.lock().expect("cache lock").get(hash) == Some(id)
+    }
+
+    /// Loads an artifact after the checks before its first load (see the
+    /// module docs), by mapping the file (`mmap`) or reading it. A bad
+    /// entry is removed so the caller's rebuild replaces it.
     pub fn load(
         &self,
         engine: &Engine,
         hash: &WasmHash,
         kind: WasmKind,
         mmap: bool,
-    ) -> Result<Compiled, CacheMiss> {
-        let path = self.artifact_path(hash);
-        let result = (|| {
-            let id = match std::fs::metadata(&path) {
-                Ok(meta) => FileId::of(&meta),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(CacheMiss::Absent);
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let known = self.verified.lock().expect("cache lock").get(hash) == Some(&id);
-            let mut bytes = None;
-            if !known {
-                let expected = match std::fs::read(self.checksum_path(hash)) {
-                    Ok(sum) => sum,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(CacheMiss::Absent);
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                let read = std::fs::read(&path)?;
-                if blake3::hash(&read).as_bytes().as_slice() != expected.as_slice() {
-                    return Err(CacheMiss::Corrupt);
-                }
-                // What was read is what was checked: the identity must not
-                // have changed meanwhile.
-                if FileId::of(&std::fs::metadata(&path)?) != id {
-                    return Err(CacheMiss::Corrupt);
-                }
-                self.verified.lock().expect("cache lock").insert(*hash, id);
-                bytes = Some(read);
-            }
-            let compiled = if mmap {
-                // SAFETY: the file is one this cache wrote with `serialize`
-                // for an engine with the same compatibility fingerprint, and
-                // this process verified its checksum (now or at an earlier
-                // load of the same inode, size and mtime), so it is not
-                // arbitrary bytes. Files in the cache are replaced by rename,
-                // never modified in place, so the mapping stays consistent.
-                match kind {
-                    WasmKind::Module => {
-                        unsafe { Module::deserialize_file(engine, &path) }.map(Compiled::Module)
-                    }
-                    // SAFETY: as above.
-                    WasmKind::Component => unsafe { Component::deserialize_file(engine, &path) }
-                        .map(Compiled::Component),
-                }
-            } else {
-                let bytes = match bytes {
-                    Some(b) => b,
-                    None => std::fs::read(&path)?,
-                };
-                // SAFETY: as above; the bytes are the verified file's.
-                match kind {
-                    WasmKind::Module => {
-                        unsafe { Module::deserialize(engine, &bytes) }.map(Compiled::Module)
-                    }
-                    // SAFETY: as above.
-                    WasmKind::Component => {
-                        unsafe { Component::deserialize(engine, &bytes) }.map(Compiled::Component)
-                    }
-                }
-            };
-            compiled.map_err(|e| CacheMiss::Incompatible(format!("{e:#}")))
-        })();
+    ) -> Result<Cached, CacheMiss> {
+        let result = self.load_checked(engine, hash, kind, mmap);
         if matches!(result, Err(CacheMiss::Corrupt | CacheMiss::Incompatible(_))) {
             self.remove(hash);
         }
         result
     }
 
-    /// Writes an artifact and its checksum atomically (temp file + rename),
-    /// checksum last, so a crash never leaves an entry that verifies but is
+    fn load_checked(
+        &self,
+        engine: &Engine,
+        hash: &WasmHash,
+        kind: WasmKind,
+        mmap: bool,
+    ) -> Result<Cached, CacheMiss> {
+        let path = self.artifact_path(hash);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CacheMiss::Absent),
+            Err(e) => return Err(e.into()),
+        };
+        let id = FileId::of(&file.metadata()?);
+        let mut unverified = None;
+        if !self.is_verified(hash, &id) {
+            let sum = match std::fs::read_to_string(self.sum_path(hash)) {
+                Ok(text) => Sum::parse(&text).ok_or(CacheMiss::Corrupt)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(CacheMiss::Absent);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if sum.len != id.len || !ends_match(&mut file, &sum)? {
+                return Err(CacheMiss::Corrupt);
+            }
+            if id.len <= SYNC_CHECK {
+                // The head and tail cover the whole file: checked whole.
+                self.verified.lock().expect("cache lock").insert(*hash, id);
+            } else {
+                unverified = Some(FullCheck {
+                    hash: *hash,
+                    id,
+                    sum,
+                });
+            }
+        }
+        let compiled = if mmap {
+            // SAFETY: the file is one this cache wrote with `serialize` for
+            // an engine with the same compatibility fingerprint, its length
+            // and ends match its checksums (the rest is checked whole before
+            // any other load, or just after this one; see the module docs),
+            // and wasmtime checks its header. Files in the cache are
+            // replaced by rename, never modified in place, so the mapping
+            // stays consistent.
+            match kind {
+                WasmKind::Module => {
+                    unsafe { Module::deserialize_file(engine, &path) }.map(Compiled::Module)
+                }
+                // SAFETY: as above.
+                WasmKind::Component => {
+                    unsafe { Component::deserialize_file(engine, &path) }.map(Compiled::Component)
+                }
+            }
+        } else {
+            let bytes = std::fs::read(&path)?;
+            // SAFETY: as above, for the bytes of that file.
+            match kind {
+                WasmKind::Module => {
+                    unsafe { Module::deserialize(engine, &bytes) }.map(Compiled::Module)
+                }
+                // SAFETY: as above.
+                WasmKind::Component => {
+                    unsafe { Component::deserialize(engine, &bytes) }.map(Compiled::Component)
+                }
+            }
+        };
+        let compiled = compiled.map_err(|e| CacheMiss::Incompatible(format!("{e:#}")))?;
+        // A whole-file check already under way covers this load too.
+        let unverified =
+            unverified.filter(|_| self.checking.lock().expect("cache lock").insert(*hash));
+        Ok(Cached {
+            compiled,
+            unverified,
+        })
+    }
+
+    /// Checks a loaded artifact whole (blocking: run it off the request
+    /// path). On a mismatch the entry is removed, and the caller must stop
+    /// using what it loaded.
+    pub fn verify_full(&self, check: &FullCheck) -> Result<(), CacheMiss> {
+        let result = (|| {
+            let path = self.artifact_path(&check.hash);
+            let mut file = std::fs::File::open(&path)?;
+            let mut hasher = blake3::Hasher::new();
+            let mut buf = vec![0; 1 << 20];
+            loop {
+                let n = file.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            // What was read is what was checked: the file must not have
+            // changed meanwhile.
+            if hasher.finalize().as_bytes() != &check.sum.full
+                || FileId::of(&file.metadata()?) != check.id
+            {
+                return Err(CacheMiss::Corrupt);
+            }
+            Ok(())
+        })();
+        self.checking
+            .lock()
+            .expect("cache lock")
+            .remove(&check.hash);
+        match &result {
+            Ok(()) => {
+                self.verified
+                    .lock()
+                    .expect("cache lock")
+                    .insert(check.hash, check.id);
+            }
+            Err(_) => self.remove(&check.hash),
+        }
+        result
+    }
+
+    /// Checks the artifact of `hash` whole, now (for `kelvin build`).
+    pub fn verify_now(
+        &self,
+        engine: &Engine,
+        hash: &WasmHash,
+        kind: WasmKind,
+    ) -> Result<(), CacheMiss> {
+        let cached = self.load(engine, hash, kind, true)?;
+        match cached.unverified {
+            Some(check) => self.verify_full(&check),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes an artifact and its checksums atomically (temp file + rename),
+    /// checksums last, so a crash never leaves an entry that verifies but is
     /// incomplete.
     pub fn store(&self, hash: &WasmHash, compiled: &Compiled) -> std::io::Result<()> {
         let bytes = compiled
             .serialize()
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-        let checksum = blake3::hash(&bytes);
+        let sum = Sum::of(&bytes);
         let path = self.artifact_path(hash);
         write_atomic(&path, &bytes)?;
-        write_atomic(&self.checksum_path(hash), checksum.as_bytes())?;
+        write_atomic(&self.sum_path(hash), sum.render().as_bytes())?;
         // Written from these bytes by this process: verified already.
         let id = FileId::of(&std::fs::metadata(&path)?);
         self.verified.lock().expect("cache lock").insert(*hash, id);
@@ -237,9 +418,32 @@ impl ArtifactCache {
     /// Deletes an entry (a no-op if absent).
     pub fn remove(&self, hash: &WasmHash) {
         self.verified.lock().expect("cache lock").remove(hash);
-        let _ = std::fs::remove_file(self.checksum_path(hash));
+        let _ = std::fs::remove_file(self.sum_path(hash));
         let _ = std::fs::remove_file(self.artifact_path(hash));
     }
+
+    /// Forgets which files this process verified, as a restarted process
+    /// would (for `kelvin bench cold-start`).
+    pub fn forget_verified(&self) {
+        self.verified.lock().expect("cache lock").clear();
+    }
+}
+
+/// Whether the first and last `SYNC_CHECK / 2` bytes of `file` match.
+fn ends_match(file: &mut std::fs::File, sum: &Sum) -> std::io::Result<bool> {
+    let half = SYNC_CHECK / 2;
+    let head_len = sum.len.min(half) as usize;
+    let mut buf = vec![0; head_len];
+    file.seek(SeekFrom::Start(0))?;
+    file.read_exact(&mut buf)?;
+    if blake3::hash(&buf).as_bytes() != &sum.head {
+        return Ok(false);
+    }
+    let tail_start = sum.len.saturating_sub(half);
+    let mut buf = vec![0; (sum.len - tail_start) as usize];
+    file.seek(SeekFrom::Start(tail_start))?;
+    file.read_exact(&mut buf)?;
+    Ok(blake3::hash(&buf).as_bytes() == &sum.tail)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -248,4 +452,24 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_round_trip_and_refuse_garbage() {
+        let bytes: Vec<u8> = (0..3 * SYNC_CHECK as usize).map(|i| i as u8).collect();
+        let sum = Sum::of(&bytes);
+        assert_eq!(Sum::parse(&sum.render()), Some(sum.clone()));
+        assert_eq!(Sum::parse(""), None);
+        assert_eq!(Sum::parse("kelvin-artifact 1\nlen x\n"), None);
+        // A 32-byte checksum file from before is not a sum: rebuilt.
+        assert_eq!(Sum::parse(&"\u{1}".repeat(32)), None);
+        // Small files: the ends are the whole file.
+        let small = Sum::of(b"tiny");
+        assert_eq!(small.head, small.full);
+        assert_eq!(small.tail, small.full);
+    }
 }

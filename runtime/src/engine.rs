@@ -47,6 +47,10 @@ pub struct Tuning {
     /// Meter invocations: CPU time per poll, and a record to the ledger and
     /// log. Off only to measure what metering costs: nothing is billed.
     pub metering: bool,
+    /// In a serving process, answer requests for a function that has no
+    /// optimised (Cranelift) code yet with code from Winch, a baseline
+    /// compiler several times faster to compile, until Cranelift's is ready.
+    pub tiering: bool,
 }
 
 impl Default for Tuning {
@@ -63,6 +67,7 @@ impl Default for Tuning {
             decommit_batch: 1,
             mmap_artifacts: true,
             metering: true,
+            tiering: true,
         }
     }
 }
@@ -105,9 +110,10 @@ impl Tuning {
                 "decommit_batch" => t.decommit_batch = value.parse().map_err(|_| bad())?,
                 "mmap_artifacts" => t.mmap_artifacts = flag()?,
                 "metering" => t.metering = flag()?,
+                "tiering" => t.tiering = flag()?,
                 _ => {
                     return Err(format!(
-                        "KELVIN_TUNING: unknown setting `{key}` (known: cow, keep_resident, pagemap_scan, max_unused_warm_slots, decommit_batch, mmap_artifacts, metering)"
+                        "KELVIN_TUNING: unknown setting `{key}` (known: cow, keep_resident, pagemap_scan, max_unused_warm_slots, decommit_batch, mmap_artifacts, metering, tiering)"
                     ));
                 }
             }
@@ -119,6 +125,7 @@ impl Tuning {
 /// The engine and the thread that ticks its epoch; the thread stops on drop.
 pub struct KelvinEngine {
     engine: Engine,
+    baseline: Option<Engine>,
     fuel: bool,
     tuning: Tuning,
     ticker: Option<EpochTicker>,
@@ -159,17 +166,41 @@ impl KelvinEngine {
             .consume_fuel(settings.fuel)
             .parallel_compilation(true);
         let engine = Engine::new(&config)?;
-        let ticker = EpochTicker::start(engine.clone());
+        // The baseline tier: the same semantics (epochs, fuel, CoW images),
+        // compiled by Winch. It serves only while Cranelift compiles, so its
+        // instances are allocated on demand instead of reserving a pool.
+        let baseline = t.tiering.then(|| {
+            config
+                .strategy(wasmtime::Strategy::Winch)
+                .allocation_strategy(InstanceAllocationStrategy::OnDemand);
+            Engine::new(&config)
+                .inspect_err(
+                    |e| tracing::debug!(error = %e, "no Winch on this machine; tiering is off"),
+                )
+                .ok()
+        });
+        let baseline = baseline.flatten();
+        let mut ticked = vec![engine.clone()];
+        ticked.extend(baseline.clone());
+        let ticker = EpochTicker::start(ticked);
         Ok(KelvinEngine {
             engine,
+            baseline,
             fuel: settings.fuel,
             tuning: settings.tuning,
             ticker: Some(ticker),
         })
     }
 
+    /// The engine of optimised (Cranelift) code, and of the artifact cache.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The engine of baseline (Winch) code, if tiering is on and Winch
+    /// runs on this machine.
+    pub fn baseline(&self) -> Option<&Engine> {
+        self.baseline.as_ref()
     }
 
     pub fn fuel_enabled(&self) -> bool {
@@ -195,7 +226,7 @@ struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> EpochTicker {
+    fn start(engines: Vec<Engine>) -> EpochTicker {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::Builder::new()
@@ -203,7 +234,9 @@ impl EpochTicker {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    engine.increment_epoch();
+                    for engine in &engines {
+                        engine.increment_epoch();
+                    }
                 }
             })
             .expect("failed to spawn the epoch ticker thread");

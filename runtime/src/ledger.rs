@@ -492,10 +492,10 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<InvocationRecord> {
         bytes_out: u(14)?,
         cold: row.get(15)?,
         load: load_source.map(|s| ColdStart {
-            source: if s == "cache" {
-                LoadSource::Cache
-            } else {
-                LoadSource::Compile
+            source: match s.as_str() {
+                "cache" => LoadSource::Cache,
+                "baseline" => LoadSource::Baseline,
+                _ => LoadSource::Compile,
             },
             load_us: load_us.unwrap_or(0) as u64,
         }),

@@ -43,8 +43,11 @@ impl Outcome {
 pub enum LoadSource {
     /// Mapped from the on-disk artifact cache.
     Cache,
-    /// Compiled from the `.wasm` file (and then cached).
+    /// Compiled from the `.wasm` file by Cranelift (and then cached).
     Compile,
+    /// Compiled by Winch, the baseline compiler, to answer while Cranelift
+    /// compiles in the background (a serving process only; never cached).
+    Baseline,
 }
 
 impl LoadSource {
@@ -52,6 +55,7 @@ impl LoadSource {
         match self {
             LoadSource::Cache => "cache",
             LoadSource::Compile => "compile",
+            LoadSource::Baseline => "baseline",
         }
     }
 }

@@ -2,9 +2,15 @@
 //! loaded, and when they are unloaded.
 //!
 //! A function is checked at start-up (the wasm is read, hashed and
-//! validated) but compiled only when first invoked, or by `kelvin build`.
+//! validated) but compiled only when first invoked, by `kelvin build`, or
+//! in the background after `kelvin up` starts ([`Registry::precompile_in_background`]).
 //! Loaded functions sit in an LRU bounded by a count and by a memory budget;
 //! one idle past its `keep_warm` is unloaded (scale to zero).
+//!
+//! Loads and compiles are shared tasks: every request for a function that
+//! is loading waits for the one load under way, never starts a second, and
+//! the load finishes (and caches its artifact) even when every request that
+//! waited for it has gone.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -12,10 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lru::LruCache;
+use tokio::sync::watch;
 use wasmtime::{InstancePre, Linker, Module, Store};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use crate::cache::{ArtifactCache, CacheMiss, Compiled, WasmHash, WasmKind};
+use crate::cache::{ArtifactCache, CacheMiss, Cached, Compiled, FullCheck, WasmHash, WasmKind};
 use crate::engine::KelvinEngine;
 use crate::invoke::Host;
 use crate::manifest::FunctionSpec;
@@ -30,8 +37,23 @@ const WASI_P1: &str = "wasi_snapshot_preview1";
 pub struct LoadedFunction {
     pub spec: Arc<FunctionSpec>,
     pub prepared: Prepared,
+    /// The engine its code belongs to: its stores are made there.
+    pub engine: wasmtime::Engine,
     /// Estimated resident cost: compiled code plus initial linear memory.
     pub footprint: u64,
+    /// The wasm it was compiled from.
+    hash: WasmHash,
+    tier: Tier,
+}
+
+/// Which compiler's code a loaded function runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tier {
+    /// Cranelift: optimised, cached on disk.
+    Optimised,
+    /// Winch: compiled several times faster, slower to run; only until the
+    /// optimised code is ready.
+    Baseline,
 }
 
 /// A linked pre-instance of either kind.
@@ -51,6 +73,8 @@ pub enum EvictReason {
     Capacity,
     /// Loaded functions' footprints exceeded `memory_budget`.
     Memory,
+    /// Its artifact failed the whole-file check after it was loaded.
+    Corrupt,
     /// Unloaded on request (`kelvin bench` measuring cold starts).
     Requested,
 }
@@ -61,6 +85,7 @@ impl EvictReason {
             EvictReason::Idle => "idle",
             EvictReason::Capacity => "capacity",
             EvictReason::Memory => "memory",
+            EvictReason::Corrupt => "corrupt",
             EvictReason::Requested => "requested",
         }
     }
@@ -95,22 +120,41 @@ pub enum RegistryError {
 }
 
 /// A function that could not be loaded at invocation time.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("failed to load function `{function}`: {reason}")]
 pub struct LoadError {
     pub function: String,
     pub reason: String,
 }
 
+/// Who is waiting for a compile: it runs on every core for a request, and
+/// on a niced pool that leaves a core for serving in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Priority {
+    Now,
+    Background,
+}
+
+/// A shared task's result, once it is there.
+type Shared<T> = watch::Receiver<Option<Result<T, LoadError>>>;
+
+/// What a load gives every request that waited for it.
+type Load = (Arc<LoadedFunction>, LoadSource);
+
 struct Slot {
     spec: Arc<FunctionSpec>,
     kind: WasmKind,
+    /// Size of the wasm at start-up (the background precompile goes
+    /// smallest first).
+    wasm_len: u64,
     /// Hash of the wasm as last read; updated if the file changed when it is
     /// next compiled.
     hash: Mutex<WasmHash>,
-    /// One load at a time per function: concurrent cold requests wait for it
-    /// instead of compiling the same module twice.
-    load_lock: tokio::sync::Mutex<()>,
+    /// The load under way, if any: requests wait for it.
+    loading: Mutex<Option<Shared<Load>>>,
+    /// The compile under way, if any: loads and the background precompile
+    /// wait for it.
+    compiling: Mutex<Option<Shared<Compiled>>>,
 }
 
 struct Entry {
@@ -141,15 +185,28 @@ pub struct Capacity {
     pub memory_budget: u64,
 }
 
+/// The registry; cheap to share with the tasks it starts.
 pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     engine: Arc<KelvinEngine>,
     linker: Linker<Host>,
     component_linker: wasmtime::component::Linker<HttpHost>,
+    /// The same linkers for the baseline engine, when there is one.
+    baseline_linkers: Option<(Linker<Host>, wasmtime::component::Linker<HttpHost>)>,
+    /// Whether loads that must compile are served by baseline code first
+    /// (in a serving process; see [`Registry::serve_tiered`]).
+    tiered: std::sync::atomic::AtomicBool,
     cache: ArtifactCache,
     slots: HashMap<String, Slot>,
     loaded: Mutex<Loaded>,
     capacity: Capacity,
     metrics: Metrics,
+    /// Threads for background compiles and checks: one fewer than the
+    /// cores (at least one), at a lower scheduling priority.
+    background: rayon::ThreadPool,
 }
 
 impl Registry {
@@ -219,56 +276,263 @@ impl Registry {
                 Slot {
                     spec: Arc::new(spec.clone()),
                     kind,
+                    wasm_len: bytes.len() as u64,
                     hash: Mutex::new(hash),
-                    load_lock: tokio::sync::Mutex::new(()),
+                    loading: Mutex::new(None),
+                    compiling: Mutex::new(None),
                 },
             );
         }
         let component_linker = crate::proxy::linker(engine.engine());
+        let baseline_linkers = engine.baseline().map(|baseline| {
+            let mut linker = Linker::new(baseline);
+            wasmtime_wasi::p1::add_to_linker_async(&mut linker, Host::wasi)
+                .expect("WASI links into a fresh linker");
+            (linker, crate::proxy::linker(baseline))
+        });
         Ok(Registry {
-            engine,
-            linker,
-            component_linker,
-            cache,
-            slots,
-            loaded: Mutex::new(Loaded {
-                lru: LruCache::unbounded(),
-                bytes: 0,
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                component_linker,
+                baseline_linkers,
+                tiered: std::sync::atomic::AtomicBool::new(false),
+                cache,
+                slots,
+                loaded: Mutex::new(Loaded {
+                    lru: LruCache::unbounded(),
+                    bytes: 0,
+                }),
+                capacity,
+                metrics,
+                background: background_pool(),
             }),
-            capacity,
-            metrics,
         })
     }
 
     /// The deployment version of `function`: its wasm's hash.
     pub fn version(&self, function: &str) -> String {
-        self.slots
+        self.inner
+            .slots
             .get(function)
-            .map(|s| s.hash.lock().expect("hash lock").hex())
+            .map(|s| s.hash().hex())
             .unwrap_or_default()
     }
 
     /// Whether `function` is a module or a component (known from start-up).
     pub fn kind(&self, function: &str) -> Option<WasmKind> {
-        self.slots.get(function).map(|s| s.kind)
+        self.inner.slots.get(function).map(|s| s.kind)
     }
 
     pub fn spec(&self, function: &str) -> Option<&Arc<FunctionSpec>> {
-        self.slots.get(function).map(|s| &s.spec)
+        self.inner.slots.get(function).map(|s| &s.spec)
     }
 
     /// Names of the loaded functions, most recently used first.
     pub fn loaded(&self) -> Vec<String> {
-        self.lock().lru.iter().map(|(k, _)| k.clone()).collect()
+        self.inner
+            .lock()
+            .lru
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Where `function`'s compiled artifact lives (or would live).
     pub fn artifact_path(&self, function: &str) -> Option<PathBuf> {
-        let slot = self.slots.get(function)?;
-        Some(
-            self.cache
-                .artifact_path(&slot.hash.lock().expect("hash lock")),
-        )
+        let slot = self.inner.slots.get(function)?;
+        Some(self.inner.cache.artifact_path(&slot.hash()))
+    }
+
+    /// Unloads every function idle for longer than its `keep_warm` as of
+    /// `now`. Time is passed in so tests can move it forward.
+    pub fn evict_idle_at(&self, now: Instant) -> Vec<(String, EvictReason)> {
+        let mut evicted = Vec::new();
+        {
+            let mut loaded = self.inner.lock();
+            let idle: Vec<String> = loaded
+                .lru
+                .iter()
+                .filter(|(_, e)| {
+                    now.saturating_duration_since(e.last_used) >= e.function.spec.keep_warm
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for name in idle {
+                if loaded.remove(&name) {
+                    evicted.push((name, EvictReason::Idle));
+                }
+            }
+            self.inner.metrics.loaded.set(loaded.lru.len() as i64);
+        }
+        self.inner.report(&evicted);
+        evicted
+    }
+
+    /// Unloads `function` now, and with `forget_artifact` also deletes its
+    /// compiled artifact, so that its next invocation starts cold from the
+    /// cache or from scratch. Returns whether it was loaded.
+    pub fn unload(&self, function: &str, forget_artifact: bool) -> bool {
+        let popped = {
+            let mut loaded = self.inner.lock();
+            let popped = loaded.remove(function);
+            self.inner.metrics.loaded.set(loaded.lru.len() as i64);
+            popped
+        };
+        if popped {
+            self.inner
+                .report(&[(function.to_owned(), EvictReason::Requested)]);
+        }
+        if forget_artifact && let Some(slot) = self.inner.slots.get(function) {
+            self.inner.cache.remove(&slot.hash());
+        }
+        popped
+    }
+
+    /// Makes the next loads check their artifacts as a restarted process
+    /// would (for `kelvin bench cold-start`).
+    pub fn forget_verified(&self) {
+        self.inner.cache.forget_verified();
+    }
+
+    /// How long until the next idle eviction could be due, for the sweeper.
+    pub fn next_idle_check(&self) -> Duration {
+        let loaded = self.inner.lock();
+        let now = Instant::now();
+        loaded
+            .lru
+            .iter()
+            .map(|(_, e)| (e.last_used + e.function.spec.keep_warm).saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// From now on, a request for a function with no optimised code yet is
+    /// served by baseline (Winch) code, compiled several times faster,
+    /// while Cranelift compiles in the background; the function moves to
+    /// the optimised code when it is ready. For processes that serve: they
+    /// live long enough for the optimised compile to finish and be cached.
+    pub fn serve_tiered(&self) {
+        if self.inner.baseline_linkers.is_some() {
+            self.inner
+                .tiered
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The function ready to instantiate, loading it if needed. The second
+    /// value describes the load when this call waited for one (a cold
+    /// start): where the code came from, and how long this call waited.
+    pub async fn acquire(
+        &self,
+        function: &str,
+    ) -> Result<(Arc<LoadedFunction>, Option<ColdStart>), LoadError> {
+        if let Some(f) = self.inner.get(function) {
+            return Ok((f, None));
+        }
+        let started = Instant::now();
+        let slot = self.inner.slot(function)?;
+        let load = {
+            let mut loading = slot.loading.lock().expect("slot lock");
+            // Loaded while this call took the lock: warm after all.
+            if let Some(f) = self.inner.get(function) {
+                return Ok((f, None));
+            }
+            match &*loading {
+                Some(load) => load.clone(),
+                None => {
+                    let load = Inner::start_load(&self.inner, function);
+                    *loading = Some(load.clone());
+                    load
+                }
+            }
+        };
+        let (loaded, source) = outcome(function, load).await?;
+        let load_us = micros(started.elapsed());
+        Ok((loaded, Some(ColdStart { source, load_us })))
+    }
+
+    /// Compiles, in the background, every function whose artifact is not in
+    /// the cache, smallest first, one at a time on the background pool (so a
+    /// core stays free for serving). A request for a function being
+    /// compiled waits for that compile. Returns how many were compiled.
+    pub fn precompile_in_background(&self) -> tokio::task::JoinHandle<usize> {
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let mut todo: Vec<(u64, &str)> = inner
+                .slots
+                .iter()
+                .filter(|(_, slot)| !inner.cache.contains(&slot.hash()))
+                .map(|(name, slot)| (slot.wasm_len, name.as_str()))
+                .collect();
+            todo.sort();
+            if todo.is_empty() {
+                return 0;
+            }
+            tracing::info!(
+                functions = todo.len(),
+                "precompiling functions without a cached artifact in the background"
+            );
+            let started = Instant::now();
+            let mut compiled = 0;
+            for (_, name) in todo {
+                let slot = &inner.slots[name];
+                // Compiled meanwhile (by a request that needed it).
+                if inner.cache.contains(&slot.hash()) {
+                    continue;
+                }
+                match outcome(
+                    name,
+                    Inner::start_compile(&inner, name, Priority::Background),
+                )
+                .await
+                {
+                    Ok(_) => compiled += 1,
+                    Err(e) => {
+                        tracing::warn!(function = name, error = %e.reason, "background precompile failed")
+                    }
+                }
+            }
+            tracing::info!(
+                compiled,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "background precompile done"
+            );
+            compiled
+        })
+    }
+
+    /// Compiles every function not in the cache yet, and checks whole the
+    /// artifacts that are (for `kelvin build`); returns how many were
+    /// compiled.
+    pub async fn precompile_all(&self) -> Result<usize, LoadError> {
+        let mut compiled = 0;
+        let mut names: Vec<&String> = self.inner.slots.keys().collect();
+        names.sort();
+        for name in names {
+            let slot = &self.inner.slots[name];
+            if self
+                .inner
+                .cache
+                .verify_now(self.inner.engine.engine(), &slot.hash(), slot.kind)
+                .is_ok()
+            {
+                continue;
+            }
+            outcome(name, Inner::start_compile(&self.inner, name, Priority::Now)).await?;
+            compiled += 1;
+        }
+        Ok(compiled)
+    }
+}
+
+impl Inner {
+    fn slot(&self, function: &str) -> Result<&Slot, LoadError> {
+        self.slots.get(function).ok_or_else(|| LoadError {
+            function: function.to_owned(),
+            reason: "no such function".into(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Loaded> {
@@ -283,92 +547,261 @@ impl Registry {
         Some(entry.function.clone())
     }
 
-    /// The function ready to instantiate, loading it if needed. The second
-    /// value describes the load when this call performed one (a cold start).
-    pub async fn acquire(
-        &self,
+    /// Starts loading `function` in a task of its own; the caller has made
+    /// sure no other load of it is under way.
+    fn start_load(inner: &Arc<Inner>, function: &str) -> Shared<Load> {
+        let (tx, rx) = watch::channel(None);
+        let (inner, name) = (inner.clone(), function.to_owned());
+        tokio::spawn(async move {
+            let result = inner.load(&name).await;
+            let slot = &inner.slots[&name];
+            // Loaded (or failed) before the slot forgets the task: a request
+            // finds it in the LRU or waits for this result.
+            *slot.loading.lock().expect("slot lock") = None;
+            let _ = tx.send(Some(result));
+        });
+        rx
+    }
+
+    /// Loads `function`: from the cache if its artifact is there and sound,
+    /// else compiled (waiting for a compile already under way), or first
+    /// from baseline code when serving tiered.
+    async fn load(
+        self: &Arc<Self>,
         function: &str,
-    ) -> Result<(Arc<LoadedFunction>, Option<ColdStart>), LoadError> {
-        if let Some(f) = self.get(function) {
-            return Ok((f, None));
-        }
-        let slot = self.slots.get(function).ok_or_else(|| LoadError {
-            function: function.to_owned(),
-            reason: "no such function".into(),
-        })?;
-        let _loading = slot.load_lock.lock().await;
-        if let Some(f) = self.get(function) {
-            return Ok((f, None));
-        }
+    ) -> Result<(Arc<LoadedFunction>, LoadSource), LoadError> {
+        let slot = self.slot(function)?;
         let start = Instant::now();
-        let (compiled, source) = self.compiled(slot).await?;
-        let link_error = |e: wasmtime::Error| LoadError {
-            function: function.to_owned(),
-            reason: format!("{e:#}"),
-        };
-        let prepared = match &compiled {
-            Compiled::Module(m) => {
-                Prepared::Module(self.linker.instantiate_pre(m).map_err(link_error)?)
+        let hash = slot.hash();
+        let mmap = self.engine.tuning().mmap_artifacts;
+        let (compiled, source, unverified) = match self.cache.load(
+            self.engine.engine(),
+            &hash,
+            slot.kind,
+            mmap,
+        ) {
+            Ok(Cached {
+                compiled,
+                unverified,
+            }) => (compiled, LoadSource::Cache, unverified),
+            Err(miss) => {
+                if !matches!(miss, CacheMiss::Absent) {
+                    tracing::warn!(function, reason = %miss, "discarding cached artifact; recompiling");
+                }
+                let (compiled, source) = self.compile_for_load(function).await?;
+                (compiled, source, None)
             }
-            Compiled::Component(c) => {
-                let pre = self
-                    .component_linker
-                    .instantiate_pre(c)
-                    .map_err(link_error)?;
-                Prepared::Component(ProxyPre::new(pre).map_err(link_error)?)
-            }
         };
-        let load_us = micros(start.elapsed());
-        let footprint = compiled.footprint();
+        let tier = if source == LoadSource::Baseline {
+            Tier::Baseline
+        } else {
+            Tier::Optimised
+        };
+        let loaded = Arc::new(self.link(function, &compiled, tier)?);
         tracing::info!(
             function,
             source = source.as_str(),
-            load_us,
-            footprint,
+            load_us = micros(start.elapsed()),
+            footprint = loaded.footprint,
             "function loaded"
         );
         self.metrics
             .loads
             .with_label_values(&[function, source.as_str()])
             .inc();
-        let loaded = Arc::new(LoadedFunction {
-            spec: slot.spec.clone(),
-            prepared,
-            footprint,
-        });
         self.insert(function, loaded.clone());
-        Ok((loaded, Some(ColdStart { source, load_us })))
+        if let Some(check) = unverified {
+            self.check_in_background(function, check);
+        }
+        Ok((loaded, source))
     }
 
-    /// The compiled code: from the cache if a verified artifact is there,
-    /// else compiled (off the async threads) and cached.
-    async fn compiled(&self, slot: &Slot) -> Result<(Compiled, LoadSource), LoadError> {
-        let function = slot.spec.name.to_string();
-        let hash = *slot.hash.lock().expect("hash lock");
-        let kind = slot.kind;
-        let mmap = self.engine.tuning().mmap_artifacts;
-        match self.cache.load(self.engine.engine(), &hash, kind, mmap) {
-            Ok(compiled) => return Ok((compiled, LoadSource::Cache)),
-            Err(CacheMiss::Absent) => {}
-            Err(miss) => {
-                tracing::warn!(function, reason = %miss, "discarding cached artifact; recompiling")
-            }
+    /// The compiled code a load without a cached artifact uses: Cranelift's,
+    /// or when serving tiered, Winch's if it is ready first (the function
+    /// then moves to Cranelift's code when that is ready).
+    async fn compile_for_load(
+        self: &Arc<Self>,
+        function: &str,
+    ) -> Result<(Compiled, LoadSource), LoadError> {
+        let tiered = self.tiered.load(std::sync::atomic::Ordering::Relaxed);
+        let Some(baseline) = self.engine.baseline().filter(|_| tiered) else {
+            let compiled = outcome(
+                function,
+                Inner::start_compile(self, function, Priority::Now),
+            )
+            .await?;
+            return Ok((compiled, LoadSource::Compile));
+        };
+        // Cranelift runs (or goes on running) in the background, leaving a
+        // core to Winch and to serving.
+        let optimised = Inner::start_compile(self, function, Priority::Background);
+        let slot = self.slot(function)?;
+        let (path, kind, engine) = (slot.spec.source.clone(), slot.kind, baseline.clone());
+        let quick = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&path).map_err(|e| e.to_string())?;
+            Compiled::compile(&engine, kind, &bytes).map_err(|e| format!("{e:#}"))
+        });
+        let mut optimised_done = std::pin::pin!(outcome(function, optimised.clone()));
+        tokio::select! {
+            biased;
+            compiled = &mut optimised_done => Ok((compiled?, LoadSource::Compile)),
+            quick = quick => match quick.map_err(|e| e.to_string()).and_then(|r| r) {
+                Ok(compiled) => {
+                    self.tier_up_when_ready(function, optimised);
+                    Ok((compiled, LoadSource::Baseline))
+                }
+                Err(why) => {
+                    tracing::debug!(function, why, "Winch could not compile it; waiting for Cranelift");
+                    Ok((optimised_done.await?, LoadSource::Compile))
+                }
+            },
         }
-        let engine = self.engine.engine().clone();
-        let path = slot.spec.source.clone();
-        let (compiled, new_hash) =
-            tokio::task::spawn_blocking(move || -> Result<(Compiled, WasmHash), String> {
-                let bytes = std::fs::read(&path)
-                    .map_err(|e| format!("failed to read `{}`: {e}", path.display()))?;
-                let compiled =
-                    Compiled::compile(&engine, kind, &bytes).map_err(|e| format!("{e:#}"))?;
-                Ok((compiled, WasmHash::of(&bytes)))
-            })
+    }
+
+    /// Once `optimised` is compiled, moves `function` from its baseline code
+    /// to it, if the baseline code is still what is loaded (invocations
+    /// under way finish on the code they started with).
+    fn tier_up_when_ready(self: &Arc<Self>, function: &str, optimised: Shared<Compiled>) {
+        let (inner, name) = (self.clone(), function.to_owned());
+        tokio::spawn(async move {
+            let linked = match outcome(&name, optimised).await {
+                Ok(compiled) => inner.link(&name, &compiled, Tier::Optimised),
+                Err(e) => Err(e),
+            };
+            let optimised = match linked {
+                Ok(f) => Arc::new(f),
+                Err(e) => {
+                    tracing::warn!(function = name, error = %e.reason, "optimised compile failed; staying on baseline code");
+                    return;
+                }
+            };
+            let moved = {
+                let mut loaded = inner.lock();
+                let Loaded { lru, bytes } = &mut *loaded;
+                match lru.peek_mut(&name) {
+                    Some(entry) if entry.function.tier == Tier::Baseline => {
+                        *bytes = *bytes - entry.function.footprint + optimised.footprint;
+                        entry.function = optimised;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if moved {
+                tracing::info!(function = name, "function moved to optimised code");
+                inner
+                    .metrics
+                    .loads
+                    .with_label_values(&[name.as_str(), LoadSource::Compile.as_str()])
+                    .inc();
+            }
+        });
+    }
+
+    /// Links compiled code of `tier` into a function ready to instantiate.
+    fn link(
+        &self,
+        function: &str,
+        compiled: &Compiled,
+        tier: Tier,
+    ) -> Result<LoadedFunction, LoadError> {
+        let slot = self.slot(function)?;
+        let link_error = |e: wasmtime::Error| LoadError {
+            function: function.to_owned(),
+            reason: format!("{e:#}"),
+        };
+        let (linker, component_linker, engine) = match (tier, &self.baseline_linkers) {
+            (Tier::Baseline, Some((l, c))) => (l, c, self.engine.baseline()),
+            _ => (
+                &self.linker,
+                &self.component_linker,
+                Some(self.engine.engine()),
+            ),
+        };
+        let engine = engine
+            .expect("baseline code comes from the baseline engine")
+            .clone();
+        let prepared = match compiled {
+            Compiled::Module(m) => Prepared::Module(linker.instantiate_pre(m).map_err(link_error)?),
+            Compiled::Component(c) => {
+                let pre = component_linker.instantiate_pre(c).map_err(link_error)?;
+                Prepared::Component(ProxyPre::new(pre).map_err(link_error)?)
+            }
+        };
+        Ok(LoadedFunction {
+            spec: slot.spec.clone(),
+            prepared,
+            engine,
+            footprint: compiled.footprint(),
+            hash: slot.hash(),
+            tier,
+        })
+    }
+
+    /// Starts compiling `function` unless a compile is under way, and
+    /// returns that compile: it stores the artifact in the cache, and
+    /// finishes even if nobody waits for it any more.
+    fn start_compile(inner: &Arc<Inner>, function: &str, priority: Priority) -> Shared<Compiled> {
+        let slot = &inner.slots[function];
+        let mut compiling = slot.compiling.lock().expect("slot lock");
+        if let Some(compile) = &*compiling {
+            return compile.clone();
+        }
+        let (tx, rx) = watch::channel(None);
+        *compiling = Some(rx.clone());
+        let (inner, name) = (inner.clone(), function.to_owned());
+        tokio::spawn(async move {
+            let result = inner.compile(&name, priority).await;
+            *inner.slots[&name].compiling.lock().expect("slot lock") = None;
+            let _ = tx.send(Some(result));
+        });
+        rx
+    }
+
+    /// Compiles `function` off the async threads and stores its artifact.
+    async fn compile(
+        self: &Arc<Self>,
+        function: &str,
+        priority: Priority,
+    ) -> Result<Compiled, LoadError> {
+        let slot = self.slot(function)?;
+        let hash = slot.hash();
+        let (path, kind) = (slot.spec.source.clone(), slot.kind);
+        let inner = self.clone();
+        let name = function.to_owned();
+        let job = move || -> Result<(Compiled, WasmHash), String> {
+            let started = Instant::now();
+            let bytes = std::fs::read(&path)
+                .map_err(|e| format!("failed to read `{}`: {e}", path.display()))?;
+            let compiled = Compiled::compile(inner.engine.engine(), kind, &bytes)
+                .map_err(|e| format!("{e:#}"))?;
+            let new_hash = WasmHash::of(&bytes);
+            if let Err(e) = inner.cache.store(&new_hash, &compiled) {
+                // Serving goes on; the next cold start compiles again.
+                tracing::warn!(function = name, error = %e, "failed to write compiled artifact to the cache");
+            }
+            tracing::info!(
+                function = name,
+                compile_ms = started.elapsed().as_millis() as u64,
+                background = priority == Priority::Background,
+                "function compiled"
+            );
+            Ok((compiled, new_hash))
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let run = move || {
+            let _ = tx.send(job());
+        };
+        match priority {
+            Priority::Now => drop(tokio::task::spawn_blocking(run)),
+            Priority::Background => self.background.spawn(run),
+        }
+        let (compiled, new_hash) = rx
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|_| "the compile stopped without a result".to_owned())
             .and_then(|r| r)
             .map_err(|reason| LoadError {
-                function: function.clone(),
+                function: function.to_owned(),
                 reason,
             })?;
         if new_hash != hash {
@@ -378,31 +811,36 @@ impl Registry {
             );
             *slot.hash.lock().expect("hash lock") = new_hash;
         }
-        if let Err(e) = self.cache.store(&new_hash, &compiled) {
-            // Serving goes on; the next cold start compiles again.
-            tracing::warn!(function, error = %e, "failed to write compiled artifact to the cache");
-        }
-        Ok((compiled, LoadSource::Compile))
+        Ok(compiled)
     }
 
-    /// Compiles every function not in the cache yet (for `kelvin build` and
-    /// `kelvin up --build`); returns how many were compiled.
-    pub async fn precompile_all(&self) -> Result<usize, LoadError> {
-        let mut compiled = 0;
-        for slot in self.slots.values() {
-            let hash = *slot.hash.lock().expect("hash lock");
-            if self.cache.contains(&hash)
-                && self
-                    .cache
-                    .load(self.engine.engine(), &hash, slot.kind, true)
-                    .is_ok()
-            {
-                continue;
+    /// Checks a loaded artifact whole on the background pool; if it fails,
+    /// the function is unloaded (its next request compiles it again).
+    fn check_in_background(self: &Arc<Self>, function: &str, check: FullCheck) {
+        let (inner, name) = (self.clone(), function.to_owned());
+        self.background.spawn(move || {
+            let Err(e) = inner.cache.verify_full(&check) else {
+                return;
+            };
+            tracing::error!(
+                function = name,
+                error = %e,
+                "a loaded artifact failed its whole-file check; unloading it (it is rebuilt at the next request)"
+            );
+            let removed = {
+                let mut loaded = inner.lock();
+                let ours = loaded
+                    .lru
+                    .peek(&name)
+                    .is_some_and(|e| e.function.hash == check.hash());
+                let removed = ours && loaded.remove(&name);
+                inner.metrics.loaded.set(loaded.lru.len() as i64);
+                removed
+            };
+            if removed {
+                inner.report(&[(name, EvictReason::Corrupt)]);
             }
-            self.compiled(slot).await?;
-            compiled += 1;
-        }
-        Ok(compiled)
+        });
     }
 
     fn insert(&self, function: &str, f: Arc<LoadedFunction>) {
@@ -431,63 +869,6 @@ impl Registry {
         self.report(&evicted);
     }
 
-    /// Unloads every function idle for longer than its `keep_warm` as of
-    /// `now`. Time is passed in so tests can move it forward.
-    pub fn evict_idle_at(&self, now: Instant) -> Vec<(String, EvictReason)> {
-        let mut evicted = Vec::new();
-        {
-            let mut loaded = self.lock();
-            let idle: Vec<String> = loaded
-                .lru
-                .iter()
-                .filter(|(_, e)| {
-                    now.saturating_duration_since(e.last_used) >= e.function.spec.keep_warm
-                })
-                .map(|(k, _)| k.clone())
-                .collect();
-            for name in idle {
-                if loaded.remove(&name) {
-                    evicted.push((name, EvictReason::Idle));
-                }
-            }
-            self.metrics.loaded.set(loaded.lru.len() as i64);
-        }
-        self.report(&evicted);
-        evicted
-    }
-
-    /// Unloads `function` now, and with `forget_artifact` also deletes its
-    /// compiled artifact, so that its next invocation starts cold from the
-    /// cache or from scratch. Returns whether it was loaded.
-    pub fn unload(&self, function: &str, forget_artifact: bool) -> bool {
-        let popped = {
-            let mut loaded = self.lock();
-            let popped = loaded.remove(function);
-            self.metrics.loaded.set(loaded.lru.len() as i64);
-            popped
-        };
-        if popped {
-            self.report(&[(function.to_owned(), EvictReason::Requested)]);
-        }
-        if forget_artifact && let Some(slot) = self.slots.get(function) {
-            self.cache.remove(&slot.hash.lock().expect("hash lock"));
-        }
-        popped
-    }
-
-    /// How long until the next idle eviction could be due, for the sweeper.
-    pub fn next_idle_check(&self) -> Duration {
-        let loaded = self.lock();
-        let now = Instant::now();
-        loaded
-            .lru
-            .iter()
-            .map(|(_, e)| (e.last_used + e.function.spec.keep_warm).saturating_duration_since(now))
-            .min()
-            .unwrap_or(Duration::from_secs(1))
-            .clamp(Duration::from_millis(50), Duration::from_secs(1))
-    }
-
     fn report(&self, evicted: &[(String, EvictReason)]) {
         for (function, reason) in evicted {
             tracing::info!(
@@ -503,6 +884,47 @@ impl Registry {
     }
 }
 
+impl Slot {
+    fn hash(&self) -> WasmHash {
+        *self.hash.lock().expect("hash lock")
+    }
+}
+
+/// Waits for a shared task's result.
+async fn outcome<T: Clone>(function: &str, mut task: Shared<T>) -> Result<T, LoadError> {
+    match task.wait_for(Option::is_some).await {
+        Ok(result) => result.clone().expect("waited for a result"),
+        Err(_) => Err(LoadError {
+            function: function.to_owned(),
+            reason: "the load stopped without a result".into(),
+        }),
+    }
+}
+
+/// The pool background compiles and checks run on: all cores but one (at
+/// least one thread), each thread niced, so serving keeps a core and wins
+/// the others when it needs them.
+fn background_pool() -> rayon::ThreadPool {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(cores.saturating_sub(1).max(1))
+        .thread_name(|i| format!("kelvin-background-{i}"))
+        .start_handler(|_| {
+            // SAFETY: setpriority on the calling thread (a Linux thread id
+            // is a process id for PRIO_PROCESS); it only lowers priority.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+            }
+        })
+        .build()
+        .expect("failed to start the background compile threads")
+}
+
+pub(crate) fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn pop_lru(loaded: &mut Loaded, reason: EvictReason) -> (String, EvictReason) {
     let (name, e) = loaded
         .lru
@@ -510,10 +932,6 @@ fn pop_lru(loaded: &mut Loaded, reason: EvictReason) -> (String, EvictReason) {
         .expect("caller checked the LRU is not empty");
     loaded.bytes -= e.function.footprint;
     (name, reason)
-}
-
-pub(crate) fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Checks what can be checked without compiling, and tells a module from a

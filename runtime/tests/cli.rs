@@ -528,7 +528,7 @@ fn bill_reports_explains_and_refuses_bad_input() {
 }
 
 #[test]
-fn bench_cold_start_measures_three_temperatures_per_phase() {
+fn bench_cold_start_measures_four_temperatures_per_phase() {
     let (dir, manifest) = app();
     let json = dir.path().join("cold.json");
     let svg = dir.path().join("cold.svg");
@@ -546,7 +546,8 @@ fn bench_cold_start_measures_three_temperatures_per_phase() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     for text in [
         "cold from scratch",
-        "cold from cache",
+        "cold from cache, restart",
+        "cold from cache, evicted",
         "warm",
         "p99",
         "instantiate",
@@ -566,7 +567,7 @@ fn bench_cold_start_measures_three_temperatures_per_phase() {
         .iter()
         .map(|t| t["temperature"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["scratch", "cache", "warm"]);
+    assert_eq!(names, ["scratch", "restart", "cache", "warm"]);
     let phase = |t: &serde_json::Value, name: &str| {
         t["phases"]
             .as_array()
@@ -587,10 +588,11 @@ fn bench_cold_start_measures_three_temperatures_per_phase() {
     // Compiling costs far more than mapping the cached artifact.
     let load_p50 = |i: usize| phase(&temps[i], "load").unwrap()["p50"].as_u64().unwrap();
     assert!(load_p50(0) > 5 * load_p50(1), "{report}");
+    assert!(load_p50(0) > 5 * load_p50(2), "{report}");
 
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    assert_eq!(svg.matches("<polyline").count(), 3);
+    assert_eq!(svg.matches("<polyline").count(), 4);
     // The app's own state (cache, keys, ledger) is left alone.
     assert!(!dir.path().join(".kelvin").exists());
 
@@ -667,5 +669,184 @@ fn bench_http_measures_first_requests_and_steady_load() {
     assert!(
         stderr.contains("no function answers GET /nowhere"),
         "{stderr}"
+    );
+}
+
+/// A server's JSON log lines, read on a thread, to wait for one.
+struct Logs(std::sync::mpsc::Receiver<serde_json::Value>);
+
+impl Logs {
+    fn watch(stderr: BufReader<std::process::ChildStderr>) -> Logs {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Logs(rx)
+    }
+
+    /// The first line from now on with `message` whose fields include
+    /// `fields`, within `within`.
+    fn wait(&self, message: &str, fields: &[(&str, &str)], within: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(v)
+                    if v["fields"]["message"] == message
+                        && fields.iter().all(|(k, want)| v["fields"][k] == *want) =>
+                {
+                    return v;
+                }
+                Ok(_) => {}
+                Err(_) => panic!("no log line `{message}` {fields:?} within {within:?}"),
+            }
+        }
+    }
+}
+
+/// The record of invocation `id` in an app's JSON-lines log (written in
+/// batches, so this waits a little).
+fn logged_record(state: &Path, id: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        if let Ok(text) = std::fs::read_to_string(state.join("invocations.jsonl"))
+            && let Some(r) = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|r| r["invocation_id"] == id)
+        {
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no record of {id}");
+}
+
+/// GETs `url` and returns the invocation id of a 200.
+fn get_ok(rt: &tokio::runtime::Runtime, url: String) -> String {
+    rt.block_on(async {
+        let r = reqwest::get(&url).await.unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        let id = r.headers()["x-kelvin-invocation-id"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        r.bytes().await.unwrap();
+        id
+    })
+}
+
+#[test]
+fn up_compiles_in_the_background_and_answers_with_baseline_code_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("functions.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "version = 1\nname = \"large\"\n[server]\ninstance_slots = 8\n\
+             [functions.predict]\nsource = \"{}\"\n\
+             [[functions.predict.http]]\nroute = \"/predict\"\nauth = \"anonymous\"\n\
+             [functions.hello-js]\nsource = \"{}\"\n\
+             [[functions.hello-js.http]]\nroute = \"/js/hello\"\nauth = \"anonymous\"\n",
+            kelvin_tests::example_guest("predict").display(),
+            kelvin_tests::example_guest("hello-js").display(),
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join(".kelvin");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let minutes = Duration::from_secs(300);
+
+    let (mut child, addr, stderr) = up(&manifest);
+    let logs = Logs::watch(stderr);
+    // Asked before Cranelift is done with it: answered by Winch's code,
+    // compiled several times faster, instead of waiting.
+    let id = get_ok(&rt, format!("http://{addr}/js/hello?name=early"));
+    let early = logged_record(&state, &id);
+    assert_eq!(early["load"]["source"], "baseline", "{early}");
+    // Cranelift's code replaces it when ready, and every function without
+    // an artifact is compiled, in the background.
+    logs.wait(
+        "function moved to optimised code",
+        &[("function", "hello-js")],
+        minutes,
+    );
+    logs.wait("background precompile done", &[], minutes);
+    let id = get_ok(&rt, format!("http://{addr}/js/hello?name=later"));
+    let later = logged_record(&state, &id);
+    assert_eq!(later["cold"], false, "{later}");
+    // The first request for the large Python component finds the artifact
+    // compiled in the background: a cold start from the cache.
+    let id = get_ok(&rt, format!("http://{addr}/predict"));
+    let first = logged_record(&state, &id);
+    assert_eq!(first["load"]["source"], "cache", "{first}");
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+
+    // A large artifact is checked whole just after its first load, off the
+    // request path: one damaged in the middle is found, unloaded and
+    // deleted (and rebuilt at the next start's background precompile).
+    let predict = std::fs::read(kelvin_tests::example_guest("predict")).unwrap();
+    let cache = std::fs::read_dir(state.join("cache"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let artifact = cache.join(format!(
+        "{}.cwasm",
+        kelvin::cache::WasmHash::of(&predict).hex()
+    ));
+    let mut bytes = std::fs::read(&artifact).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&artifact, &bytes).unwrap();
+    let (mut child, addr, stderr) = up(&manifest);
+    let logs = Logs::watch(stderr);
+    let id = rt.block_on(async {
+        let r = reqwest::get(format!("http://{addr}/predict"))
+            .await
+            .unwrap();
+        r.headers()["x-kelvin-invocation-id"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    });
+    let damaged = logged_record(&state, &id);
+    assert_eq!(damaged["load"]["source"], "cache", "{damaged}");
+    logs.wait(
+        "function evicted",
+        &[("function", "predict"), ("reason", "corrupt")],
+        minutes,
+    );
+    assert!(!artifact.exists(), "the damaged artifact is deleted");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour() {
+    let (_dir, manifest) = app();
+    let out = kelvin()
+        .args(["invoke", "hello", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("greeting world"), "{stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI escapes in a pipe: {stderr:?}"
     );
 }

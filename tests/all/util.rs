@@ -186,8 +186,13 @@ pub fn invocation_id(r: &reqwest::Response) -> String {
         .to_owned()
 }
 
+/// Replaces `path` with `bytes` by renaming a new file over it, as Kelvin's
+/// cache does: a file truncated in place under a live mapping (a runtime
+/// being dropped may still map an artifact) would fault on access (SIGBUS).
 pub fn write(path: &Path, bytes: &[u8]) {
-    std::fs::write(path, bytes).expect("write file");
+    let tmp = path.with_extension("test-tmp");
+    std::fs::write(&tmp, bytes).expect("write file");
+    std::fs::rename(&tmp, path).expect("rename file");
 }
 
 /// Held by tests that burn CPU for long or assert on CPU time. On a 2-core

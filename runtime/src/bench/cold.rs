@@ -19,19 +19,29 @@ use crate::runtime::Runtime;
 pub enum Temperature {
     /// No compiled artifact: compile + instantiate + run.
     Scratch,
-    /// Not loaded, artifact on disk: load + instantiate + run.
+    /// Artifact on disk, first load in the process (as after a restart):
+    /// its checks + load + instantiate + run.
+    Restart,
+    /// Artifact on disk, checked by this process before it evicted the
+    /// function: load + instantiate + run.
     Cache,
     /// Loaded: instantiate from the pool + run.
     Warm,
 }
 
 impl Temperature {
-    pub const ALL: [Temperature; 3] = [Temperature::Scratch, Temperature::Cache, Temperature::Warm];
+    pub const ALL: [Temperature; 4] = [
+        Temperature::Scratch,
+        Temperature::Restart,
+        Temperature::Cache,
+        Temperature::Warm,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Temperature::Scratch => "cold from scratch",
-            Temperature::Cache => "cold from cache",
+            Temperature::Restart => "cold from cache, restart",
+            Temperature::Cache => "cold from cache, evicted",
             Temperature::Warm => "warm",
         }
     }
@@ -150,6 +160,10 @@ async fn measure_one(
     let invoke = async |temperature: Temperature| -> Result<(InvocationRecord, u64), String> {
         match temperature {
             Temperature::Scratch => drop(runtime.registry().unload(function, true)),
+            Temperature::Restart => {
+                runtime.registry().unload(function, false);
+                runtime.registry().forget_verified();
+            }
             Temperature::Cache => drop(runtime.registry().unload(function, false)),
             Temperature::Warm => {}
         }
@@ -171,7 +185,7 @@ async fn measure_one(
         }
         let expected = match temperature {
             Temperature::Scratch => Some(LoadSource::Compile),
-            Temperature::Cache => Some(LoadSource::Cache),
+            Temperature::Restart | Temperature::Cache => Some(LoadSource::Cache),
             Temperature::Warm => None,
         };
         if r.load.map(|l| l.source) != expected {
@@ -188,7 +202,7 @@ async fn measure_one(
     for t in Temperature::ALL {
         invoke(t).await?;
     }
-    let mut samples = [Samples::default(), Samples::default(), Samples::default()];
+    let mut samples: [Samples; 4] = Default::default();
     for _ in 0..iterations {
         for (i, t) in Temperature::ALL.into_iter().enumerate() {
             let (r, total) = invoke(t).await?;

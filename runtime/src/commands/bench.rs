@@ -337,6 +337,7 @@ impl Served {
             manifest.clone(),
             record_sinks(manifest, ledger)?,
         )?);
+        runtime.registry().serve_tiered();
         let server = HttpServer::new(runtime.clone())?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

@@ -13,7 +13,8 @@ use crate::runtime::Runtime;
 pub struct UpCommand {
     #[command(flatten)]
     pub manifest: ManifestArgs,
-    /// Run build commands and precompile every function before serving.
+    /// Run every function's build command before serving (functions are
+    /// then compiled in the background, as always).
     #[arg(long)]
     pub build: bool,
     /// Listen here instead of the manifest's `server.listen`.
@@ -41,10 +42,6 @@ impl UpCommand {
         let server = crate::trigger::http::HttpServer::new(runtime.clone())?;
         let rt = tokio_runtime()?;
         rt.block_on(async {
-            if self.build {
-                let n = runtime.registry().precompile_all().await?;
-                tracing::info!(compiled = n, "precompiled functions");
-            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("failed to listen on {listen}"))?;
@@ -55,7 +52,13 @@ impl UpCommand {
                 invocation_log = %log.display(),
                 "kelvin is serving"
             );
+            // Never on the request path: functions without an artifact are
+            // compiled now, beside serving, and a request that cannot wait
+            // for Cranelift is answered by Winch's code meanwhile.
+            runtime.registry().serve_tiered();
+            let precompile = runtime.registry().precompile_in_background();
             server.serve(listener, shutdown_signal()).await?;
+            precompile.abort();
             tracing::info!("stopped");
             anyhow::Ok(())
         })
