@@ -145,7 +145,7 @@ pub struct ArtifactCache {
 }
 
 /// What tells one file from another (or from itself, rewritten).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct FileId {
     dev: u64,
     ino: u64,
@@ -216,6 +216,98 @@ impl Sum {
             tail: hash(field("tail")?)?,
             full: hash(field("full")?)?,
         })
+    }
+}
+
+/// Sources checked at an earlier start: `sources.json` in the cache folder.
+/// A source whose file is unchanged (same device, inode, size and
+/// modification time) is not read, hashed or checked again: for a 19 MB
+/// component those were most of `kelvin up`'s start-up (docs/performance.md).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+pub struct SourceIndex {
+    /// [`SOURCE_CHECKS`] when written: an index from other checks is ignored.
+    #[serde(default)]
+    checks: u32,
+    sources: HashMap<PathBuf, KnownSource>,
+    #[serde(skip)]
+    changed: bool,
+}
+
+/// The version of the checks a source passes at start-up; change it when
+/// they change, so sources are checked again.
+const SOURCE_CHECKS: u32 = 1;
+
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct KnownSource {
+    file: FileId,
+    hash: String,
+    component: bool,
+}
+
+impl SourceIndex {
+    /// The hash and kind of `path` as checked before, if the file has not
+    /// changed since.
+    pub fn known(&self, path: &Path, meta: &std::fs::Metadata) -> Option<(WasmHash, WasmKind)> {
+        let known = self.sources.get(path)?;
+        if known.file != FileId::of(meta) {
+            return None;
+        }
+        let hash = blake3::Hash::from_hex(&known.hash).ok()?;
+        let kind = if known.component {
+            WasmKind::Component
+        } else {
+            WasmKind::Module
+        };
+        Some((WasmHash(*hash.as_bytes()), kind))
+    }
+
+    /// Remembers that `path` (as `meta` describes it) passed the checks.
+    pub fn remember(
+        &mut self,
+        path: &Path,
+        meta: &std::fs::Metadata,
+        hash: WasmHash,
+        kind: WasmKind,
+    ) {
+        let known = KnownSource {
+            file: FileId::of(meta),
+            hash: hash.hex(),
+            component: kind == WasmKind::Component,
+        };
+        self.sources.insert(path.to_owned(), known);
+        self.changed = true;
+    }
+}
+
+impl ArtifactCache {
+    fn sources_path(&self) -> PathBuf {
+        self.dir.join("sources.json")
+    }
+
+    /// The sources checked at earlier starts (empty if none, or unreadable).
+    pub fn sources(&self) -> SourceIndex {
+        std::fs::read(self.sources_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<SourceIndex>(&b).ok())
+            .filter(|index| index.checks == SOURCE_CHECKS)
+            .unwrap_or(SourceIndex {
+                checks: SOURCE_CHECKS,
+                ..SourceIndex::default()
+            })
+    }
+
+    /// Saves `index` if it changed. A failure only costs the next start
+    /// its checks again.
+    pub fn save_sources(&self, index: &SourceIndex) {
+        if !index.changed {
+            return;
+        }
+        let saved = serde_json::to_vec(index)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| write_atomic(&self.sources_path(), &bytes));
+        if let Err(e) = saved {
+            tracing::debug!(error = %e, "could not save the checked-sources index");
+        }
     }
 }
 

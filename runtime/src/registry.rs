@@ -204,7 +204,7 @@ struct Inner {
     loaded: Mutex<Loaded>,
     capacity: Capacity,
     metrics: Metrics,
-    /// Threads for background compiles and checks: one fewer than the
+    /// Threads for background compiles: one fewer than the
     /// cores (at least one), at a lower scheduling priority.
     background: rayon::ThreadPool,
 }
@@ -236,6 +236,7 @@ impl Registry {
                 .collect()
         };
 
+        let mut sources = cache.sources();
         let mut slots = HashMap::with_capacity(functions.len());
         for spec in functions {
             let invalid = |reason: String| RegistryError::Invalid {
@@ -243,7 +244,7 @@ impl Registry {
                 path: spec.source.clone(),
                 reason,
             };
-            let bytes = std::fs::read(&spec.source).map_err(|source| {
+            let not_read = |source: std::io::Error| {
                 let function = spec.name.to_string();
                 let path = spec.source.clone();
                 // The usual first-run mistake deserves the usual fix.
@@ -256,33 +257,45 @@ impl Registry {
                         source,
                     }
                 }
-            })?;
-            let hash = WasmHash::of(&bytes);
-            let kind = check_shape(&bytes, &provided).map_err(invalid)?;
-            // A cached artifact was validated when it was compiled; full
-            // validation is only needed for wasm never compiled here.
-            if !cache.contains(&hash) {
-                match kind {
-                    WasmKind::Module => Module::validate(engine.engine(), &bytes)
-                        .map_err(|e| invalid(format!("{e:#}")))?,
-                    WasmKind::Component => wasmparser::Validator::new()
-                        .validate_all(&bytes)
-                        .map(drop)
-                        .map_err(|e| invalid(e.to_string()))?,
+            };
+            let meta = std::fs::metadata(&spec.source).map_err(not_read)?;
+            let (hash, kind, len) = match sources.known(&spec.source, &meta) {
+                // Checked at an earlier start and unchanged since.
+                Some((hash, kind)) => (hash, kind, meta.len()),
+                None => {
+                    let bytes = std::fs::read(&spec.source).map_err(not_read)?;
+                    let hash = WasmHash::of(&bytes);
+                    let kind = check_shape(&bytes, &provided).map_err(invalid)?;
+                    // A cached artifact was validated when it was compiled;
+                    // full validation is only needed for wasm never
+                    // compiled here.
+                    if !cache.contains(&hash) {
+                        match kind {
+                            WasmKind::Module => Module::validate(engine.engine(), &bytes)
+                                .map_err(|e| invalid(format!("{e:#}")))?,
+                            WasmKind::Component => wasmparser::Validator::new()
+                                .validate_all(&bytes)
+                                .map(drop)
+                                .map_err(|e| invalid(e.to_string()))?,
+                        }
+                    }
+                    sources.remember(&spec.source, &meta, hash, kind);
+                    (hash, kind, bytes.len() as u64)
                 }
-            }
+            };
             slots.insert(
                 spec.name.to_string(),
                 Slot {
                     spec: Arc::new(spec.clone()),
                     kind,
-                    wasm_len: bytes.len() as u64,
+                    wasm_len: len,
                     hash: Mutex::new(hash),
                     loading: Mutex::new(None),
                     compiling: Mutex::new(None),
                 },
             );
         }
+        cache.save_sources(&sources);
         let component_linker = crate::proxy::linker(engine.engine());
         let baseline_linkers = engine.baseline().map(|baseline| {
             let mut linker = Linker::new(baseline);
@@ -814,11 +827,13 @@ impl Inner {
         Ok(compiled)
     }
 
-    /// Checks a loaded artifact whole on the background pool; if it fails,
-    /// the function is unloaded (its next request compiles it again).
+    /// Checks a loaded artifact whole, off the request path (on a blocking
+    /// thread, not the background pool: a compile there could hold it up
+    /// for seconds); if it fails, the function is unloaded (its next
+    /// request compiles it again).
     fn check_in_background(self: &Arc<Self>, function: &str, check: FullCheck) {
         let (inner, name) = (self.clone(), function.to_owned());
-        self.background.spawn(move || {
+        tokio::task::spawn_blocking(move || {
             let Err(e) = inner.cache.verify_full(&check) else {
                 return;
             };
@@ -901,7 +916,7 @@ async fn outcome<T: Clone>(function: &str, mut task: Shared<T>) -> Result<T, Loa
     }
 }
 
-/// The pool background compiles and checks run on: all cores but one (at
+/// The pool background compiles run on: all cores but one (at
 /// least one thread), each thread niced, so serving keeps a core and wins
 /// the others when it needs them.
 fn background_pool() -> rayon::ThreadPool {

@@ -249,3 +249,39 @@ async fn a_cold_start_nobody_waits_for_any_more_still_finishes_once() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_rechecks_a_source_that_changed_since_the_last() {
+    let app = App::with_guests("", "", &["hello"]);
+    let source = app.dir.path().join("hello.wasm");
+    write(
+        &source,
+        &std::fs::read(kelvin_tests::guest("hello")).unwrap(),
+    );
+    let manifest = app.manifest_path.clone();
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let guest = kelvin_tests::guest("hello").display().to_string();
+    std::fs::write(&manifest, text.replace(&guest, "hello.wasm")).unwrap();
+    let (runtime, _) = app.runtime();
+    let hello = invoke(&runtime, "hello", "").await.record.version;
+    drop(runtime);
+    // Unchanged: known from the last start. Replaced: hashed and checked
+    // again, so records carry the new version...
+    write(
+        &source,
+        &std::fs::read(kelvin_tests::guest("echo")).unwrap(),
+    );
+    let (runtime, _) = app.runtime();
+    let echo = invoke(&runtime, "hello", "").await.record.version;
+    assert_ne!(hello, echo);
+    drop(runtime);
+    // ...and a broken file stops the start, as the first time.
+    write(&source, b"\0asm\x01\0\0\0garbage");
+    let err = kelvin::Runtime::new(
+        app.manifest(),
+        std::sync::Arc::new(kelvin::metering::MemorySink::default()),
+    )
+    .err()
+    .expect("a broken wasm stops the start");
+    assert!(err.to_string().contains("not a usable wasm"), "{err}");
+}
