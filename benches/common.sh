@@ -6,9 +6,13 @@
 scratch_app() {
   sed "s|^state_dir = .*|state_dir = \"$state\"|" functions.toml > "$state/functions.toml"
   sed -i "s|\"target/|\"$PWD/target/|" "$state/functions.toml"
-  # The scratch copy compiles them on its first request, before any
-  # measurement.
-  "$1" build > "$state/build.log" 2>&1 || { cat "$state/build.log" >&2; exit 1; }
+  # Build commands run in the manifest's folder: send them back here.
+  sed -i "s|^build = \"|build = \"cd '$PWD' \&\& |" "$state/functions.toml"
+  # Builds the guests and precompiles them into the scratch state, so no
+  # server measured here compiles anything (kelvin up would compile the
+  # missing ones in the background, beside the measurement).
+  "$1" build -f "$state/functions.toml" > "$state/build.log" 2>&1 ||
+    { cat "$state/build.log" >&2; exit 1; }
 }
 
 # wait_ready URL: returns once URL answers 2xx; fails after 10 s.
