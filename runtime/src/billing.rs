@@ -56,6 +56,27 @@ fn d(s: &str) -> Decimal {
 }
 
 impl Policy {
+    /// What makes a policy's billable quantities (GB-s, CPU ms) what they
+    /// are, prices aside: its memory basis, steps, minimums and cap. Daily
+    /// aggregates keep quantities per shape, and a report can price them
+    /// only with a policy of a shape they were compacted for.
+    pub fn shape(&self) -> String {
+        let basis = match self.memory_basis {
+            MemoryBasis::Configured => "configured",
+            MemoryBasis::Peak => "peak",
+            MemoryBasis::Integral => "integral",
+        };
+        format!(
+            "{basis} memory, step {} MB, min {} MB, max {} MB; min {} ms, step {} ms",
+            self.memory_step_mb.normalize(),
+            self.min_memory_mb.normalize(),
+            self.max_memory_mb
+                .map_or_else(|| "none".to_owned(), |m| m.normalize().to_string()),
+            self.min_duration_ms.normalize(),
+            self.duration_step_ms.normalize()
+        )
+    }
+
     /// A built-in policy by name (sources in docs/billing.md).
     pub fn preset(name: &str) -> Option<Policy> {
         let zero = Decimal::ZERO;
@@ -163,9 +184,9 @@ pub fn charge(policy: &Policy, r: &InvocationRecord) -> Charge {
     let exec_us = r.instantiate_us + r.run_us;
     let exec_ms = Decimal::from(exec_us) / Decimal::from(1000);
     let ms = round_up(exec_ms.max(policy.min_duration_ms), policy.duration_step_ms);
-    let gb_s = if policy.price_per_gb_s.is_zero() {
-        Decimal::ZERO
-    } else if policy.memory_basis == MemoryBasis::Integral {
+    // Quantities are computed whatever the prices: a daily aggregate keeps
+    // them, and another policy of the same shape may price them.
+    let gb_s = if policy.memory_basis == MemoryBasis::Integral {
         // KiB x us to GB x s, with 1 GB = 1024 MB = 1024 x 1024 KiB.
         let gb_s = Decimal::from(r.memory_kib_us) / Decimal::from(1024u64 * 1024) / million;
         steps.push(format!(
@@ -211,9 +232,7 @@ pub fn charge(policy: &Policy, r: &InvocationRecord) -> Charge {
         ));
         gb_s
     };
-    let cpu_ms = if policy.price_per_million_cpu_ms.is_zero() {
-        Decimal::ZERO
-    } else {
+    let cpu_ms = {
         let cpu = round_up(
             Decimal::from(r.cpu_us) / Decimal::from(1000),
             policy.duration_step_ms,
@@ -245,6 +264,28 @@ pub fn charge(policy: &Policy, r: &InvocationRecord) -> Charge {
         cost,
         steps,
     }
+}
+
+/// A report that cannot be priced as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PricingError {
+    #[error(transparent)]
+    Compacted(Box<Unpriceable>),
+}
+
+/// Compacted days that a policy cannot price: they keep no quantities for
+/// its shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{days} compacted day(s) in the range ({first} to {last}) have no aggregates for the pricing shape of policy `{policy}` ({shape}); they can be priced with: {available}"
+)]
+pub struct Unpriceable {
+    pub policy: String,
+    pub shape: String,
+    pub days: usize,
+    pub first: String,
+    pub last: String,
+    pub available: String,
 }
 
 /// A report request that could not be understood.
@@ -282,6 +323,13 @@ pub fn parse_range(since: Option<&str>, until: Option<&str>) -> Result<(i64, i64
         return Err(QueryError::Range);
     }
     Ok((since, until))
+}
+
+/// The start of the UTC calendar month that `unix_us` falls in.
+pub fn month_start(unix_us: i64) -> i64 {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(unix_us.max(0) as u64);
+    let month = humantime::format_rfc3339_seconds(t).to_string();
+    parse_time(&format!("{}-01", &month[..7])).unwrap_or(0)
 }
 
 /// A preset by name, or the given default policy when no name is given.
@@ -398,21 +446,100 @@ pub struct Report {
     pub due: Decimal,
 }
 
-/// Prices `records` and the compacted `aggregates`, and groups them.
-pub fn report(
+/// What a report prices: the invocations and compacted days in its range,
+/// and those earlier in the range's first calendar month, which used up
+/// that month's free grants first (so a month split into two reports owes
+/// what it owes in one).
+#[derive(Debug, Clone, Default)]
+pub struct Usage {
+    pub records: Vec<InvocationRecord>,
+    pub aggregates: Vec<DailyAggregate>,
+    pub earlier_records: Vec<InvocationRecord>,
+    pub earlier_aggregates: Vec<DailyAggregate>,
+}
+
+impl Usage {
+    /// Just these invocations, with nothing earlier in their month.
+    pub fn of(records: Vec<InvocationRecord>) -> Usage {
+        Usage {
+            records,
+            ..Usage::default()
+        }
+    }
+}
+
+/// Billable quantities: GB-s, executions, CPU ms.
+type Quantities = (Decimal, Decimal, Decimal);
+
+/// The aggregates that `policy` can price (those of its shape; rows from
+/// before shapes were kept are named by their preset), or which compacted
+/// days it cannot.
+fn priceable<'a>(
     policy: &Policy,
-    records: &[InvocationRecord],
-    aggregates: &[DailyAggregate],
-    by: GroupBy,
-) -> Report {
+    aggregates: impl Iterator<Item = &'a DailyAggregate>,
+) -> Result<Vec<&'a DailyAggregate>, PricingError> {
+    let shape = policy.shape();
+    let shape_of = |a: &DailyAggregate| {
+        Policy::preset(&a.policy).map_or_else(|| a.policy.clone(), |p| p.shape())
+    };
+    let mut usable = Vec::new();
+    let mut days = std::collections::BTreeSet::new();
+    let mut covered = std::collections::BTreeSet::new();
+    let mut available = std::collections::BTreeSet::new();
+    for a in aggregates {
+        let key = (&a.function, &a.day, &a.trigger, &a.outcome);
+        let own = shape_of(a);
+        if own == shape {
+            usable.push(a);
+            covered.insert(key);
+        }
+        days.insert(key);
+        available.insert(own);
+    }
+    let missing: std::collections::BTreeSet<&String> = days
+        .difference(&covered)
+        .map(|(_, day, _, _)| *day)
+        .collect();
+    if let (Some(first), Some(last)) = (missing.first(), missing.last()) {
+        let named = |shape: &String| {
+            let presets: Vec<&str> = PRESETS
+                .iter()
+                .copied()
+                .filter(|p| Policy::preset(p).is_some_and(|p| &p.shape() == shape))
+                .collect();
+            if presets.is_empty() {
+                format!("a policy with {shape}")
+            } else {
+                presets.join(" or ")
+            }
+        };
+        return Err(PricingError::Compacted(Box::new(Unpriceable {
+            policy: policy.name.clone(),
+            shape,
+            days: missing.len(),
+            first: (*first).clone(),
+            last: (*last).clone(),
+            available: available.iter().map(named).collect::<Vec<_>>().join("; "),
+        })));
+    }
+    Ok(usable)
+}
+
+/// Prices `usage` and groups it. Each month's free grants are applied once,
+/// to the month's usage in order: what the range's first month used before
+/// the range comes off its grants first.
+pub fn report(policy: &Policy, usage: &Usage, by: GroupBy) -> Result<Report, PricingError> {
+    let aggregates = priceable(policy, usage.aggregates.iter())?;
+    let earlier_aggregates = priceable(policy, usage.earlier_aggregates.iter())?;
     let mut lines: BTreeMap<String, Line> = BTreeMap::new();
     let mut total = Line {
         key: "total".into(),
         ..Line::default()
     };
     // Per calendar month, for the free grants.
-    let mut months: BTreeMap<String, (Decimal, Decimal, Decimal)> = BTreeMap::new();
-    for r in records {
+    let mut months: BTreeMap<String, Quantities> = BTreeMap::new();
+    let month_of = |date: &str| date.get(..7).unwrap_or("").to_owned();
+    for r in &usage.records {
         let c = charge(policy, r);
         let key = match by {
             GroupBy::Function => r.function.clone(),
@@ -428,9 +555,7 @@ pub fn report(
             })
             .add(r, &c);
         total.add(r, &c);
-        let m = months
-            .entry(r.started_at.get(..7).unwrap_or("").to_owned())
-            .or_default();
+        let m = months.entry(month_of(&r.started_at)).or_default();
         m.0 += c.gb_s;
         m.1 += c.executions;
         m.2 += c.cpu_ms;
@@ -451,34 +576,50 @@ pub fn report(
             })
             .add_aggregate(a, cost);
         total.add_aggregate(a, cost);
-        let m = months
-            .entry(a.day.get(..7).unwrap_or("").to_owned())
-            .or_default();
+        let m = months.entry(month_of(&a.day)).or_default();
+        m.0 += a.gb_s;
+        m.1 += a.executions;
+        m.2 += a.cpu_ms;
+    }
+    // What each month used before the range: its grants are spent first.
+    let mut earlier: BTreeMap<String, Quantities> = BTreeMap::new();
+    for r in &usage.earlier_records {
+        let c = charge(policy, r);
+        let m = earlier.entry(month_of(&r.started_at)).or_default();
+        m.0 += c.gb_s;
+        m.1 += c.executions;
+        m.2 += c.cpu_ms;
+    }
+    for a in earlier_aggregates {
+        let m = earlier.entry(month_of(&a.day)).or_default();
         m.0 += a.gb_s;
         m.1 += a.executions;
         m.2 += a.cpu_ms;
     }
     let million = Decimal::from(1_000_000);
+    let left = |grant: Decimal, used: Decimal| (grant - used).max(Decimal::ZERO);
     let free_grant: Decimal = months
-        .values()
-        .map(|(gb_s, executions, cpu_ms)| {
-            gb_s.min(&policy.free_gb_s_per_month) * policy.price_per_gb_s
-                + executions.min(&policy.free_executions_per_month)
+        .iter()
+        .map(|(month, (gb_s, executions, cpu_ms))| {
+            let (e_gb_s, e_executions, e_cpu_ms) = earlier.get(month).cloned().unwrap_or_default();
+            gb_s.min(&left(policy.free_gb_s_per_month, e_gb_s)) * policy.price_per_gb_s
+                + executions.min(&left(policy.free_executions_per_month, e_executions))
                     * policy.price_per_million_executions
                     / million
-                + cpu_ms.min(&policy.free_cpu_ms_per_month) * policy.price_per_million_cpu_ms
+                + cpu_ms.min(&left(policy.free_cpu_ms_per_month, e_cpu_ms))
+                    * policy.price_per_million_cpu_ms
                     / million
         })
         .sum();
     let due = (total.cost - free_grant).max(Decimal::ZERO);
-    Report {
+    Ok(Report {
         policy: policy.name.clone(),
         by,
         lines: lines.into_values().map(Line::normalized).collect(),
         total: total.normalized(),
         free_grant: free_grant.normalize(),
         due: due.normalize(),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -561,10 +702,11 @@ mod tests {
 
     #[test]
     fn cpu_time_bills_cpu_milliseconds_only() {
-        // 2.5 ms of CPU rounds up to 3 ms: 3 x 0.02/1e6 + 0.30/1e6.
+        // 2.5 ms of CPU rounds up to 3 ms: 3 x 0.02/1e6 + 0.30/1e6. Its
+        // GB-s are counted (for aggregates) but priced at 0.
         assert_eq!(
             cost("cpu-time", &rec(90_000_000, 4096 * MIB, 0, 2_500)),
-            (d("0"), d("0.00000036"))
+            (d("360"), d("0.00000036"))
         );
     }
 
@@ -594,12 +736,59 @@ mod tests {
     fn free_grants_come_off_the_total_per_month() {
         let policy = Policy::preset("azure-consumption").unwrap();
         let records = vec![rec(12_345, 65 * MIB, 0, 0), rec(12_345, 65 * MIB, 0, 0)];
-        let r = report(&policy, &records, &[], GroupBy::Function);
+        let r = report(&policy, &Usage::of(records), GroupBy::Function).unwrap();
         assert_eq!(r.total.cost.normalize(), d("0.0000008"));
         assert_eq!(r.free_grant, r.total.cost, "well inside the monthly grant");
         assert_eq!(r.due, Decimal::ZERO);
         assert_eq!(r.lines.len(), 1);
         assert_eq!(r.total.executions, d("2"));
+    }
+
+    #[test]
+    fn a_month_split_into_two_reports_owes_what_it_owes_in_one() {
+        let mut policy = Policy::preset("azure-consumption").unwrap();
+        policy.free_gb_s_per_month = d("0.05");
+        policy.free_executions_per_month = d("3");
+        let day = |n: u32| {
+            let mut r = rec(12_345, 65 * MIB, 0, 0);
+            r.started_at = format!("2026-11-{n:02}T10:00:00.000000Z");
+            r
+        };
+        let (first, second): (Vec<_>, Vec<_>) = (1..=10)
+            .map(day)
+            .partition(|r| r.started_at.as_str() < "2026-11-08");
+        let all: Vec<_> = first.iter().chain(&second).cloned().collect();
+        let whole = report(&policy, &Usage::of(all), GroupBy::Function).unwrap();
+        assert!(whole.due > Decimal::ZERO, "{whole:?}");
+        let a = report(&policy, &Usage::of(first.clone()), GroupBy::Function).unwrap();
+        let b = report(
+            &policy,
+            &Usage {
+                records: second.clone(),
+                earlier_records: first,
+                ..Usage::default()
+            },
+            GroupBy::Function,
+        )
+        .unwrap();
+        assert_eq!(a.due + b.due, whole.due);
+        // Before, the second report got the whole grant again and the month
+        // owed less split than whole.
+        let again = report(&policy, &Usage::of(second), GroupBy::Function).unwrap();
+        assert!(a.due + again.due < whole.due);
+    }
+
+    #[test]
+    fn month_starts() {
+        assert_eq!(
+            month_start(parse_time("2026-11-21T10:00:00Z").unwrap()),
+            parse_time("2026-11-01").unwrap()
+        );
+        assert_eq!(
+            month_start(parse_time("2026-11-01").unwrap()),
+            parse_time("2026-11-01").unwrap()
+        );
+        assert_eq!(month_start(0), 0);
     }
 
     #[test]
@@ -649,11 +838,12 @@ mod tests {
         fn reports_reconcile_exactly(records in prop::collection::vec(arb_record(), 0..3000)) {
             for preset in PRESETS {
                 let mut policy = Policy::preset(preset).unwrap();
+                let usage = Usage::of(records.clone());
                 for basis in [MemoryBasis::Configured, MemoryBasis::Peak, MemoryBasis::Integral] {
                     policy.memory_basis = basis;
                     let explained: Decimal = records.iter().map(|r| charge(&policy, r).cost).sum();
                     for by in [GroupBy::Function, GroupBy::Day, GroupBy::Trigger, GroupBy::Outcome] {
-                        let report = report(&policy, &records, &[], by);
+                        let report = report(&policy, &usage, by).unwrap();
                         let lines: Decimal = report.lines.iter().map(|l| l.cost).sum();
                         prop_assert_eq!(lines, report.total.cost);
                         prop_assert_eq!(report.total.cost, explained);

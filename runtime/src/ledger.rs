@@ -13,6 +13,12 @@
 //! loses nothing acknowledged. A crash before it can lose the records of the
 //! batch being written, whose responses were never sent. A record is stored
 //! at most once (the invocation id is the primary key).
+//!
+//! A batch that fails (the database locked by another process past the
+//! busy timeout, a full disk) is retried for [`RETRY_FOR`]; if it still
+//! fails, every record in it is acknowledged as failed, and the caller
+//! answers 503 instead of the invocation's result. A record sent after the
+//! ledger closed is refused the same way.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -22,11 +28,20 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
-use crate::billing::{DailyAggregate, Policy};
+use crate::billing::{DailyAggregate, Policy, Usage};
 use crate::metering::{ColdStart, Durable, InvocationRecord, LoadSource, Outcome, RecordSink};
 
 /// Records written in one transaction at most.
 const MAX_BATCH: usize = 4096;
+
+/// How long a failed batch is retried before its records are given up as
+/// not durable: longer than the busy timeout, so another process holding
+/// the database for a few seconds (a backup, a compaction) delays requests
+/// instead of failing them.
+pub const RETRY_FOR: Duration = Duration::from_secs(15);
+
+/// The writer's wait for a lock held by another connection, per attempt.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -115,8 +130,7 @@ impl Ledger {
             .map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
 
         let (tx, rx) = mpsc::channel::<(InvocationRecord, Ack)>();
@@ -136,7 +150,8 @@ impl Ledger {
     }
 }
 
-/// Takes what has queued up, writes it in one transaction, acknowledges it.
+/// Takes what has queued up, writes it in one transaction (retrying a
+/// failed one for [`RETRY_FOR`]), acknowledges it.
 fn write_loop(mut conn: Connection, rx: mpsc::Receiver<(InvocationRecord, Ack)>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -146,11 +161,22 @@ fn write_loop(mut conn: Connection, rx: mpsc::Receiver<(InvocationRecord, Ack)>)
                 Err(_) => break,
             }
         }
-        let result = insert_batch(&mut conn, batch.iter().map(|(r, _)| r));
-        if let Err(e) = &result {
-            tracing::error!(error = %e, records = batch.len(), "failed to write invocation records to the ledger");
-        }
-        let result = result.map_err(|e| e.to_string());
+        let started = std::time::Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        let result = loop {
+            match insert_batch(&mut conn, batch.iter().map(|(r, _)| r)) {
+                Ok(()) => break Ok(()),
+                Err(e) if started.elapsed() + backoff < RETRY_FOR => {
+                    tracing::warn!(error = %e, records = batch.len(), "failed to write invocation records to the ledger; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, records = batch.len(), "failed to write invocation records to the ledger; giving them up as not durable");
+                    break Err(e.to_string());
+                }
+            }
+        };
         for (_, ack) in batch {
             let _ = ack.send(result.clone());
         }
@@ -207,13 +233,8 @@ impl RecordSink for Ledger {
         let (ack, done) = tokio::sync::oneshot::channel();
         match &*self.tx.lock().expect("ledger lock") {
             Some(tx) if tx.send((record.clone(), ack)).is_ok() => Durable::pending(done),
-            _ => {
-                tracing::error!(
-                    invocation_id = record.invocation_id.as_str(),
-                    "the ledger is closed; record lost"
-                );
-                Durable::now()
-            }
+            // Never answered as if it were recorded: the caller answers 503.
+            _ => Durable::failed("the ledger is closed"),
         }
     }
 
@@ -297,41 +318,73 @@ impl LedgerReader {
         since_unix_us: i64,
         until_unix_us: i64,
     ) -> Result<Vec<InvocationRecord>, LedgerError> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM invocations
-             WHERE started_unix_us >= ?1 AND started_unix_us < ?2
-             ORDER BY started_unix_us, invocation_id"
-        ))?;
-        let rows = stmt.query_map([since_unix_us, until_unix_us], from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        records_in(&self.conn, since_unix_us, until_unix_us)
     }
 }
 
+fn records_in(
+    conn: &Connection,
+    since_unix_us: i64,
+    until_unix_us: i64,
+) -> Result<Vec<InvocationRecord>, LedgerError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM invocations
+         WHERE started_unix_us >= ?1 AND started_unix_us < ?2
+         ORDER BY started_unix_us, invocation_id"
+    ))?;
+    let rows = stmt.query_map([since_unix_us, until_unix_us], from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn aggregates_in(
+    conn: &Connection,
+    since_unix_us: i64,
+    until_unix_us: i64,
+) -> Result<Vec<DailyAggregate>, LedgerError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT function, day, trigger, outcome, policy, invocations, cold_starts, cpu_us, executions, gb_s, cpu_ms
+         FROM daily ORDER BY day, function",
+    )?;
+    let rows = stmt.query_map([], aggregate_from_row)?;
+    let mut out = Vec::new();
+    for a in rows {
+        let a = a?;
+        let start = humantime::parse_rfc3339(&format!("{}T00:00:00Z", a.day))
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_micros() as i64);
+        if (since_unix_us..until_unix_us).contains(&start) {
+            out.push(a);
+        }
+    }
+    Ok(out)
+}
+
 impl LedgerReader {
+    /// What a report over `[since, until)` prices (see [`Usage`]), read in
+    /// one read transaction: a compaction committing meanwhile cannot make
+    /// a day count twice (as records and as an aggregate) or not at all.
+    pub fn usage(&mut self, since_unix_us: i64, until_unix_us: i64) -> Result<Usage, LedgerError> {
+        let tx = self.conn.transaction()?;
+        let month = crate::billing::month_start(since_unix_us);
+        let usage = Usage {
+            records: records_in(&tx, since_unix_us, until_unix_us)?,
+            aggregates: aggregates_in(&tx, since_unix_us, until_unix_us)?,
+            earlier_records: records_in(&tx, month, since_unix_us)?,
+            earlier_aggregates: aggregates_in(&tx, month, since_unix_us)?,
+        };
+        tx.commit()?;
+        Ok(usage)
+    }
+
     /// The compacted days that fall in `[since, until)` (a day counts from
-    /// its midnight, UTC).
+    /// its midnight, UTC), for every pricing shape they were kept for.
     pub fn aggregates(
         &self,
         since_unix_us: i64,
         until_unix_us: i64,
     ) -> Result<Vec<DailyAggregate>, LedgerError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT function, day, trigger, outcome, policy, invocations, cold_starts, cpu_us, executions, gb_s, cpu_ms
-             FROM daily ORDER BY day, function",
-        )?;
-        let rows = stmt.query_map([], aggregate_from_row)?;
-        let mut out = Vec::new();
-        for a in rows {
-            let a = a?;
-            let start = humantime::parse_rfc3339(&format!("{}T00:00:00Z", a.day))
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_micros() as i64);
-            if (since_unix_us..until_unix_us).contains(&start) {
-                out.push(a);
-            }
-        }
-        Ok(out)
+        aggregates_in(&self.conn, since_unix_us, until_unix_us)
     }
 }
 
@@ -362,13 +415,24 @@ fn aggregate_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DailyAggregat
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Compacted {
     pub invocations: u64,
+    /// Daily aggregates written or added to (per function, day, trigger and
+    /// outcome; each kept for every pricing shape).
     pub days: u64,
 }
 
+/// Invocations one compaction step rolls up at most: memory stays bounded
+/// however large the ledger is, and the step's write transaction holds the
+/// lock for milliseconds, never near the writer's busy timeout.
+const COMPACT_CHUNK: usize = 1000;
+
 /// Rolls every invocation that started before `before_unix_us` into daily
-/// aggregates shaped by `policy`, in one transaction (safe beside a running
-/// server: SQLite serialises the writers). Totals priced with that policy's
-/// shape are preserved exactly.
+/// aggregates, safe beside a running server: in short transactions of at
+/// most [`COMPACT_CHUNK`] invocations, each deleting what it rolled up, with
+/// a pause between them so the server's writer gets in.
+///
+/// Aggregates keep billable quantities, never prices, for every pricing
+/// shape a report may ask for: the presets' and `policy`'s (see
+/// [`Policy::shape`]). Reports priced with any of them stay exact.
 pub fn compact(
     path: &Path,
     before_unix_us: i64,
@@ -383,85 +447,153 @@ pub fn compact(
     })?;
     conn.busy_timeout(Duration::from_secs(30))?;
     conn.execute_batch(SCHEMA)?;
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let records: Vec<InvocationRecord> = {
-        let mut stmt = tx.prepare(&format!(
-            "SELECT {COLUMNS} FROM invocations WHERE started_unix_us < ?1"
-        ))?;
-        stmt.query_map([before_unix_us], from_row)?
-            .collect::<Result<_, _>>()?
-    };
-    let mut days: std::collections::BTreeMap<(String, String, String, String), DailyAggregate> =
-        Default::default();
-    for r in &records {
-        let day = r.started_at.get(..10).unwrap_or("").to_owned();
-        let key = (
-            r.function.clone(),
-            day.clone(),
-            r.trigger.clone(),
-            r.outcome.as_str().to_owned(),
-        );
-        days.entry(key)
-            .or_insert_with(|| DailyAggregate {
-                function: r.function.clone(),
-                day,
-                trigger: r.trigger.clone(),
-                outcome: r.outcome.as_str().to_owned(),
-                policy: policy.name.clone(),
-                invocations: 0,
-                cold_starts: 0,
-                cpu_us: 0,
-                executions: Default::default(),
-                gb_s: Default::default(),
-                cpu_ms: Default::default(),
-            })
-            .add(r, policy);
+    let mut shapes: Vec<Policy> = crate::billing::PRESETS
+        .iter()
+        .filter_map(|p| Policy::preset(p))
+        .collect();
+    if !shapes.iter().any(|p| p.shape() == policy.shape()) {
+        shapes.push(policy.clone());
     }
-    for a in days.values() {
-        // A day compacted before (late records) is added to, not replaced.
-        let existing: Option<DailyAggregate> = tx
-            .query_row(
-                "SELECT function, day, trigger, outcome, policy, invocations, cold_starts, cpu_us, executions, gb_s, cpu_ms
-                 FROM daily WHERE function = ?1 AND day = ?2 AND trigger = ?3 AND outcome = ?4 AND policy = ?5",
-                params![a.function, a.day, a.trigger, a.outcome, a.policy],
-                aggregate_from_row,
-            )
-            .optional()?;
-        let mut merged = a.clone();
-        if let Some(e) = existing {
-            merged.invocations += e.invocations;
-            merged.cold_starts += e.cold_starts;
-            merged.cpu_us += e.cpu_us;
-            merged.executions += e.executions;
-            merged.gb_s += e.gb_s;
-            merged.cpu_ms += e.cpu_ms;
+    let mut invocations = 0;
+    let mut days = std::collections::BTreeSet::new();
+    loop {
+        let (rolled, touched) = compact_chunk(&mut conn, before_unix_us, &shapes)?;
+        if rolled == 0 {
+            return Ok(Compacted {
+                invocations,
+                days: days.len() as u64,
+            });
         }
-        tx.execute(
-            "INSERT OR REPLACE INTO daily VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-            params![
-                merged.function,
-                merged.day,
-                merged.trigger,
-                merged.outcome,
-                merged.policy,
-                merged.invocations as i64,
-                merged.cold_starts as i64,
-                merged.cpu_us as i64,
-                merged.executions.to_string(),
-                merged.gb_s.to_string(),
-                merged.cpu_ms.to_string(),
-            ],
-        )?;
+        invocations += rolled;
+        days.extend(touched);
+        std::thread::sleep(Duration::from_millis(10));
     }
-    tx.execute(
-        "DELETE FROM invocations WHERE started_unix_us < ?1",
-        [before_unix_us],
-    )?;
-    tx.commit()?;
-    Ok(Compacted {
-        invocations: records.len() as u64,
-        days: days.len() as u64,
-    })
+}
+
+/// One step of [`compact`]: the oldest invocations before the cutoff,
+/// added to their days' aggregates and deleted. They are read and rolled up
+/// before the write lock is taken (records never change once written), so
+/// the write transaction holds only the upserts and deletes; if another
+/// compaction took some of them meanwhile, the step is rolled back and
+/// taken again.
+fn compact_chunk(
+    conn: &mut Connection,
+    before_unix_us: i64,
+    shapes: &[Policy],
+) -> Result<(u64, Vec<Day>), LedgerError> {
+    loop {
+        let records: Vec<InvocationRecord> = {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM invocations WHERE started_unix_us < ?1
+                 ORDER BY started_unix_us LIMIT {COMPACT_CHUNK}"
+            ))?;
+            stmt.query_map([before_unix_us], from_row)?
+                .collect::<Result<_, _>>()?
+        };
+        if records.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let days = roll_up(&records, shapes);
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut deleted = 0;
+        {
+            let mut delete =
+                tx.prepare_cached("DELETE FROM invocations WHERE invocation_id = ?1")?;
+            for r in &records {
+                deleted += delete.execute([&r.invocation_id])?;
+            }
+        }
+        if deleted != records.len() {
+            // Another compaction got there first: roll back, read again.
+            drop(tx);
+            continue;
+        }
+        for a in days.values() {
+            // A day compacted before (late records, earlier steps) is added
+            // to, not replaced.
+            let existing: Option<DailyAggregate> = tx
+                .query_row(
+                    "SELECT function, day, trigger, outcome, policy, invocations, cold_starts, cpu_us, executions, gb_s, cpu_ms
+                     FROM daily WHERE function = ?1 AND day = ?2 AND trigger = ?3 AND outcome = ?4 AND policy = ?5",
+                    params![a.function, a.day, a.trigger, a.outcome, a.policy],
+                    aggregate_from_row,
+                )
+                .optional()?;
+            let mut merged = a.clone();
+            if let Some(e) = existing {
+                merged.invocations += e.invocations;
+                merged.cold_starts += e.cold_starts;
+                merged.cpu_us += e.cpu_us;
+                merged.executions += e.executions;
+                merged.gb_s += e.gb_s;
+                merged.cpu_ms += e.cpu_ms;
+            }
+            tx.execute(
+                "INSERT OR REPLACE INTO daily VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    merged.function,
+                    merged.day,
+                    merged.trigger,
+                    merged.outcome,
+                    merged.policy,
+                    merged.invocations as i64,
+                    merged.cold_starts as i64,
+                    merged.cpu_us as i64,
+                    merged.executions.to_string(),
+                    merged.gb_s.to_string(),
+                    merged.cpu_ms.to_string(),
+                ],
+            )?;
+        }
+        tx.commit()?;
+        let touched = days
+            .keys()
+            .map(|(f, d, t, o, _)| (f.clone(), d.clone(), t.clone(), o.clone()))
+            .collect();
+        return Ok((records.len() as u64, touched));
+    }
+}
+
+/// Aggregate rows, by function, day, trigger, outcome and pricing shape.
+type DayKey = (String, String, String, String, String);
+
+/// A compacted day of one function, trigger and outcome.
+type Day = (String, String, String, String);
+
+/// Rolls `records` up into one aggregate per day and pricing shape.
+fn roll_up(
+    records: &[InvocationRecord],
+    shapes: &[Policy],
+) -> std::collections::BTreeMap<DayKey, DailyAggregate> {
+    let mut days = std::collections::BTreeMap::new();
+    for r in records {
+        let day = r.started_at.get(..10).unwrap_or("").to_owned();
+        for shape in shapes {
+            let key = (
+                r.function.clone(),
+                day.clone(),
+                r.trigger.clone(),
+                r.outcome.as_str().to_owned(),
+                shape.shape(),
+            );
+            days.entry(key)
+                .or_insert_with(|| DailyAggregate {
+                    function: r.function.clone(),
+                    day: day.clone(),
+                    trigger: r.trigger.clone(),
+                    outcome: r.outcome.as_str().to_owned(),
+                    policy: shape.shape(),
+                    invocations: 0,
+                    cold_starts: 0,
+                    cpu_us: 0,
+                    executions: Default::default(),
+                    gb_s: Default::default(),
+                    cpu_ms: Default::default(),
+                })
+                .add(r, shape);
+        }
+    }
+    days
 }
 
 const COLUMNS: &str =
@@ -512,6 +644,7 @@ fn parse_outcome(s: &str) -> Outcome {
         "timeout" => Outcome::Timeout,
         "trap" => Outcome::Trap,
         "rejected" => Outcome::Rejected,
+        "abandoned" => Outcome::Abandoned,
         _ => Outcome::Error,
     }
 }
@@ -573,12 +706,8 @@ mod tests {
         assert_eq!(reader.len().unwrap(), 501);
     }
 
-    #[tokio::test]
-    async fn compaction_preserves_report_totals_exactly() {
-        use crate::billing::{GroupBy, report};
-        let dir = tempfile::tempdir().unwrap();
-        let path = Ledger::path_in(dir.path());
-        let ledger = Ledger::open(&path).unwrap();
+    /// 300 records over 20 days of October, three functions and outcomes.
+    async fn october(ledger: &Ledger) -> Vec<InvocationRecord> {
         let mut all = Vec::new();
         for i in 0..300u64 {
             let mut r = record(&format!("r{i}"));
@@ -592,20 +721,33 @@ mod tests {
             ledger.record(&r).wait().await.unwrap();
             all.push(r);
         }
+        all
+    }
+
+    fn unix_us(rfc3339: &str) -> i64 {
+        humantime::parse_rfc3339(rfc3339)
+            .unwrap()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64
+    }
+
+    #[tokio::test]
+    async fn compaction_preserves_report_totals_exactly() {
+        use crate::billing::{GroupBy, report};
+        let dir = tempfile::tempdir().unwrap();
+        let path = Ledger::path_in(dir.path());
+        let ledger = Ledger::open(&path).unwrap();
+        let mut all = october(&ledger).await;
         let policy = Policy::preset("azure-consumption").unwrap();
-        let reader = LedgerReader::open(&path).unwrap();
-        let before = |all: &[InvocationRecord], by| report(&policy, all, &[], by);
-        let after = |by| {
-            let records = reader.records(0, i64::MAX).unwrap();
-            let days = reader.aggregates(0, i64::MAX).unwrap();
-            report(&policy, &records, &days, by)
-        };
+        let mut reader = LedgerReader::open(&path).unwrap();
+        let before =
+            |all: &[InvocationRecord], by| report(&policy, &Usage::of(all.to_vec()), by).unwrap();
+        let mut after = |by| report(&policy, &reader.usage(0, i64::MAX).unwrap(), by).unwrap();
         // Everything before Oct 11.
-        let cutoff = humantime::parse_rfc3339("2026-10-11T00:00:00Z").unwrap();
-        let cutoff = cutoff.duration_since(UNIX_EPOCH).unwrap().as_micros() as i64;
+        let cutoff = unix_us("2026-10-11T00:00:00Z");
         let done = compact(&path, cutoff, &policy).unwrap();
         assert_eq!(done.invocations, 150);
-        assert_eq!(reader.len().unwrap(), 150);
         for by in [
             GroupBy::Function,
             GroupBy::Day,
@@ -625,26 +767,159 @@ mod tests {
         all.push(late);
         compact(&path, cutoff, &policy).unwrap();
         assert_eq!(after(GroupBy::Function), before(&all, GroupBy::Function));
+        let mut reader = LedgerReader::open(&path).unwrap();
+        assert_eq!(reader.len().unwrap(), 150);
         // Re-priced at other prices, compacted days stay exact.
         let mut cheaper = policy.clone();
         cheaper.price_per_gb_s = rust_decimal::Decimal::from_str_exact("0.00001").unwrap();
-        let records = reader.records(0, i64::MAX).unwrap();
-        let days = reader.aggregates(0, i64::MAX).unwrap();
+        let usage = reader.usage(0, i64::MAX).unwrap();
         assert_eq!(
-            report(&cheaper, &records, &days, GroupBy::Function).total,
-            report(&cheaper, &all, &[], GroupBy::Function).total
+            report(&cheaper, &usage, GroupBy::Function).unwrap().total,
+            report(&cheaper, &Usage::of(all.clone()), GroupBy::Function)
+                .unwrap()
+                .total
         );
         // A date range selects whole compacted days.
-        let oct_5 = humantime::parse_rfc3339("2026-10-05T00:00:00Z")
-            .unwrap()
-            .duration_since(UNIX_EPOCH)
+        let days = reader
+            .aggregates(unix_us("2026-10-05T00:00:00Z"), cutoff)
             .unwrap();
-        let days = reader.aggregates(oct_5.as_micros() as i64, cutoff).unwrap();
         assert!(
             days.iter()
                 .all(|d| ("2026-10-05".."2026-10-11").contains(&d.day.as_str()))
         );
         assert!(!days.is_empty());
+    }
+
+    #[tokio::test]
+    async fn compacted_days_price_exactly_under_every_preset_or_refuse() {
+        use crate::billing::{GroupBy, PricingError, report};
+        let dir = tempfile::tempdir().unwrap();
+        let path = Ledger::path_in(dir.path());
+        let ledger = Ledger::open(&path).unwrap();
+        let all = october(&ledger).await;
+        // Compacted under the default policy; priced under another. Before,
+        // a cpu-time report of compacted days billed their CPU as 0.
+        compact(
+            &path,
+            unix_us("2026-11-01T00:00:00Z"),
+            &Policy::preset("azure-consumption").unwrap(),
+        )
+        .unwrap();
+        let mut reader = LedgerReader::open(&path).unwrap();
+        let usage = reader.usage(0, i64::MAX).unwrap();
+        assert!(usage.records.is_empty());
+        for preset in crate::billing::PRESETS {
+            let policy = Policy::preset(preset).unwrap();
+            let compacted = report(&policy, &usage, GroupBy::Function).unwrap();
+            let raw = report(&policy, &Usage::of(all.clone()), GroupBy::Function).unwrap();
+            assert_eq!(compacted, raw, "{preset}");
+        }
+        let cpu = report(
+            &Policy::preset("cpu-time").unwrap(),
+            &usage,
+            GroupBy::Function,
+        )
+        .unwrap();
+        assert!(cpu.total.cost > rust_decimal::Decimal::ZERO);
+        // A shape nobody compacted for cannot be priced from aggregates:
+        // said so, not billed wrong.
+        let mut odd = Policy::preset("aws-lambda").unwrap();
+        odd.min_duration_ms = rust_decimal::Decimal::from(50);
+        let err = report(&odd, &usage, GroupBy::Function).unwrap_err();
+        let PricingError::Compacted(unpriceable) = &err;
+        assert_eq!(
+            (
+                unpriceable.days,
+                unpriceable.first.as_str(),
+                unpriceable.last.as_str()
+            ),
+            (20, "2026-10-01", "2026-10-20")
+        );
+        assert!(unpriceable.available.contains("azure-consumption"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn compaction_holds_the_write_lock_for_short_spells_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Ledger::path_in(dir.path());
+        let ledger = Ledger::open(&path).unwrap();
+        // 40,000 old invocations (one transaction of them took seconds and
+        // held every row in memory).
+        let waits: Vec<_> = (0..40_000u64)
+            .map(|i| {
+                let mut r = record(&format!("old{i}"));
+                r.started_at = format!("2026-09-{:02}T10:00:00.000000Z", 1 + i % 28);
+                ledger.record(&r)
+            })
+            .collect();
+        for w in waits {
+            w.wait().await.unwrap();
+        }
+        drop(ledger);
+        // A writer that waits at most 100 ms for the lock keeps writing
+        // beside the compaction.
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut conn = Connection::open(&path).unwrap();
+                conn.busy_timeout(Duration::from_millis(100)).unwrap();
+                let mut stored = 0;
+                let started = std::time::Instant::now();
+                while started.elapsed() < Duration::from_secs(2) {
+                    let mut r = record(&format!("new{stored}"));
+                    r.started_at = "2026-11-21T10:00:00.000000Z".into();
+                    insert_batch(&mut conn, std::iter::once(&r))
+                        .expect("the lock came within 100 ms");
+                    stored += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                stored
+            })
+        };
+        let policy = Policy::preset("azure-consumption").unwrap();
+        let done = compact(&path, unix_us("2026-10-01T00:00:00Z"), &policy).unwrap();
+        assert_eq!(done.invocations, 40_000);
+        assert!(writer.join().unwrap() > 0);
+    }
+
+    #[tokio::test]
+    async fn a_report_is_one_snapshot_while_compaction_commits() {
+        use crate::billing::{GroupBy, report};
+        let dir = tempfile::tempdir().unwrap();
+        let path = Ledger::path_in(dir.path());
+        let ledger = Ledger::open(&path).unwrap();
+        let waits: Vec<_> = (0..20_000u64)
+            .map(|i| {
+                let mut r = record(&format!("r{i}"));
+                r.started_at = format!("2026-09-{:02}T10:00:00.000000Z", 1 + i % 28);
+                ledger.record(&r)
+            })
+            .collect();
+        for w in waits {
+            w.wait().await.unwrap();
+        }
+        let policy = Policy::preset("azure-consumption").unwrap();
+        let mut reader = LedgerReader::open(&path).unwrap();
+        let expected = report(
+            &policy,
+            &reader.usage(0, i64::MAX).unwrap(),
+            GroupBy::Function,
+        )
+        .unwrap()
+        .total;
+        let compaction = {
+            let (path, policy) = (path.clone(), policy.clone());
+            std::thread::spawn(move || compact(&path, unix_us("2026-10-01T00:00:00Z"), &policy))
+        };
+        // Reports while it commits chunk after chunk: each sees the ledger
+        // before or after a chunk, never a chunk's rows both as records and
+        // as an aggregate (or as neither).
+        while !compaction.is_finished() {
+            let usage = reader.usage(0, i64::MAX).unwrap();
+            let total = report(&policy, &usage, GroupBy::Function).unwrap().total;
+            assert_eq!(total, expected);
+        }
+        compaction.join().unwrap().unwrap();
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl BillCommand {
             .ledger
             .clone()
             .unwrap_or_else(|| Ledger::path_in(&manifest.server.state_dir));
-        let ledger = LedgerReader::open(&path)?;
+        let mut ledger = LedgerReader::open(&path)?;
 
         if let Some(BillAction::Explain { invocation_id }) = &self.action {
             let record = ledger.get(invocation_id)?.with_context(|| {
@@ -82,9 +82,8 @@ impl BillCommand {
         }
 
         let (since, until) = billing::parse_range(self.since.as_deref(), self.until.as_deref())?;
-        let records = ledger.records(since, until)?;
-        let days = ledger.aggregates(since, until)?;
-        let report = billing::report(&policy, &records, &days, self.by);
+        let usage = ledger.usage(since, until)?;
+        let report = billing::report(&policy, &usage, self.by)?;
         match self.format {
             Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
             Format::Csv => print_csv(&report),
