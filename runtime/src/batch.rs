@@ -9,12 +9,28 @@
 //! that logs a line per request (docs/performance.md).
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// How long a line may wait in memory before it is written.
 pub const INTERVAL: Duration = Duration::from_millis(100);
+
+/// Bytes waiting to be written at most. Past it (the output blocks: a pipe
+/// nobody reads, a stalled terminal), lines are dropped and counted instead
+/// of growing the buffer without bound: clients drive what is logged.
+pub const MAX_PENDING: usize = 16 << 20;
+
+/// Appends dropped by every writer of this process (the
+/// `kelvin_log_lines_dropped_total` metric).
+static DROPPED_TOTAL: AtomicU64 = AtomicU64::new(0);
+
+/// How many log lines (or records of the JSON-lines log) this process
+/// dropped because their output did not keep up.
+pub fn dropped_total() -> u64 {
+    DROPPED_TOTAL.load(Ordering::Relaxed)
+}
 
 pub struct BatchWriter {
     shared: Arc<Shared>,
@@ -31,6 +47,8 @@ struct Shared {
 #[derive(Default)]
 struct State {
     buffer: Vec<u8>,
+    /// Appends dropped because the buffer was full.
+    dropped: u64,
     flushes_asked: u64,
     flushes_done: u64,
     stop: bool,
@@ -55,12 +73,24 @@ impl BatchWriter {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Appends `bytes` (whole lines) to what the next write sends.
+    /// Appends `bytes` (whole lines) to what the next write sends, or
+    /// drops them if [`MAX_PENDING`] bytes are waiting already.
     pub fn append(&self, bytes: &[u8]) {
         let mut state = self.lock();
-        if !state.dead {
-            state.buffer.extend_from_slice(bytes);
+        if state.dead {
+            return;
         }
+        if state.buffer.len() + bytes.len() > MAX_PENDING {
+            state.dropped += 1;
+            DROPPED_TOTAL.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        state.buffer.extend_from_slice(bytes);
+    }
+
+    /// How many appends were dropped because the output did not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.lock().dropped
     }
 
     /// Returns once everything appended so far is written.
@@ -185,6 +215,44 @@ mod tests {
         w.append(b"three\n");
         drop(w);
         assert_eq!(&*sink.0.lock().unwrap(), b"one\ntwo\nthree\n");
+    }
+
+    /// An output that blocks until told to go on (a pipe nobody reads).
+    struct Stuck(Arc<(Mutex<bool>, Condvar)>);
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (go, cv) = &*self.0;
+            let mut go = go.lock().unwrap();
+            while !*go {
+                go = cv.wait(go).unwrap();
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_blocked_output_drops_lines_instead_of_growing() {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let w = BatchWriter::spawn("test-batch", Box::new(Stuck(gate.clone()))).unwrap();
+        let line = [b'x'; 1023]
+            .iter()
+            .chain(b"\n")
+            .copied()
+            .collect::<Vec<u8>>();
+        // 64 MiB of lines against a writer that never finishes a write.
+        for _ in 0..(64 << 10) {
+            w.append(&line);
+        }
+        assert!(w.lock().buffer.len() <= MAX_PENDING);
+        assert!(w.dropped() > 0);
+        // Unblocked, it writes what it kept and exits cleanly.
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        drop(w);
     }
 
     #[test]

@@ -26,6 +26,21 @@ use crate::registry::LoadedFunction;
 /// bomb; see [`crate::pipe`]).
 pub(crate) const MAX_STDERR: usize = 256 * 1024;
 
+/// Host resources (pollables, streams) a preview-1 guest may hold at once.
+/// Each `poll_oneoff` subscription is one: a guest polling 500,000 clocks
+/// made the host allocate 275 MB outside its `memory` limit. Real programs
+/// poll a handful; past this the call traps.
+pub(crate) const MAX_P1_RESOURCES: usize = 1024;
+
+/// The same for a component (fields, bodies, streams, pollables, outgoing
+/// requests): more room, still bounded.
+pub(crate) const MAX_COMPONENT_RESOURCES: usize = 16 * 1024;
+
+/// Bytes a guest may hand the host in one call at least (wasmtime's
+/// hostcall fuel; the default is 128 MiB). A preview-1 guest may write its
+/// whole output in one call, so its budget is `max_body` when larger.
+pub(crate) const MIN_HOSTCALL_BYTES: usize = 1 << 20;
+
 /// What starts an invocation: the trigger's name, the input on stdin, and
 /// trigger metadata as environment variables.
 #[derive(Debug, Clone, Default)]
@@ -178,13 +193,16 @@ impl Armed {
 }
 
 /// Arms a fresh store with a function's limits: the memory limiter, fuel,
-/// and the deadline.
+/// the deadline, and `hostcall_bytes`, what the guest may hand the host in
+/// one call (larger arrays fail the call instead of being copied).
 pub(crate) fn arm<T: Metered>(
     engine: &KelvinEngine,
     store: &mut Store<T>,
     limits: &Limits,
+    hostcall_bytes: usize,
 ) -> Armed {
     store.limiter(|h| h.meter());
+    store.set_hostcall_fuel(hostcall_bytes);
     let fuel_budget = engine
         .fuel_enabled()
         .then(|| limits.fuel.map_or(u64::MAX, |f| f.get()));
@@ -276,7 +294,18 @@ pub(crate) fn classify(
         return timed_out();
     }
     let Some(trap) = e.downcast_ref::<Trap>() else {
-        return (Outcome::Error, Some(format!("{e:#}")), None);
+        // A host call that failed: its causes, without the wasm backtrace
+        // (which is in the log at debug level).
+        tracing::debug!(
+            error = format!("{e:?}"),
+            "a host call failed the invocation"
+        );
+        let why: Vec<String> = e
+            .chain()
+            .map(ToString::to_string)
+            .filter(|c| !c.starts_with("error while executing at wasm backtrace"))
+            .collect();
+        return (Outcome::Error, Some(why.join(": ")), None);
     };
     let reason = if let Some(asked) = measured.denied {
         format!(
@@ -347,12 +376,17 @@ pub async fn execute(
         .env("KELVIN_TRIGGER", event.trigger)
         .envs(&spec.env)
         .envs(&event.env);
+    let mut wasi = wasi.build_p1();
+    wasmtime_wasi::WasiView::ctx(&mut wasi)
+        .table
+        .set_max_capacity(MAX_P1_RESOURCES);
     let host = Host {
-        wasi: wasi.build_p1(),
+        wasi,
         meter: MemoryMeter::new(spec.limits.memory),
     };
     let mut store = Store::new(&f.engine, host);
-    let armed = arm(engine, &mut store, &spec.limits);
+    let hostcall_bytes = max_output.max(MIN_HOSTCALL_BYTES) + (64 << 10);
+    let armed = arm(engine, &mut store, &spec.limits, hostcall_bytes);
 
     let mut t = Timings::default();
     let result = {

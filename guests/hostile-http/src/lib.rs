@@ -1,7 +1,8 @@
 //! `hostile-http`: a wasi:http component whose answers try to hurt the host,
 //! to test that they cannot. `?kind=` picks: `switch` (status 101),
 //! `informational` (103), `status-999`, `loud` (1 MiB of logs on stdout and
-//! stderr through Rust's `println!`, then a normal answer).
+//! stderr through Rust's `println!`, then a normal answer), `poll` (100,000
+//! pollables and one poll over them).
 #![cfg(target_arch = "wasm32")]
 
 use std::io::Write as _;
@@ -34,6 +35,15 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
                     println!("{line}");
                     eprintln!("{line}");
                 }
+                200
+            }
+            "poll" => {
+                // 100,000 pollables, then one poll over them all.
+                let pollables: Vec<_> = (0..100_000)
+                    .map(|_| wasip2::clocks::monotonic_clock::subscribe_duration(1_000_000))
+                    .collect();
+                let refs: Vec<&_> = pollables.iter().collect();
+                wasip2::io::poll::poll(&refs);
                 200
             }
             _ => 400,

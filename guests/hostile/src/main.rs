@@ -42,9 +42,42 @@ fn main() {
             }
             Vec::new()
         }
+        // One poll_oneoff on 500,000 (or 100,000) clocks: host memory the
+        // guest's `memory` limit does not count.
+        "poll" => poll(500_000),
+        "poll-100k" => poll(100_000),
         _ => b"Status: 400\r\n\r\nunknown kind\n".to_vec(),
     };
     let _ = out.write_all(&head);
     let _ = out.write_all(b"Content-Type: text/plain\r\n\r\n0123456789");
     let _ = out.flush();
+}
+
+/// Calls `poll_oneoff` on `n` relative clock subscriptions and says what it
+/// returned (as a header block with the body to come).
+#[cfg(target_arch = "wasm32")]
+fn poll(n: usize) -> Vec<u8> {
+    #[link(wasm_import_module = "wasi_snapshot_preview1")]
+    unsafe extern "C" {
+        fn poll_oneoff(subs: *const u8, events: *mut u8, n: u32, nevents: *mut u32) -> u16;
+    }
+    // A subscription is 48 bytes: userdata (8), tag 0 = clock (1), and at
+    // 16 the clock: id (4, 1 = monotonic), timeout (8 at 24), precision (8),
+    // flags (2 at 40; 0 = relative). An event is 32 bytes.
+    let mut subs = vec![0u8; n * 48];
+    for (i, sub) in subs.chunks_mut(48).enumerate() {
+        sub[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        sub[16..20].copy_from_slice(&1u32.to_le_bytes());
+        sub[24..32].copy_from_slice(&1_000_000u64.to_le_bytes());
+    }
+    let mut events = vec![0u8; n * 32];
+    let mut nevents = 0u32;
+    // SAFETY: both buffers are as large as the call says.
+    let errno = unsafe { poll_oneoff(subs.as_ptr(), events.as_mut_ptr(), n as u32, &mut nevents) };
+    format!("X-Errno: {errno}\r\nX-Events: {nevents}\r\n").into_bytes()
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn poll(_: usize) -> Vec<u8> {
+    b"Status: 400\r\n".to_vec()
 }
