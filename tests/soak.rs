@@ -1,7 +1,11 @@
 //! Soak: 10,000 mixed requests (successes, traps, timeouts, memory bombs,
-//! a component) over loopback against one server; afterwards it must still
-//! answer, and its resident memory must not have grown by more than 10%
-//! since warm-up. Ignored by default (about a minute on 2 cores); run it with
+//! a component, hostile output: 50 MB of logs, poll bombs, a component
+//! logging 2 MiB, 100,000 header lines) over loopback against one server,
+//! while other clients send bodies that never arrive and give up on slow
+//! invocations. Afterwards it must still answer, its resident memory must
+//! not have grown by more than 10% since warm-up, and every started
+//! invocation (abandoned ones included) must have exactly one record.
+//! Ignored by default (a few minutes on 2 cores); run it with
 //!
 //!     cargo test --release -p kelvin-tests --test soak -- --ignored --nocapture
 
@@ -34,7 +38,17 @@ const MIX: &[(&str, u16)] = &[
     ("/alloc/64", 500),
     ("/alloc/4", 200),
     ("/loop", 504),
+    ("/hostile/stderr", 200),
+    ("/hostile/poll", 200),
+    ("/hostile/poll-100k", 500),
+    ("/hostile/headers", 502),
+    ("/http/hostile?kind=loud", 200),
 ];
+
+/// Invocations whose clients give up before the answer.
+const ABANDONED: usize = 50;
+/// Requests whose bodies never arrive (408, never run, never recorded).
+const STALLED: usize = 20;
 
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
@@ -89,7 +103,7 @@ async fn drive(
 async fn ten_thousand_mixed_requests_leave_the_server_healthy() {
     let started = Instant::now();
     let app = App::new(
-        "max_connections = 64",
+        "max_connections = 64\nrequest_body_timeout = \"300ms\"",
         "[defaults]\nmax_concurrency = 8\nqueue = 64\n\
          [functions.hello]\nsource = \"{guests}/hello.wasm\"\n\
          [[functions.hello.http]]\nroute = \"/hello/{name}\"\nauth = \"anonymous\"\n\
@@ -103,7 +117,13 @@ async fn ten_thousand_mixed_requests_leave_the_server_healthy() {
          [functions.loop]\nsource = \"{guests}/loop.wasm\"\ntimeout = \"50ms\"\n\
          [[functions.loop.http]]\nroute = \"/loop\"\nauth = \"anonymous\"\n\
          [functions.hello-http]\nsource = \"{components}/hello_http.wasm\"\n\
-         [[functions.hello-http.http]]\nroute = \"/http/hello\"\nauth = \"anonymous\"\n",
+         [[functions.hello-http.http]]\nroute = \"/http/hello\"\nauth = \"anonymous\"\n\
+         [functions.hostile]\nsource = \"{guests}/hostile.wasm\"\ntimeout = \"5s\"\n\
+         [[functions.hostile.http]]\nroute = \"/hostile/{kind}\"\nauth = \"anonymous\"\n\
+         [functions.hostile-http]\nsource = \"{components}/hostile_http.wasm\"\n\
+         [[functions.hostile-http.http]]\nroute = \"/http/hostile\"\nauth = \"anonymous\"\n\
+         [functions.spin]\nsource = \"{guests}/spin.wasm\"\n\
+         [[functions.spin.http]]\nroute = \"/spin/{ms}\"\nauth = \"anonymous\"\n",
     );
     // The real sink: records go to a file, not to memory that would grow.
     let log = app.state_dir().join("invocations.jsonl");
@@ -127,7 +147,43 @@ async fn ten_thousand_mixed_requests_leave_the_server_healthy() {
     let warm_rss = rss_kib();
 
     let t = Instant::now();
+    // Beside the mix: clients that give up on slow invocations, and ones
+    // whose bodies never arrive.
+    let quitters = {
+        let base = base.clone();
+        tokio::spawn(async move {
+            let impatient = reqwest::Client::builder()
+                .timeout(Duration::from_millis(50))
+                .build()
+                .unwrap();
+            for _ in 0..ABANDONED {
+                let gave_up = impatient.get(format!("{base}/spin/200")).send().await;
+                assert!(gave_up.is_err(), "the client should have given up");
+            }
+        })
+    };
+    let stallers = {
+        let addr = base.trim_start_matches("http://").to_owned();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            for _ in 0..STALLED {
+                let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                tcp.write_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\nab")
+                    .await
+                    .unwrap();
+                let mut answer = Vec::new();
+                let _ = tcp.read_to_end(&mut answer).await;
+                assert!(
+                    answer.starts_with(b"HTTP/1.1 408"),
+                    "{}",
+                    String::from_utf8_lossy(&answer)
+                );
+            }
+        })
+    };
     let wrong = drive(&client, &base, REQUESTS, started).await;
+    quitters.await.unwrap();
+    stallers.await.unwrap();
     let took = t.elapsed();
     assert!(started.elapsed() < BUDGET, "the soak ran out of time");
     assert!(
@@ -157,6 +213,31 @@ async fn ten_thousand_mixed_requests_leave_the_server_healthy() {
 
     let _ = stop.send(());
     serving.await.unwrap().unwrap();
-    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
-    assert_eq!(lines, WARMUP + REQUESTS + 1, "one record per invocation");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON record"))
+        .collect();
+    let ids: std::collections::HashSet<&str> = records
+        .iter()
+        .map(|r| r["invocation_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), records.len(), "each invocation recorded once");
+    // A client that gave up while its request still waited for admission
+    // started nothing; every one that started is recorded, and says its
+    // caller went away (`abandoned` if it ran to an answer).
+    let abandoned = records
+        .iter()
+        .filter(|r| {
+            r["reason"]
+                .as_str()
+                .is_some_and(|why| why.contains("went away"))
+        })
+        .count();
+    assert!(abandoned > 0 && abandoned <= ABANDONED, "{abandoned}");
+    assert_eq!(
+        records.len() - abandoned,
+        WARMUP + REQUESTS + 1,
+        "one record per invocation"
+    );
 }

@@ -2,11 +2,12 @@
 //! at once; the excess waits in a bounded queue (backpressure), and only a
 //! full queue or a wait past `queue_timeout` is rejected.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use prometheus::IntGauge;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::manifest::Concurrency;
 
@@ -20,7 +21,7 @@ pub enum Rejected {
 }
 
 pub struct Admission {
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     waiting: AtomicU32,
     limits: Concurrency,
     depth: IntGauge,
@@ -41,16 +42,17 @@ impl Admission {
     /// `depth` is the gauge that shows how many wait.
     pub fn new(limits: Concurrency, depth: IntGauge) -> Admission {
         Admission {
-            slots: Semaphore::new(limits.max.get() as usize),
+            slots: Arc::new(Semaphore::new(limits.max.get() as usize)),
             waiting: AtomicU32::new(0),
             limits,
             depth,
         }
     }
 
-    /// Waits for a slot; the permit frees it on drop.
-    pub async fn enter(&self) -> Result<SemaphorePermit<'_>, Rejected> {
-        if let Ok(permit) = self.slots.try_acquire() {
+    /// Waits for a slot; the permit frees it on drop (it may move to the
+    /// task that runs the invocation).
+    pub async fn enter(&self) -> Result<OwnedSemaphorePermit, Rejected> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
         let queued = self.waiting.fetch_add(1, Ordering::Relaxed);
@@ -59,7 +61,12 @@ impl Admission {
         if queued >= self.limits.queue {
             return Err(Rejected::QueueFull(queued));
         }
-        match tokio::time::timeout(self.limits.queue_timeout, self.slots.acquire()).await {
+        match tokio::time::timeout(
+            self.limits.queue_timeout,
+            self.slots.clone().acquire_owned(),
+        )
+        .await
+        {
             Ok(permit) => Ok(permit.expect("the semaphore is never closed")),
             Err(_) => Err(Rejected::QueueTimeout(self.limits.queue_timeout)),
         }
@@ -68,14 +75,14 @@ impl Admission {
     /// The host-wide gate: a pool slot for the instance, waited for within
     /// the function's queue timeout. Functions' `max_concurrency` may add up
     /// to more than the pool holds; the excess waits here instead of failing.
-    pub async fn enter_pool<'p>(
+    pub async fn enter_pool(
         &self,
-        pool: &'p Semaphore,
-    ) -> Result<SemaphorePermit<'p>, Rejected> {
-        if let Ok(permit) = pool.try_acquire() {
+        pool: &Arc<Semaphore>,
+    ) -> Result<OwnedSemaphorePermit, Rejected> {
+        if let Ok(permit) = pool.clone().try_acquire_owned() {
             return Ok(permit);
         }
-        match tokio::time::timeout(self.limits.queue_timeout, pool.acquire()).await {
+        match tokio::time::timeout(self.limits.queue_timeout, pool.clone().acquire_owned()).await {
             Ok(permit) => Ok(permit.expect("the semaphore is never closed")),
             Err(_) => Err(Rejected::QueueTimeout(self.limits.queue_timeout)),
         }

@@ -67,6 +67,15 @@ pub struct ServerConfig {
     pub max_connections: NonZeroU32,
     /// How long in-flight requests may take to finish after shutdown begins.
     pub drain_timeout: Duration,
+    /// How long a client may take to send a request's body (408 beyond).
+    pub request_body_timeout: Duration,
+    /// Request bodies held in memory at once, all connections together, in
+    /// bytes (at least `max_body`).
+    pub body_budget: u64,
+    /// Who may read `/metrics`: anyone (functions only keys can call are
+    /// hidden from callers without a host or master key), a host or master
+    /// key, or the master key.
+    pub metrics_auth: AuthLevel,
 }
 
 /// One function, with every default already applied.
@@ -509,6 +518,9 @@ struct RawServer {
     header_read_timeout: Option<Spanned<HumanDuration>>,
     max_connections: Option<Spanned<u32>>,
     drain_timeout: Option<HumanDuration>,
+    request_body_timeout: Option<Spanned<HumanDuration>>,
+    body_budget: Option<Spanned<Size>>,
+    metrics_auth: Option<AuthLevel>,
 }
 
 /// Settings every function inherits unless it sets its own
@@ -695,12 +707,35 @@ impl RawServer {
             Some(s) => NonZeroU32::new(*s.get_ref())
                 .ok_or_else(|| field_error(s.span(), field, "must be at least 1")),
         };
+        let max_body = nonzero_size(self.max_body, "server.max_body", 16 << 20)?;
+        let body_budget = match self.body_budget {
+            None => max_body.max(256 << 20),
+            Some(s) if s.get_ref().0 < max_body => {
+                return Err(field_error(
+                    s.span(),
+                    "server.body_budget",
+                    "must be at least server.max_body (one body must fit)",
+                ));
+            }
+            Some(s) => s.get_ref().0,
+        };
+        let request_body_timeout = match self.request_body_timeout {
+            None => Duration::from_secs(30),
+            Some(s) if s.get_ref().0.is_zero() => {
+                return Err(field_error(
+                    s.span(),
+                    "server.request_body_timeout",
+                    "must be longer than zero, e.g. \"30s\"",
+                ));
+            }
+            Some(s) => s.get_ref().0,
+        };
         Ok(ServerConfig {
             listen,
             state_dir: dir.join(self.state_dir.as_deref().unwrap_or(".kelvin")),
             max_loaded: positive(self.max_loaded, "server.max_loaded", 100)?,
             memory_budget: nonzero_size(self.memory_budget, "server.memory_budget", 2 << 30)?,
-            max_body: nonzero_size(self.max_body, "server.max_body", 16 << 20)?,
+            max_body,
             instance_slots: positive(self.instance_slots, "server.instance_slots", 256)?,
             max_header_size: match self.max_header_size {
                 None => 16 << 10,
@@ -727,6 +762,9 @@ impl RawServer {
             },
             max_connections: positive(self.max_connections, "server.max_connections", 1024)?,
             drain_timeout: self.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            request_body_timeout,
+            body_budget,
+            metrics_auth: self.metrics_auth.unwrap_or(AuthLevel::Anonymous),
         })
     }
 }

@@ -23,6 +23,9 @@ pub enum Outcome {
     Trap,
     /// Not run: its queue was full or the wait timed out.
     Rejected,
+    /// It ran, but its caller went away before the answer (a client that
+    /// disconnected or timed out): run to its end and billed all the same.
+    Abandoned,
 }
 
 impl Outcome {
@@ -33,6 +36,7 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Trap => "trap",
             Outcome::Rejected => "rejected",
+            Outcome::Abandoned => "abandoned",
         }
     }
 }
@@ -137,6 +141,13 @@ impl Durable {
     }
 
     pub fn pending(rx: tokio::sync::oneshot::Receiver<Result<(), String>>) -> Durable {
+        Durable(vec![rx])
+    }
+
+    /// Never durable, for `reason`.
+    pub fn failed(reason: &str) -> Durable {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(Err(reason.to_owned()));
         Durable(vec![rx])
     }
 

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub pool_slots_in_use: IntGauge,
     pub guest_cpu_seconds: CounterVec,
     pub guest_memory_byte_seconds: CounterVec,
+    pub log_lines_dropped: prometheus::IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -109,8 +110,14 @@ impl Metrics {
             &["function"],
         )
         .expect("valid metric");
+        let log_lines_dropped = prometheus::IntCounter::new(
+            "kelvin_log_lines_dropped_total",
+            "Log lines (and JSON-lines records) dropped because their output did not keep up",
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(invocations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(log_lines_dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(invocations.clone()),
             Box::new(duration.clone()),
             Box::new(cold_start_phase.clone()),
             Box::new(loads.clone()),
@@ -137,6 +144,7 @@ impl Metrics {
             pool_slots_in_use,
             guest_cpu_seconds,
             guest_memory_byte_seconds,
+            log_lines_dropped,
         }
     }
 
@@ -147,12 +155,13 @@ impl Metrics {
     /// its triggers, outcome and temperature.
     pub fn start_at_zero(&self, functions: &[crate::manifest::FunctionSpec]) {
         use crate::metering::Outcome;
-        const OUTCOMES: [Outcome; 5] = [
+        const OUTCOMES: [Outcome; 6] = [
             Outcome::Ok,
             Outcome::Error,
             Outcome::Timeout,
             Outcome::Trap,
             Outcome::Rejected,
+            Outcome::Abandoned,
         ];
         for f in functions {
             let name = f.name.as_str();
@@ -223,9 +232,31 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.render_without(&std::collections::HashSet::new())
+    }
+
+    /// The exposition without the series of the functions in `hidden` (a
+    /// caller without a key sees no protected function's name or usage).
+    pub fn render_without(&self, hidden: &std::collections::HashSet<String>) -> String {
+        let dropped = crate::batch::dropped_total();
+        let seen = self.log_lines_dropped.get();
+        if dropped > seen {
+            self.log_lines_dropped.inc_by(dropped - seen);
+        }
+        let mut families = self.registry.gather();
+        if !hidden.is_empty() {
+            for family in &mut families {
+                family.mut_metric().retain(|m| {
+                    !m.get_label()
+                        .iter()
+                        .any(|l| l.name() == "function" && hidden.contains(l.value()))
+                });
+            }
+            families.retain(|f| !f.get_metric().is_empty());
+        }
         let mut buf = Vec::new();
         TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
+            .encode(&families, &mut buf)
             .expect("text encoding cannot fail");
         String::from_utf8(buf).expect("prometheus text is UTF-8")
     }

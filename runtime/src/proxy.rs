@@ -143,10 +143,12 @@ pub(crate) async fn execute(
         .env("KELVIN_INVOCATION_ID", invocation_id)
         .env("KELVIN_TRIGGER", "http")
         .envs(&spec.env);
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(invoke::MAX_COMPONENT_RESOURCES);
     let host = HttpHost {
         wasi: wasi.build(),
         http: WasiHttpCtx::new(),
-        table: ResourceTable::new(),
+        table,
         outbound: Outbound {
             function: spec.name.to_string(),
             invocation_id: invocation_id.to_owned(),
@@ -155,7 +157,12 @@ pub(crate) async fn execute(
         meter: MemoryMeter::new(spec.limits.memory),
     };
     let mut store = Store::new(&f.engine, host);
-    let armed = invoke::arm(engine, &mut store, &spec.limits);
+    let armed = invoke::arm(
+        engine,
+        &mut store,
+        &spec.limits,
+        invoke::MIN_HOSTCALL_BYTES + (64 << 10),
+    );
 
     let mut t = Timings::default();
     let result = {
@@ -215,51 +222,70 @@ pub struct Delivery {
 }
 
 /// A response body that counts what it sends and says how it ended, so the
-/// invocation's record can tell what the client got. Past `deadline` it
-/// ends with an error instead of going on: a response recorded as not
-/// delivered must not reach the client whole afterwards.
+/// invocation's record can tell what the client got.
+///
+/// Its end (or, for a body of known length, its last bytes, after which a
+/// client holds the whole response) is held back until the record is
+/// durable: a response whose record was lost ends in an error instead of
+/// being completed. Past `deadline` it ends with an error instead of going
+/// on: a response recorded as not delivered must not reach the client whole
+/// afterwards.
 pub struct MeteredBody {
     inner: HyperOutgoingBody,
     sent: u64,
     /// The response's Content-Length, if it has one: hyper stops polling
     /// once that much is sent, without asking for the end.
     length: Option<u64>,
+    /// A HEAD response: no body is sent, and none is owed.
+    head: bool,
     deadline: Instant,
     done: Option<tokio::sync::oneshot::Sender<Delivery>>,
+    /// Whether the record is durable, once it is written.
+    recorded: tokio::sync::oneshot::Receiver<bool>,
+    held: Held,
+}
+
+/// What the body holds back until the record is durable.
+enum Held {
+    /// Nothing yet: bytes go through as the guest writes them.
+    Nothing,
+    /// The last data frame of a body of known length.
+    Last(Frame<Bytes>),
+    /// The end of the body.
+    End,
+    /// The record is durable: what was held has gone out.
+    Released,
 }
 
 impl MeteredBody {
-    /// Wraps the body of `response`, which must be sent by `deadline`.
+    /// Wraps the body of `response`, which must be sent by `deadline`;
+    /// `done` hears how it ended, and `recorded` says when its end may go.
     pub fn wrap(
         response: hyper::Response<HyperOutgoingBody>,
+        head: bool,
         deadline: Instant,
         done: tokio::sync::oneshot::Sender<Delivery>,
+        recorded: tokio::sync::oneshot::Receiver<bool>,
     ) -> hyper::Response<MeteredBody> {
         let length = response
             .headers()
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok());
-        response.map(|body| MeteredBody::new(body, length, deadline, done))
-    }
-
-    fn new(
-        inner: HyperOutgoingBody,
-        length: Option<u64>,
-        deadline: Instant,
-        done: tokio::sync::oneshot::Sender<Delivery>,
-    ) -> MeteredBody {
-        MeteredBody {
+        response.map(|inner| MeteredBody {
             length: length.or(inner.size_hint().exact()),
             inner,
             sent: 0,
+            head,
             deadline,
             done: Some(done),
-        }
+            recorded,
+            held: Held::Nothing,
+        })
     }
 
     /// Whether everything the guest meant to send was sent.
     fn complete(&self) -> bool {
-        self.inner.is_end_stream() || self.length == Some(self.sent)
+        self.head || self.inner.is_end_stream() || self.length == Some(self.sent)
     }
 
     fn finish(&mut self, whole: bool) {
@@ -282,28 +308,70 @@ impl Body for MeteredBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if self.done.is_some() && Instant::now() >= self.deadline {
-            self.finish(false);
-            return Poll::Ready(Some(Err(
-                "the response was not sent within the function's timeout".into(),
-            )));
-        }
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.sent += data.len() as u64;
+        let this = &mut *self;
+        loop {
+            match std::mem::replace(&mut this.held, Held::Nothing) {
+                Held::Released => {
+                    this.held = Held::Released;
+                    return Pin::new(&mut this.inner)
+                        .poll_frame(cx)
+                        .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)));
+                }
+                held @ (Held::Last(_) | Held::End) => match Pin::new(&mut this.recorded).poll(cx) {
+                    Poll::Pending => {
+                        this.held = held;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(true)) => {
+                        this.held = Held::Released;
+                        return Poll::Ready(match held {
+                            Held::Last(frame) => Some(Ok(frame)),
+                            _ => None,
+                        });
+                    }
+                    Poll::Ready(_) => {
+                        return Poll::Ready(Some(Err(
+                            "the invocation could not be recorded".into()
+                        )));
+                    }
+                },
+                Held::Nothing => {}
+            }
+            if Instant::now() >= this.deadline {
+                this.finish(false);
+                return Poll::Ready(Some(Err(
+                    "the response was not sent within the function's timeout".into(),
+                )));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                    this.sent += len;
+                    if len > 0 && this.length == Some(this.sent) {
+                        // The last bytes: the client would hold the whole
+                        // response. They go once the record is durable.
+                        this.finish(true);
+                        this.held = Held::Last(frame);
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                Poll::Ready(None) => {
+                    this.finish(true);
+                    this.held = Held::End;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.finish(false);
+                    return Poll::Ready(Some(Err(Box::new(e))));
                 }
             }
-            Poll::Ready(None) => self.finish(true),
-            Poll::Ready(Some(Err(_))) => self.finish(false),
-            Poll::Pending => {}
         }
-        polled.map(|frame| frame.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        // Never before the record is durable: hyper must ask for the end.
+        matches!(self.held, Held::Released) && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -313,8 +381,7 @@ impl Body for MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
-        // A client that went away drops the body before its end; hyper
-        // drops a body of known length once that length is sent.
+        // A client that went away drops the body before its end.
         let whole = self.complete();
         self.finish(whole);
     }

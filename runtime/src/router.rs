@@ -81,11 +81,16 @@ impl MethodSet {
         MethodSet(self.0 | other.0)
     }
 
-    /// The value of an `Allow` header for this set.
+    /// The value of an `Allow` header for this set (HEAD wherever GET is).
     pub fn allow_header(self) -> String {
+        let set = if self.contains(Method::Get) {
+            self.with(Method::Head)
+        } else {
+            self
+        };
         Method::ALL
             .into_iter()
-            .filter(|m| self.contains(*m))
+            .filter(|m| set.contains(*m))
             .map(Method::as_str)
             .collect::<Vec<_>>()
             .join(", ")
@@ -227,6 +232,9 @@ pub enum RouteMatch<'r, T> {
         target: &'r T,
         route: &'r Route,
         params: Vec<(String, String)>,
+        /// A HEAD request that matched a route for GET only: serve it as a
+        /// GET (the server sends no body for HEAD).
+        head_as_get: bool,
     },
     /// The path exists, but not for this method; the set is for `Allow`.
     MethodNotAllowed(MethodSet),
@@ -246,6 +254,9 @@ impl<T> Router<T> {
         Router { routes }
     }
 
+    /// The route for `method` and `path`. HEAD is answered wherever GET
+    /// is (load balancers and uptime probes send it): by the most specific
+    /// route that takes HEAD or GET, as a GET unless it takes HEAD itself.
     pub fn lookup(&self, method: &str, path: &str) -> RouteMatch<'_, T> {
         let parts: Vec<&str> = match path.strip_prefix('/') {
             Some("") | None => Vec::new(),
@@ -257,7 +268,10 @@ impl<T> Router<T> {
             let Some(params) = route.matches(&parts) else {
                 continue;
             };
-            if method.is_some_and(|m| methods.contains(m)) {
+            let head_as_get = method == Some(Method::Head)
+                && !methods.contains(Method::Head)
+                && methods.contains(Method::Get);
+            if method.is_some_and(|m| methods.contains(m)) || head_as_get {
                 return RouteMatch::Found {
                     target,
                     route,
@@ -265,6 +279,7 @@ impl<T> Router<T> {
                         .into_iter()
                         .map(|(k, v)| (k, percent_decode(v)))
                         .collect(),
+                    head_as_get,
                 };
             }
             allowed = allowed.union(*methods);
@@ -337,6 +352,32 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn head_is_get_without_a_body_where_get_is_allowed() {
+        let router = router();
+        match router.lookup("HEAD", "/users/me") {
+            RouteMatch::Found {
+                target,
+                head_as_get,
+                ..
+            } => assert_eq!((*target, head_as_get), ("me", true)),
+            other => panic!("{other:?}"),
+        }
+        // A route taking every method takes HEAD as itself.
+        match router.lookup("HEAD", "/") {
+            RouteMatch::Found { head_as_get, .. } => assert!(!head_as_get),
+            other => panic!("{other:?}"),
+        }
+        match router.lookup("HEAD", "/items") {
+            RouteMatch::MethodNotAllowed(set) => assert_eq!(set.allow_header(), "POST"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            MethodSet::NONE.with(Method::Get).allow_header(),
+            "GET, HEAD"
+        );
     }
 
     #[test]

@@ -1,26 +1,38 @@
 //! The runtime: ties a validated manifest to the engine, the registry,
 //! admission control and the metering sink, and runs invocations end to end
 //! (admit -> load -> execute -> record).
+//!
+//! Two promises hold here, for every trigger:
+//!
+//! - **Every started invocation runs to its record.** An admitted invocation
+//!   runs in a task of its own, so a caller that goes away (a client that
+//!   disconnects or times out) cannot stop it half-way: it finishes, is
+//!   recorded (as `abandoned` if its answer had nobody to go to) and billed.
+//! - **Nothing is answered without its record.** A result is handed back
+//!   only once its record is durable; if the record cannot be made durable,
+//!   the caller is told so ([`Checked::durable`]) and answers that instead
+//!   (the HTTP trigger: 503).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::admission::Admission;
 use crate::engine::{EngineSettings, KelvinEngine, Tuning};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Body as _;
-
 use crate::invoke::{self, Event, Execution};
 use crate::manifest::Manifest;
 use crate::metering::{Durable, InvocationRecord, Outcome, RecordSink};
 use crate::metrics::Metrics;
-use crate::proxy::{self, MeteredBody};
-use crate::registry::{Capacity, Registry, RegistryError, micros};
-use crate::registry::{LoadedFunction, Prepared};
+use crate::proxy::{self, Delivery, MeteredBody};
+use crate::registry::{Capacity, LoadedFunction, Prepared, Registry, RegistryError, micros};
 
 /// A runtime that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +64,8 @@ pub enum HttpFailure {
     Malformed(String),
     /// It ended (or was never run) without setting one.
     Ended(Outcome),
+    /// Its record could not be made durable: no answer may be given.
+    NotRecorded,
 }
 
 impl HttpFailure {
@@ -63,6 +77,7 @@ impl HttpFailure {
             HttpFailure::Ended(outcome) => {
                 format!("ended without a response ({})", outcome.as_str())
             }
+            HttpFailure::NotRecorded => "its record could not be made durable".into(),
         }
     }
 }
@@ -81,15 +96,12 @@ fn check_component_response<B>(response: &hyper::Response<B>) -> Result<(), Stri
     }
 }
 
-type Permits<'a> = (tokio::sync::SemaphorePermit<'a>, SlotInUse<'a>);
-
 /// A record for an invocation that has not run yet.
 fn new_record(
     invocation_id: &str,
     function: &str,
     (version, memory_limit_bytes): (String, u64),
     trigger: &str,
-    bytes_in: usize,
 ) -> InvocationRecord {
     InvocationRecord {
         version,
@@ -106,7 +118,7 @@ fn new_record(
         peak_memory_bytes: 0,
         memory_kib_us: 0,
         fuel_consumed: None,
-        bytes_in: bytes_in as u64,
+        bytes_in: 0,
         bytes_out: 0,
         cold: false,
         load: None,
@@ -121,10 +133,12 @@ fn new_record(
 pub struct Invocation {
     pub record: InvocationRecord,
     pub stdout: Bytes,
+    /// Whether the record is durable (see [`Checked::durable`]).
+    pub durable: bool,
 }
 
-/// The result of [`Runtime::invoke_as`]: the record, and the output as the
-/// trigger accepted it.
+/// The result of an invocation started with [`Runtime::start`]: the
+/// record, and the output as the trigger accepted it.
 #[derive(Debug)]
 pub struct Checked<T> {
     pub record: InvocationRecord,
@@ -133,6 +147,9 @@ pub struct Checked<T> {
     pub output: Option<T>,
     /// Why a successful run's output was refused (the record says `error`).
     pub refused: Option<String>,
+    /// Whether the record is durable. If not, the result must not be
+    /// answered as if it were known: the ledger does not know it.
+    pub durable: bool,
 }
 
 impl<T> Checked<T> {
@@ -141,6 +158,71 @@ impl<T> Checked<T> {
             record,
             output: None,
             refused: None,
+            durable: false,
+        }
+    }
+}
+
+/// An invocation admitted to run: it holds a concurrency slot of its
+/// function until it has run (or is dropped, never run and never recorded).
+pub struct Ticket {
+    record: InvocationRecord,
+    permit: OwnedSemaphorePermit,
+}
+
+impl Ticket {
+    pub fn invocation_id(&self) -> &str {
+        &self.record.invocation_id
+    }
+}
+
+/// What admission decided.
+pub enum Admit {
+    /// Run it with [`Runtime::start`] or [`Runtime::start_http`].
+    Admitted(Ticket),
+    /// Its queue was full or it waited past its queue timeout. The record
+    /// (`rejected`) is written; `durable` says whether it was made durable.
+    Rejected(Checked<()>),
+}
+
+/// An invocation under way in its own task; resolves to its result. Dropped
+/// before it resolves, the invocation goes on and is recorded `abandoned`.
+pub struct Started<T>(tokio::sync::oneshot::Receiver<Checked<T>>);
+
+impl<T> Future for Started<T> {
+    type Output = Checked<T>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Checked<T>> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.expect("an invocation task always sends its result"))
+    }
+}
+
+/// Invocations started and not yet recorded, for draining at shutdown.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts an invocation in flight while it lives.
+struct Flying(Arc<InFlight>);
+
+impl Flying {
+    fn new(in_flight: &Arc<InFlight>) -> Flying {
+        in_flight.count.fetch_add(1, Ordering::SeqCst);
+        Flying(in_flight.clone())
+    }
+}
+
+impl Drop for Flying {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
         }
     }
 }
@@ -151,9 +233,10 @@ pub struct Runtime {
     registry: Registry,
     admission: HashMap<String, Admission>,
     /// One permit per pooling-allocator instance slot.
-    pool_slots: tokio::sync::Semaphore,
+    pool_slots: Arc<Semaphore>,
     sink: Arc<dyn RecordSink>,
     metrics: Metrics,
+    in_flight: Arc<InFlight>,
 }
 
 impl Runtime {
@@ -205,7 +288,7 @@ impl Runtime {
                 (f.name.to_string(), Admission::new(f.concurrency, depth))
             })
             .collect();
-        let pool_slots = tokio::sync::Semaphore::new(manifest.server.instance_slots.get() as usize);
+        let pool_slots = Arc::new(Semaphore::new(manifest.server.instance_slots.get() as usize));
         Ok(Runtime {
             manifest: Arc::new(manifest),
             engine,
@@ -214,6 +297,7 @@ impl Runtime {
             pool_slots,
             sink,
             metrics,
+            in_flight: Arc::default(),
         })
     }
 
@@ -234,49 +318,131 @@ impl Runtime {
         manifest.server.state_dir.join("invocations.jsonl")
     }
 
-    /// Makes every record so far durable.
+    /// Makes every record so far durable, and closes the sink: a record
+    /// made after this is refused (and its answer with it).
     pub fn flush(&self) {
         self.sink.flush();
     }
 
-    /// Runs one invocation of `function` and records it. A wasi:http
-    /// component gets a `POST /` whose body is the input; its response body
-    /// is the output.
+    /// Waits until every started invocation has been recorded, or `within`
+    /// has passed; whether none is left.
+    pub async fn drained(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let idle = self.in_flight.idle.notified();
+            if self.in_flight.count.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.in_flight.count.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+
+    /// The longest `timeout` of any function: how long an invocation may
+    /// still run after its caller stopped waiting.
+    pub fn longest_timeout(&self) -> Duration {
+        self.manifest
+            .functions
+            .iter()
+            .map(|f| f.limits.timeout)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Runs one invocation of `function`, here, and records it (for `kelvin
+    /// invoke` and embedders; triggers use [`Runtime::start`], which keeps
+    /// running when its caller goes away). A wasi:http component gets a
+    /// `POST /` whose body is the input; its response body is the output.
     pub async fn invoke(
         &self,
         function: &str,
         event: Event,
     ) -> Result<Invocation, UnknownFunction> {
-        let checked = self.invoke_as(function, event, Ok).await?;
+        let ticket = match self.admit(function, event.trigger).await? {
+            Admit::Admitted(ticket) => ticket,
+            Admit::Rejected(checked) => {
+                return Ok(Invocation {
+                    record: checked.record,
+                    stdout: Bytes::new(),
+                    durable: checked.durable,
+                });
+            }
+        };
+        let checked = self.run(ticket, event, Ok, || false).await;
         Ok(Invocation {
             record: checked.record,
             stdout: checked.output.unwrap_or_default(),
+            durable: checked.durable,
         })
     }
 
-    /// As [`Runtime::invoke`], with `accept` turning a successful run's
-    /// output into what the trigger answers, before the record is written:
-    /// output it refuses is recorded as the `error` its caller will see,
-    /// with the reason, never as a success.
-    pub async fn invoke_as<T>(
+    /// Waits for a concurrency slot of `function` (in its bounded queue).
+    /// Triggers admit before they buffer an event, so a request that cannot
+    /// run costs no memory, and one that waits holds none.
+    pub async fn admit(
         &self,
         function: &str,
-        event: Event,
-        accept: impl FnOnce(Bytes) -> Result<T, String>,
-    ) -> Result<Checked<T>, UnknownFunction> {
+        trigger: &'static str,
+    ) -> Result<Admit, UnknownFunction> {
         let admission = self.admission_of(function)?;
         let invocation_id = uuid::Uuid::now_v7().to_string();
-        let mut record = new_record(
-            &invocation_id,
-            function,
-            self.deployment(function),
-            event.trigger,
-            event.input.len(),
-        );
-        let Some((_permits, loaded, start)) = self.admit_and_load(admission, &mut record).await
-        else {
-            return Ok(Checked::failed(self.finish(record).await));
+        let mut record = new_record(&invocation_id, function, self.deployment(function), trigger);
+        let queued_from = Instant::now();
+        let entered = admission.enter().await;
+        record.queued_us = micros(queued_from.elapsed());
+        Ok(match entered {
+            Ok(permit) => Admit::Admitted(Ticket { record, permit }),
+            Err(rejected) => {
+                record.reason = Some(rejected.to_string());
+                let (record, durable) = self.finish(record).await;
+                let mut checked = Checked::failed(record);
+                checked.durable = durable;
+                Admit::Rejected(checked)
+            }
+        })
+    }
+
+    /// Starts an admitted invocation in its own task; `accept` turns a
+    /// successful run's output into what the trigger answers, before the
+    /// record is written, so output it refuses is recorded as the `error`
+    /// its caller will see. `hold` lives until the invocation is recorded
+    /// (a trigger's budget for the event's bytes).
+    pub fn start<T: Send + 'static>(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        event: Event,
+        accept: impl FnOnce(Bytes) -> Result<T, String> + Send + 'static,
+        hold: impl Send + 'static,
+    ) -> Started<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let runtime = self.clone();
+        let flying = Flying::new(&self.in_flight);
+        tokio::spawn(async move {
+            let checked = runtime.run(ticket, event, accept, || tx.is_closed()).await;
+            drop(hold);
+            let _ = tx.send(checked);
+            drop(flying);
+        });
+        Started(rx)
+    }
+
+    async fn run<T>(
+        &self,
+        ticket: Ticket,
+        event: Event,
+        accept: impl FnOnce(Bytes) -> Result<T, String>,
+        abandoned: impl Fn() -> bool,
+    ) -> Checked<T> {
+        let Ticket { mut record, permit } = ticket;
+        record.bytes_in = event.input.len() as u64;
+        let Some((slot, loaded, start)) = self.pool_and_load(&mut record).await else {
+            let (record, durable) = self.finish(record).await;
+            let mut checked = Checked::failed(record);
+            checked.durable = durable;
+            return checked;
         };
+        let invocation_id = record.invocation_id.clone();
         let max_output = usize::try_from(self.manifest.server.max_body).unwrap_or(usize::MAX);
         let (exec, output) = match &loaded.prepared {
             Prepared::Module(pre) => {
@@ -320,6 +486,7 @@ impl Runtime {
                 )
             }
         };
+        drop((slot, permit));
         record.wall_us = micros(start.elapsed());
         record.bytes_out = output.len() as u64;
         self.record_execution(&mut record, &exec);
@@ -334,8 +501,15 @@ impl Runtime {
                 }
             }
         }
-        checked.record = self.finish(checked.record).await;
-        Ok(checked)
+        if abandoned() {
+            // Nobody is left to take the answer: that is what the record
+            // says, besides how the run itself ended.
+            mark_abandoned(&mut checked.record);
+        }
+        let (record, durable) = self.finish(checked.record).await;
+        checked.record = record;
+        checked.durable = durable;
+        checked
     }
 
     /// Whether `function` is a wasi:http component (given HTTP requests
@@ -344,61 +518,64 @@ impl Runtime {
         self.registry.kind(function) == Some(crate::cache::WasmKind::Component)
     }
 
-    /// Runs `function`, a wasi:http component, for one HTTP request. Returns
-    /// as soon as the guest has set its response (whose body may still be
-    /// streaming) or has ended without one; the record is written when the
-    /// invocation and its response body are done.
-    pub async fn invoke_http(
+    /// Starts an admitted invocation of a wasi:http component for one HTTP
+    /// request, in its own task. Returns as soon as the guest has set its
+    /// response (whose body may still be streaming) or has ended without
+    /// one. The record is written when the body is done; the body's end is
+    /// held back until the record is durable, so a client never holds a
+    /// whole response whose record could still be lost. `head` says the
+    /// client asked with HEAD (and expects no body). `hold` lives until the
+    /// invocation is recorded.
+    pub async fn start_http(
         self: &Arc<Self>,
-        function: &str,
+        ticket: Ticket,
         request: hyper::Request<Full<Bytes>>,
-    ) -> Result<HttpInvocation, UnknownFunction> {
-        self.admission_of(function)?;
-        let invocation_id = uuid::Uuid::now_v7().to_string();
+        head: bool,
+        hold: impl Send + 'static,
+    ) -> HttpInvocation {
+        let invocation_id = ticket.invocation_id().to_owned();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let runtime = self.clone();
-        let (function, id) = (function.to_owned(), invocation_id.clone());
-        let task =
-            tokio::spawn(async move { runtime.serve_component(&function, &id, request, tx).await });
+        let flying = Flying::new(&self.in_flight);
+        let task = tokio::spawn(async move {
+            let record = runtime.serve_component(ticket, request, head, tx).await;
+            drop(hold);
+            drop(flying);
+            record
+        });
         let response = match rx.await {
             Ok(answer) => answer,
             // The guest ended without a response: its record says why.
             Err(_) => Err(match task.await {
-                Ok(record) => HttpFailure::Ended(record.outcome),
+                Ok((_, false)) => HttpFailure::NotRecorded,
+                Ok((record, true)) => HttpFailure::Ended(record.outcome),
                 Err(_) => HttpFailure::Ended(Outcome::Error),
             }),
         };
-        Ok(HttpInvocation {
+        HttpInvocation {
             invocation_id,
             response,
-        })
+        }
     }
 
     async fn serve_component(
         &self,
-        function: &str,
-        invocation_id: &str,
+        ticket: Ticket,
         request: hyper::Request<Full<Bytes>>,
+        head: bool,
         respond_to: tokio::sync::oneshot::Sender<Result<hyper::Response<MeteredBody>, HttpFailure>>,
-    ) -> InvocationRecord {
-        let admission = self.admission_of(function).expect("checked by the caller");
-        let bytes_in = request.body().size_hint().exact().unwrap_or(0) as usize;
-        let mut record = new_record(
-            invocation_id,
-            function,
-            self.deployment(function),
-            "http",
-            bytes_in,
-        );
-        let Some((_permits, loaded, start)) = self.admit_and_load(admission, &mut record).await
-        else {
+    ) -> (InvocationRecord, bool) {
+        let Ticket { mut record, permit } = ticket;
+        record.bytes_in = request.body().size_hint().exact().unwrap_or(0);
+        let Some((slot, loaded, start)) = self.pool_and_load(&mut record).await else {
             drop(respond_to);
             return self.finish(record).await;
         };
         let Prepared::Component(pre) = &loaded.prepared else {
             unreachable!("the HTTP trigger sends only components here");
         };
-        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel::<Delivery>();
+        let (ack_tx, ack_rx) = tokio::sync::oneshot::channel::<bool>();
         // What the client was told instead of the guest's response, if not it.
         let refused = Arc::new(std::sync::Mutex::new(None));
         let noted = refused.clone();
@@ -406,7 +583,7 @@ impl Runtime {
         let respond: proxy::Respond = Box::new(move |r| {
             let answer = match r {
                 Ok(response) => match check_component_response(&response) {
-                    Ok(()) => Ok(MeteredBody::wrap(response, deadline, sent_tx)),
+                    Ok(()) => Ok(MeteredBody::wrap(response, head, deadline, sent_tx, ack_rx)),
                     Err(why) => Err(HttpFailure::Malformed(why)),
                 },
                 Err(code) => Err(HttpFailure::GuestError(format!("{code:?}"))),
@@ -416,10 +593,11 @@ impl Runtime {
             }
             let _ = respond_to.send(answer);
         });
+        let invocation_id = record.invocation_id.clone();
         let exec =
-            proxy::execute(&self.engine, &loaded, pre, invocation_id, request, respond).await;
+            proxy::execute(&self.engine, &loaded, pre, &invocation_id, request, respond).await;
         // The guest is done: its slots are free while the client reads.
-        drop(_permits);
+        drop((slot, permit));
         // Bytes out are those the client was sent: wait for the body to end
         // (or the client to leave), within the function's timeout; the body
         // ends itself at that deadline.
@@ -459,7 +637,11 @@ impl Runtime {
             record.outcome = Outcome::Error;
             record.reason = Some("the response was not sent within the function's timeout".into());
         }
-        self.finish(record).await
+        let (record, durable) = self.finish(record).await;
+        // The body's end waits for this: a response whose record was lost
+        // is cut off instead of completed.
+        let _ = ack_tx.send(durable);
+        (record, durable)
     }
 
     /// The function's deployment version and memory limit, for its records.
@@ -474,27 +656,19 @@ impl Runtime {
             .ok_or_else(|| UnknownFunction(function.to_owned()))
     }
 
-    /// Waits for a concurrency slot and a pool slot, then loads the function.
-    /// `None` means the record now says why it cannot run.
-    async fn admit_and_load<'a>(
-        &'a self,
-        admission: &'a Admission,
+    /// Waits for a pool slot (within the function's queue timeout), then
+    /// loads the function. `None` means the record now says why it cannot
+    /// run.
+    async fn pool_and_load(
+        &self,
         record: &mut InvocationRecord,
-    ) -> Option<(Permits<'a>, Arc<LoadedFunction>, Instant)> {
+    ) -> Option<(SlotInUse, Arc<LoadedFunction>, Instant)> {
+        let admission = self.admission_of(&record.function).ok()?;
         let queued_from = Instant::now();
-        let admitted = match admission.enter().await {
-            Ok(permit) => admission
-                .enter_pool(&self.pool_slots)
-                .await
-                .map(|slot| (permit, slot)),
-            Err(rejected) => Err(rejected),
-        };
-        record.queued_us = micros(queued_from.elapsed());
-        let permits = match admitted {
-            Ok((permit, slot)) => (
-                permit,
-                SlotInUse::hold(slot, &self.metrics.pool_slots_in_use),
-            ),
+        let slot = admission.enter_pool(&self.pool_slots).await;
+        record.queued_us += micros(queued_from.elapsed());
+        let slot = match slot {
+            Ok(slot) => SlotInUse::hold(slot, &self.metrics.pool_slots_in_use),
             Err(rejected) => {
                 record.reason = Some(rejected.to_string());
                 return None;
@@ -505,7 +679,7 @@ impl Runtime {
             Ok((loaded, cold)) => {
                 record.cold = cold.is_some();
                 record.load = cold;
-                Some((permits, loaded, start))
+                Some((slot, loaded, start))
             }
             Err(e) => {
                 record.outcome = Outcome::Error;
@@ -546,9 +720,9 @@ impl Runtime {
     }
 
     /// Logs, counts and records an invocation, returning once its record is
-    /// durable: an answer is never sent for an invocation the ledger could
-    /// still lose.
-    async fn finish(&self, record: InvocationRecord) -> InvocationRecord {
+    /// durable (`true`) or could not be made so (`false`): an answer is
+    /// never sent for an invocation the ledger could still lose.
+    async fn finish(&self, record: InvocationRecord) -> (InvocationRecord, bool) {
         if record.outcome != Outcome::Ok {
             tracing::warn!(
                 function = record.function.as_str(),
@@ -564,37 +738,49 @@ impl Runtime {
         } else {
             Durable::now()
         };
-        if let Err(e) = durable.wait().await {
-            tracing::error!(
-                invocation_id = record.invocation_id.as_str(),
-                error = e.as_str(),
-                "the invocation's record could not be made durable"
-            );
+        match durable.wait().await {
+            Ok(()) => (record, true),
+            Err(e) => {
+                tracing::error!(
+                    invocation_id = record.invocation_id.as_str(),
+                    error = e.as_str(),
+                    "the invocation's record could not be made durable; its answer is withheld"
+                );
+                (record, false)
+            }
         }
-        record
+    }
+}
+
+/// Records that the caller went away before the answer.
+fn mark_abandoned(record: &mut InvocationRecord) {
+    const GONE: &str = "the caller went away before the answer";
+    record.reason = Some(match record.reason.take() {
+        Some(why) => format!("{GONE}; {why}"),
+        None => GONE.to_owned(),
+    });
+    if record.outcome == Outcome::Ok {
+        record.outcome = Outcome::Abandoned;
     }
 }
 
 /// A pool slot held by a running invocation, counted in the gauge while held.
-struct SlotInUse<'a> {
-    _permit: tokio::sync::SemaphorePermit<'a>,
-    gauge: &'a prometheus::IntGauge,
+struct SlotInUse {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
 }
 
-impl<'a> SlotInUse<'a> {
-    fn hold(
-        permit: tokio::sync::SemaphorePermit<'a>,
-        gauge: &'a prometheus::IntGauge,
-    ) -> SlotInUse<'a> {
+impl SlotInUse {
+    fn hold(permit: OwnedSemaphorePermit, gauge: &prometheus::IntGauge) -> SlotInUse {
         gauge.inc();
         SlotInUse {
             _permit: permit,
-            gauge,
+            gauge: gauge.clone(),
         }
     }
 }
 
-impl Drop for SlotInUse<'_> {
+impl Drop for SlotInUse {
     fn drop(&mut self) {
         self.gauge.dec();
     }

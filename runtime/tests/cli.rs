@@ -850,3 +850,144 @@ fn logs_to_a_pipe_carry_no_colour() {
         "ANSI escapes in a pipe: {stderr:?}"
     );
 }
+
+/// Holds the write lock of the ledger at `path` for `secs` seconds, as
+/// another process (a backup, a second writer) might.
+fn hold_ledger(path: PathBuf, secs: u64) -> std::thread::JoinHandle<()> {
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked_tx.send(()).unwrap();
+        std::thread::sleep(Duration::from_secs(secs));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    locked.recv().unwrap();
+    holder
+}
+
+#[test]
+fn a_locked_ledger_delays_or_refuses_answers_but_never_loses_them() {
+    let (dir, manifest) = app();
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    let ledger = dir.path().join(".kelvin").join("ledger.sqlite3");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let get = |path: &str| {
+        rt.block_on(async {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap();
+            let r = client
+                .get(format!("http://{addr}{path}"))
+                .send()
+                .await
+                .unwrap();
+            let id = r.headers()["x-kelvin-invocation-id"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            (r.status().as_u16(), id)
+        })
+    };
+    assert_eq!(get("/hello/warm").0, 200);
+
+    // Locked for 7 s, past the writer's 5 s busy timeout: the answer waits
+    // for the retried commit. Before, the client got a 200 at 5 s for an
+    // invocation the ledger never stored.
+    let holder = hold_ledger(ledger.clone(), 7);
+    let started = Instant::now();
+    let (status, id) = get("/hello/locked");
+    holder.join().unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let reader = kelvin::ledger::LedgerReader::open(&ledger).unwrap();
+    assert_eq!(
+        reader.count(&id).unwrap(),
+        1,
+        "an acknowledged invocation is stored"
+    );
+
+    // Locked past every retry: no answer the ledger does not know, a 503.
+    let holder = hold_ledger(ledger.clone(), 18);
+    let (status, id) = get("/hello/refused");
+    holder.join().unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(reader.count(&id).unwrap(), 0);
+    // And it serves (and records) again once the lock is gone.
+    let (status, id) = get("/hello/after");
+    assert_eq!(status, 200);
+    assert_eq!(reader.count(&id).unwrap(), 1);
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn shutdown_past_the_drain_timeout_answers_nothing_unrecorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let guests = kelvin_tests::guest_dir().display().to_string();
+    let manifest = dir.path().join("functions.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "version = 1\nname = \"drain\"\n[server]\ninstance_slots = 8\ndrain_timeout = \"200ms\"\n\
+             [functions.spin]\nsource = \"{guests}/spin.wasm\"\n\
+             [[functions.spin.http]]\nroute = \"/spin/{{ms}}\"\nauth = \"anonymous\"\n"
+        ),
+    )
+    .unwrap();
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Compile first, so the request below is in the guest when the
+        // server stops.
+        let r = reqwest::get(format!("http://{addr}/spin/1")).await.unwrap();
+        assert_eq!(r.status(), 200);
+    });
+    let client = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let r = reqwest::get(format!("http://{addr}/spin/1500")).await?;
+            let id = r.headers()["x-kelvin-invocation-id"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            Ok::<_, reqwest::Error>((r.status().as_u16(), id))
+        })
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let ledger =
+        kelvin::ledger::LedgerReader::open(&dir.path().join(".kelvin").join("ledger.sqlite3"))
+            .unwrap();
+    match client.join().unwrap() {
+        // Cut off at the drain timeout: no answer at all...
+        Err(_) => {}
+        // ...or one whose record is there.
+        Ok((_, id)) => assert_eq!(ledger.count(&id).unwrap(), 1),
+    }
+    // The invocation under way ran to its record before the ledger closed:
+    // before, the ledger closed under it and its record was lost.
+    let records = ledger.records(0, i64::MAX).unwrap();
+    let spun: Vec<_> = records.iter().filter(|r| r.run_us > 1_000_000).collect();
+    assert_eq!(spun.len(), 1, "{records:?}");
+    assert_eq!(spun[0].outcome.as_str(), "abandoned", "{:?}", spun[0]);
+}

@@ -11,5 +11,6 @@ mod languages;
 mod limits;
 mod manifest;
 mod metering;
+mod promises;
 mod registry;
 mod util;

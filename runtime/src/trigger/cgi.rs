@@ -96,18 +96,33 @@ pub fn env(
     for (name, value) in meta.params {
         env.push((format!("KELVIN_PARAM_{name}"), value.clone()));
     }
-    for (name, value) in &parts.headers {
-        let Ok(value) = value.to_str() else { continue };
+    // Headers become HTTP_* variables. A name with `_` is dropped: mapped,
+    // `X_Forwarded_For` would pose as `X-Forwarded-For` (Apache and nginx
+    // drop them too). Repeated headers are joined with ", " (RFC 3875
+    // 4.1.18) instead of shadowing each other. `Proxy` never becomes
+    // HTTP_PROXY, which many HTTP clients take as their proxy (httpoxy).
+    for name in parts.headers.keys() {
+        if name.as_str().contains('_') || name.as_str() == "proxy" {
+            continue;
+        }
+        let values: Vec<&str> = parts
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if values.is_empty() || name == hyper::header::CONTENT_LENGTH {
+            continue;
+        }
+        let value = values.join(", ");
         if name == hyper::header::CONTENT_TYPE {
-            env.push(("CONTENT_TYPE".into(), value.to_owned()));
-        } else if name != hyper::header::CONTENT_LENGTH {
-            env.push((
-                format!(
-                    "HTTP_{}",
-                    name.as_str().to_ascii_uppercase().replace('-', "_")
-                ),
-                value.to_owned(),
-            ));
+            env.push(("CONTENT_TYPE".into(), value));
+        } else {
+            let var = format!(
+                "HTTP_{}",
+                name.as_str().to_ascii_uppercase().replace('-', "_")
+            );
+            env.push((var, value));
         }
     }
     env
@@ -366,6 +381,41 @@ mod tests {
         // A long body without a head is fine.
         let text = "word ".repeat(100_000);
         assert_eq!(parse(text.as_bytes()).unwrap().body().len(), text.len());
+    }
+
+    #[test]
+    fn headers_cannot_shadow_each_other_or_set_a_proxy() {
+        let request = hyper::Request::get("/x?a=1")
+            .header("X_Forwarded_For", "evil")
+            .header("X-Forwarded-For", "10.0.0.1")
+            .header("Content_Type", "text/html")
+            .header("Content-Type", "application/json")
+            .header("Accept", "text/plain")
+            .header("Accept", "application/json")
+            .header("Proxy", "http://evil.example")
+            .body(())
+            .unwrap();
+        let (parts, ()) = request.into_parts();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let meta = Meta {
+            peer: addr,
+            local: addr,
+            route: "/x",
+            params: &[],
+            query: "a=1",
+        };
+        let env = env(&parts, 0, &meta);
+        let all = |k: &str| -> Vec<&str> {
+            env.iter()
+                .filter(|(n, _)| n == k)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        assert_eq!(all("HTTP_X_FORWARDED_FOR"), ["10.0.0.1"]);
+        assert_eq!(all("CONTENT_TYPE"), ["application/json"]);
+        assert_eq!(all("HTTP_ACCEPT"), ["text/plain, application/json"]);
+        assert!(all("HTTP_PROXY").is_empty());
+        assert!(all("HTTP_CONTENT_TYPE").is_empty());
     }
 
     #[test]

@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{Trigger, cgi};
 use crate::billing::{self, GroupBy};
@@ -27,7 +28,7 @@ use crate::keys::{AuthLevel, KeyError, KeyStore};
 use crate::ledger::{Ledger, LedgerReader};
 use crate::metering::Outcome;
 use crate::router::{MethodSet, Route, RouteMatch, Router};
-use crate::runtime::{HttpFailure, Runtime};
+use crate::runtime::{Admit, HttpFailure, Runtime, Ticket};
 
 /// The HTTP trigger kind.
 pub struct Http;
@@ -73,6 +74,10 @@ pub struct HttpServer {
     runtime: Arc<Runtime>,
     router: Router<Target>,
     keys: KeyStore,
+    /// Request bodies in memory, all connections together, in KiB.
+    body_budget: Arc<Semaphore>,
+    /// Functions only a key can call: hidden from anonymous `/metrics`.
+    protected: std::collections::HashSet<String>,
 }
 
 impl HttpServer {
@@ -101,10 +106,30 @@ impl HttpServer {
             .map(|f| f.name.as_str())
             .collect();
         let keys = KeyStore::open(&runtime.manifest().server.state_dir, &names)?;
+        let protected = runtime
+            .manifest()
+            .functions
+            .iter()
+            .filter(|f| {
+                !f.triggers.iter().any(|t| {
+                    let super::TriggerConfig::Http(h) = t;
+                    h.auth == AuthLevel::Anonymous
+                })
+            })
+            .map(|f| f.name.to_string())
+            .collect();
+        let budget_kib = runtime.manifest().server.body_budget.div_ceil(1024);
+        let body_budget = Arc::new(Semaphore::new(
+            usize::try_from(budget_kib)
+                .unwrap_or(Semaphore::MAX_PERMITS)
+                .min(Semaphore::MAX_PERMITS),
+        ));
         Ok(HttpServer {
             runtime,
             router: Router::new(routes),
             keys,
+            body_budget,
+            protected,
         })
     }
 
@@ -137,8 +162,12 @@ impl HttpServer {
         let sweeper = tokio::spawn(sweep_idle(runtime.clone()));
         let protocols = protocols(&settings);
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        // Every connection's task: aborted if the drain outlasts its
+        // timeout, so none answers once the records are closed.
+        let mut tasks = tokio::task::JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
+            while tasks.try_join_next().is_some() {}
             let permit = tokio::select! {
                 permit = connections.clone().acquire_owned() => permit.expect("never closed"),
                 () = &mut shutdown => break,
@@ -163,7 +192,7 @@ impl HttpServer {
                     });
                     let conn = protocols.serve_connection(TokioIo::new(stream), service).into_owned();
                     let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
+                    tasks.spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(error = %e, "connection ended with an error");
                         }
@@ -179,7 +208,17 @@ impl HttpServer {
             .await
             .is_err()
         {
-            tracing::warn!("drain timeout passed; closing remaining connections");
+            tracing::warn!("drain timeout passed; closing the remaining connections unanswered");
+            tasks.abort_all();
+        }
+        while tasks.join_next().await.is_some() {}
+        // Invocations whose clients were cut off run to their records
+        // (bounded by their timeouts) before the records close.
+        if !runtime
+            .drained(runtime.longest_timeout() + Duration::from_secs(5))
+            .await
+        {
+            tracing::warn!("invocations still running at exit; their records are refused");
         }
         sweeper.abort();
         runtime.flush();
@@ -230,52 +269,50 @@ impl HttpServer {
         local: SocketAddr,
     ) -> Response<Body> {
         let path = req.uri().path().to_owned();
+        let head = req.method() == hyper::Method::HEAD;
         match (req.method().as_str(), path.as_str()) {
-            ("GET", "/metrics") => {
-                return plain(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    self.runtime.metrics().render(),
-                );
-            }
+            ("GET" | "HEAD", "/metrics") => return self.metrics(&req),
             ("GET", "/admin/bill") => return self.bill(&req).await,
-            ("GET", "/healthz" | "/readyz") => {
+            ("GET" | "HEAD", "/healthz" | "/readyz") => {
                 return plain(StatusCode::OK, "text/plain", "ok\n".into());
             }
             _ => {}
         }
-        let (target, route, params) = match self.router.lookup(req.method().as_str(), &path) {
-            RouteMatch::Found {
-                target,
-                route,
-                params,
-            } => (target, route.pattern().to_owned(), params),
-            RouteMatch::NotFound => {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    None,
-                    format!("no route for {} {path}", req.method()),
-                );
-            }
-            RouteMatch::MethodNotAllowed(allowed) => {
-                let mut r = error(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    None,
-                    format!("{} is not allowed on {path}", req.method()),
-                );
-                if let Ok(v) = HeaderValue::from_str(&allowed.allow_header()) {
-                    r.headers_mut().insert(hyper::header::ALLOW, v);
+        let (target, route, params, head_as_get) =
+            match self.router.lookup(req.method().as_str(), &path) {
+                RouteMatch::Found {
+                    target,
+                    route,
+                    params,
+                    head_as_get,
+                } => (target, route.pattern().to_owned(), params, head_as_get),
+                RouteMatch::NotFound => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        None,
+                        format!("no route for {} {path}", req.method()),
+                    );
                 }
-                return r;
-            }
-        };
+                RouteMatch::MethodNotAllowed(allowed) => {
+                    let mut r = error(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        None,
+                        format!("{} is not allowed on {path}", req.method()),
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&allowed.allow_header()) {
+                        r.headers_mut().insert(hyper::header::ALLOW, v);
+                    }
+                    return r;
+                }
+            };
 
         let function = target.function.as_str();
         // Before anything else: an unauthorised request costs nothing, is not
         // metered and never reaches the guest.
+        let key = presented_key(&req);
         if !self
             .keys
-            .authorize(target.auth, function, presented_key(&req).as_deref())
+            .authorize(target.auth, function, key.value.as_deref())
         {
             return error(
                 StatusCode::UNAUTHORIZED,
@@ -292,34 +329,54 @@ impl HttpServer {
         if declared.is_some_and(|len| len > max_body) {
             return error(StatusCode::PAYLOAD_TOO_LARGE, None, too_large(max_body));
         }
-        let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, max_body as usize).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return error(StatusCode::PAYLOAD_TOO_LARGE, None, too_large(max_body));
-            }
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    None,
-                    "failed to read the request body".into(),
-                );
-            }
-        };
 
-        if self.runtime.is_component(function) {
-            return self.component_response(function, parts, body, local).await;
+        // Admission before the body is read: a request that cannot run (its
+        // function's queue is full) is answered at once, and one that waits
+        // holds no body in memory.
+        let ticket = match self.runtime.admit(function, Http::TYPE).await {
+            Ok(Admit::Admitted(ticket)) => ticket,
+            Ok(Admit::Rejected(rejected)) => {
+                return unrecorded_or(&rejected.record.invocation_id, rejected.durable, || {
+                    failure(function, &rejected.record.invocation_id, Outcome::Rejected)
+                });
+            }
+            Err(e) => return unknown_function(e),
+        };
+        let (mut parts, body) = req.into_parts();
+        // Dropped on the way out, the ticket frees its slot: a request
+        // whose body never arrived never ran and is not recorded.
+        let (body, budget) = match self.read_body(body, declared).await {
+            Ok(read) => read,
+            Err(refusal) => return refusal,
+        };
+        if head_as_get {
+            // A route for GET answers HEAD as GET; hyper sends no body.
+            parts.method = hyper::Method::GET;
+        }
+        // The key is the host's business, not the guest's: its header goes,
+        // and `code=` from the query if it holds the key that opened a
+        // protected route (otherwise it is the guest's, like an OAuth
+        // callback's `?code=...&state=...`).
+        parts.headers.remove(KEY_HEADER);
+        if target.auth != AuthLevel::Anonymous
+            && key.value.is_some()
+            && query_code(&parts.uri) == key.value.as_deref()
+        {
+            strip_code(&mut parts.uri);
         }
 
-        let (mut parts, body) = (parts, body);
-        parts.headers.remove(KEY_HEADER);
-        let query = without_key(parts.uri.query().unwrap_or(""));
+        if self.runtime.is_component(function) {
+            return self
+                .component_response(function, ticket, parts, body, budget, local, head)
+                .await;
+        }
+
         let meta = cgi::Meta {
             peer,
             local,
             route: &route,
             params: &params,
-            query: &query,
+            query: parts.uri.query().unwrap_or(""),
         };
         let env = cgi::env(&parts, body.len(), &meta);
         let event = Event {
@@ -329,12 +386,14 @@ impl HttpServer {
         };
         let max_head =
             usize::try_from(self.runtime.manifest().server.max_header_size).unwrap_or(usize::MAX);
-        let accept = |stdout| cgi::response(stdout, max_head, full).map_err(|e| e.to_string());
-        let invocation = match self.runtime.invoke_as(function, event, accept).await {
-            Ok(i) => i,
-            Err(e) => return unknown_function(e),
-        };
+        let accept = move |stdout| cgi::response(stdout, max_head, full).map_err(|e| e.to_string());
+        // The invocation runs in its own task: a client that goes away
+        // leaves it to finish and be recorded.
+        let invocation = self.runtime.start(ticket, event, accept, budget).await;
         let id = invocation.record.invocation_id.as_str();
+        if !invocation.durable {
+            return not_recorded(id);
+        }
         if let Some(why) = &invocation.refused {
             tracing::warn!(
                 function,
@@ -353,13 +412,102 @@ impl HttpServer {
         }
     }
 
+    /// Reads a request body whole: within `request_body_timeout` (408
+    /// beyond), `max_body` (413) and the bytes all bodies in memory may
+    /// hold together, `body_budget` (503 when it stays full). The permit
+    /// returned holds the body's share of the budget.
+    async fn read_body(
+        &self,
+        mut body: Incoming,
+        declared: Option<u64>,
+    ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Response<Body>> {
+        let settings = &self.runtime.manifest().server;
+        let deadline = tokio::time::Instant::now() + settings.request_body_timeout;
+        let kib = |bytes: u64| u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        let busy = || {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                None,
+                "too many request bodies in memory; retry later".into(),
+            );
+            r.headers_mut()
+                .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        };
+        let reserve = |bytes: u64| {
+            let budget = self.body_budget.clone();
+            async move {
+                tokio::time::timeout_at(deadline, budget.acquire_many_owned(kib(bytes)))
+                    .await
+                    .ok()
+                    .map(|p| p.expect("never closed"))
+            }
+        };
+        let mut held: Option<OwnedSemaphorePermit> = None;
+        let mut reserved = 0;
+        if let Some(len) = declared.filter(|&len| len > 0) {
+            held = Some(reserve(len).await.ok_or_else(busy)?);
+            reserved = u64::from(kib(len)) * 1024;
+        }
+        let mut buf = bytes::BytesMut::new();
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => {
+                    return Err(error(
+                        StatusCode::REQUEST_TIMEOUT,
+                        None,
+                        format!(
+                            "the request body took longer than {} to arrive",
+                            humantime::format_duration(settings.request_body_timeout)
+                        ),
+                    ));
+                }
+                Ok(None) => break,
+                Ok(Some(Ok(frame))) => frame,
+                Ok(Some(Err(_))) => {
+                    return Err(error(
+                        StatusCode::BAD_REQUEST,
+                        None,
+                        "failed to read the request body".into(),
+                    ));
+                }
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let size = (buf.len() + data.len()) as u64;
+            if size > settings.max_body {
+                return Err(error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    None,
+                    too_large(settings.max_body),
+                ));
+            }
+            if size > reserved {
+                // A body of no declared length reserves as it comes.
+                let more = reserve(size - reserved).await.ok_or_else(busy)?;
+                reserved += u64::from(more.num_permits() as u32) * 1024;
+                match &mut held {
+                    Some(permit) => permit.merge(more),
+                    None => held = Some(more),
+                }
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok((buf.freeze(), held))
+    }
+
     /// Hands the request to a wasi:http component and streams its answer.
+    #[allow(clippy::too_many_arguments)]
     async fn component_response(
         &self,
         function: &str,
+        ticket: Ticket,
         mut parts: hyper::http::request::Parts,
         body: Bytes,
+        budget: Option<OwnedSemaphorePermit>,
         local: SocketAddr,
+        head: bool,
     ) -> Response<Body> {
         // wasi:http needs an authority; an HTTP/1.0 request may come without.
         if !parts.headers.contains_key(hyper::header::HOST)
@@ -367,23 +515,8 @@ impl HttpServer {
         {
             parts.headers.insert(hyper::header::HOST, v);
         }
-        parts.headers.remove(KEY_HEADER);
-        if let Some(q) = parts.uri.query() {
-            let stripped = without_key(q);
-            let pq = if stripped.is_empty() {
-                parts.uri.path().to_owned()
-            } else {
-                format!("{}?{stripped}", parts.uri.path())
-            };
-            if let Ok(uri) = pq.parse() {
-                parts.uri = uri;
-            }
-        }
         let request = Request::from_parts(parts, Full::new(body));
-        let invocation = match self.runtime.invoke_http(function, request).await {
-            Ok(i) => i,
-            Err(e) => return unknown_function(e),
-        };
+        let invocation = self.runtime.start_http(ticket, request, head, budget).await;
         let id = invocation.invocation_id.as_str();
         match invocation.response {
             Ok(response) => {
@@ -410,8 +543,61 @@ impl HttpServer {
                 malformed(function, id)
             }
             Err(HttpFailure::Ended(outcome)) => failure(function, id, outcome),
+            Err(HttpFailure::NotRecorded) => not_recorded(id),
         }
     }
+
+    /// `GET /metrics`: for whom `server.metrics_auth` says. Open to anyone
+    /// by default, but a caller without a host or master key sees nothing
+    /// of functions that only keys can call (their names and usage).
+    fn metrics(&self, req: &Request<Incoming>) -> Response<Body> {
+        let key = presented_key(req);
+        let level = self.runtime.manifest().server.metrics_auth;
+        let keyed = self
+            .keys
+            .authorize(AuthLevel::Function, "", key.value.as_deref());
+        let hidden = match level {
+            AuthLevel::Anonymous if keyed => Default::default(),
+            AuthLevel::Anonymous => self.protected.clone(),
+            _ if self.keys.authorize(level, "", key.value.as_deref()) => Default::default(),
+            _ => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    None,
+                    "missing or invalid access key".into(),
+                );
+            }
+        };
+        plain(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            self.runtime.metrics().render_without(&hidden),
+        )
+    }
+}
+
+/// `answer()`, unless the invocation's record could not be made durable:
+/// then 503, and nothing the ledger does not know.
+fn unrecorded_or(
+    id: &str,
+    durable: bool,
+    answer: impl FnOnce() -> Response<Body>,
+) -> Response<Body> {
+    if durable { answer() } else { not_recorded(id) }
+}
+
+/// The answer for an invocation whose record could not be made durable
+/// (the ledger locked or failing past its retries, or closed): its result
+/// is withheld, and the client may retry.
+fn not_recorded(id: &str) -> Response<Body> {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Some(id),
+        "the invocation could not be recorded; retry later".into(),
+    );
+    r.headers_mut()
+        .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// A route that names no function: a bug in Kelvin, not the client's fault.
@@ -451,7 +637,7 @@ fn failure(function: &str, id: &str, outcome: Outcome) -> Response<Body> {
                 .insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
             r
         }
-        Outcome::Ok | Outcome::Error | Outcome::Trap => error(
+        Outcome::Ok | Outcome::Error | Outcome::Trap | Outcome::Abandoned => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             Some(id),
             format!("function `{function}` failed"),
@@ -465,7 +651,7 @@ impl HttpServer {
     async fn bill(&self, req: &Request<Incoming>) -> Response<Body> {
         if !self
             .keys
-            .authorize(AuthLevel::Admin, "", presented_key(req).as_deref())
+            .authorize(AuthLevel::Admin, "", presented_key(req).value.as_deref())
         {
             return error(
                 StatusCode::UNAUTHORIZED,
@@ -499,18 +685,18 @@ impl HttpServer {
         let path = Ledger::path_in(&manifest.server.state_dir);
         // SQLite reads block: off the async threads.
         let report = tokio::task::spawn_blocking(move || {
-            let ledger = LedgerReader::open(&path)?;
-            let records = ledger.records(since, until)?;
-            let days = ledger.aggregates(since, until)?;
-            Ok::<_, crate::ledger::LedgerError>(billing::report(&policy, &records, &days, by))
+            let mut ledger = LedgerReader::open(&path)?;
+            let usage = ledger.usage(since, until)?;
+            Ok::<_, crate::ledger::LedgerError>(billing::report(&policy, &usage, by))
         })
         .await;
         match report {
-            Ok(Ok(report)) => plain(
+            Ok(Ok(Ok(report))) => plain(
                 StatusCode::OK,
                 "application/json",
                 serde_json::to_string(&report).expect("reports serialise") + "\n",
             ),
+            Ok(Ok(Err(e))) => error(StatusCode::BAD_REQUEST, None, e.to_string()),
             Ok(Err(crate::ledger::LedgerError::Missing(_))) => error(
                 StatusCode::NOT_FOUND,
                 None,
@@ -533,24 +719,48 @@ impl HttpServer {
     }
 }
 
+/// The key a request presents.
+struct PresentedKey {
+    value: Option<String>,
+}
+
 /// The key from the `x-kelvin-key` header, else the `code` query parameter.
-fn presented_key(req: &Request<Incoming>) -> Option<String> {
+fn presented_key<B>(req: &Request<B>) -> PresentedKey {
     if let Some(v) = req.headers().get(KEY_HEADER) {
-        return v.to_str().ok().map(str::to_owned);
+        return PresentedKey {
+            value: v.to_str().ok().map(str::to_owned),
+        };
     }
-    req.uri().query()?.split('&').find_map(|pair| {
+    PresentedKey {
+        value: query_code(req.uri()).map(str::to_owned),
+    }
+}
+
+/// The `code` query parameter.
+fn query_code(uri: &hyper::Uri) -> Option<&str> {
+    uri.query()?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
-        (k == "code").then(|| v.to_owned())
+        (k == "code").then_some(v)
     })
 }
 
-/// The query without `code=...`: a key is the host's business, not the guest's.
-fn without_key(query: &str) -> String {
-    query
+/// Removes `code=...` from a request's query.
+fn strip_code(uri: &mut hyper::Uri) {
+    let Some(query) = uri.query() else { return };
+    let kept: Vec<&str> = query
         .split('&')
         .filter(|pair| !(pair.starts_with("code=") || *pair == "code"))
-        .collect::<Vec<_>>()
-        .join("&")
+        .collect();
+    let pq = if kept.is_empty() {
+        uri.path().to_owned()
+    } else {
+        format!("{}?{}", uri.path(), kept.join("&"))
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = pq.parse().ok();
+    if let Ok(new) = hyper::Uri::from_parts(parts) {
+        *uri = new;
+    }
 }
 
 fn too_large(max: u64) -> String {
