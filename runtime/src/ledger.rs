@@ -724,6 +724,20 @@ mod tests {
         all
     }
 
+    /// `n` invocations spread over September.
+    async fn september(ledger: &Ledger, n: u64) {
+        let waits: Vec<_> = (0..n)
+            .map(|i| {
+                let mut r = record(&format!("r{i}"));
+                r.started_at = format!("2026-09-{:02}T10:00:00.000000Z", 1 + i % 28);
+                ledger.record(&r)
+            })
+            .collect();
+        for w in waits {
+            w.wait().await.unwrap();
+        }
+    }
+
     fn unix_us(rfc3339: &str) -> i64 {
         humantime::parse_rfc3339(rfc3339)
             .unwrap()
@@ -845,16 +859,7 @@ mod tests {
         let ledger = Ledger::open(&path).unwrap();
         // 40,000 old invocations (one transaction of them took seconds and
         // held every row in memory).
-        let waits: Vec<_> = (0..40_000u64)
-            .map(|i| {
-                let mut r = record(&format!("old{i}"));
-                r.started_at = format!("2026-09-{:02}T10:00:00.000000Z", 1 + i % 28);
-                ledger.record(&r)
-            })
-            .collect();
-        for w in waits {
-            w.wait().await.unwrap();
-        }
+        september(&ledger, 40_000).await;
         drop(ledger);
         // A writer that waits at most 100 ms for the lock keeps writing
         // beside the compaction.
@@ -888,16 +893,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = Ledger::path_in(dir.path());
         let ledger = Ledger::open(&path).unwrap();
-        let waits: Vec<_> = (0..20_000u64)
-            .map(|i| {
-                let mut r = record(&format!("r{i}"));
-                r.started_at = format!("2026-09-{:02}T10:00:00.000000Z", 1 + i % 28);
-                ledger.record(&r)
-            })
-            .collect();
-        for w in waits {
-            w.wait().await.unwrap();
-        }
+        september(&ledger, 20_000).await;
         let policy = Policy::preset("azure-consumption").unwrap();
         let mut reader = LedgerReader::open(&path).unwrap();
         let expected = report(

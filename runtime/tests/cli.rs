@@ -15,16 +15,25 @@ fn kelvin() -> Command {
 
 /// A manifest in a temp dir wiring `hello` (and `trap`) to HTTP routes.
 fn app() -> (tempfile::TempDir, PathBuf) {
+    app_with(
+        "",
+        "[functions.hello]\nsource = \"{guests}/hello.wasm\"\n\
+         [[functions.hello.http]]\nroute = \"/hello/{name}\"\nauth = \"anonymous\"\n\
+         [functions.trap]\nsource = \"{guests}/trap.wasm\"\n",
+    )
+}
+
+/// A manifest in a temp dir: `server` lines, then `functions`, where
+/// `{guests}` is the folder of the built preview-1 guests.
+fn app_with(server: &str, functions: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let guests = kelvin_tests::guest_dir().display().to_string();
     let manifest = dir.path().join("functions.toml");
     std::fs::write(
         &manifest,
         format!(
-            "version = 1\nname = \"cli\"\n[server]\ninstance_slots = 8\n\
-             [functions.hello]\nsource = \"{guests}/hello.wasm\"\n\
-             [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nauth = \"anonymous\"\n\
-             [functions.trap]\nsource = \"{guests}/trap.wasm\"\n"
+            "version = 1\nname = \"cli\"\n[server]\ninstance_slots = 8\n{server}\n{}",
+            functions.replace("{guests}", &guests)
         ),
     )
     .unwrap();
@@ -933,18 +942,11 @@ fn a_locked_ledger_delays_or_refuses_answers_but_never_loses_them() {
 
 #[test]
 fn shutdown_past_the_drain_timeout_answers_nothing_unrecorded() {
-    let dir = tempfile::tempdir().unwrap();
-    let guests = kelvin_tests::guest_dir().display().to_string();
-    let manifest = dir.path().join("functions.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "version = 1\nname = \"drain\"\n[server]\ninstance_slots = 8\ndrain_timeout = \"200ms\"\n\
-             [functions.spin]\nsource = \"{guests}/spin.wasm\"\n\
-             [[functions.spin.http]]\nroute = \"/spin/{{ms}}\"\nauth = \"anonymous\"\n"
-        ),
-    )
-    .unwrap();
+    let (dir, manifest) = app_with(
+        "drain_timeout = \"200ms\"",
+        "[functions.spin]\nsource = \"{guests}/spin.wasm\"\n\
+         [[functions.spin.http]]\nroute = \"/spin/{ms}\"\nauth = \"anonymous\"\n",
+    );
     let (mut child, addr, stderr) = up(&manifest);
     std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -123,27 +123,22 @@ async fn bodies_in_memory_are_bounded_all_together() {
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let upload = || {
+        server
+            .client
+            .post(server.url("/echo"))
+            .body(vec![b'y'; 900 << 10])
+            .send()
+    };
     // ...so another 900 KiB is not buffered beside it: it waits for room,
     // and is refused when none comes within the body timeout. Before, any
     // number of bodies were held (48 uploads of 16 MiB: 827 MB of RSS).
-    let r = server
-        .client
-        .post(server.url("/echo"))
-        .body(vec![b'y'; 900 << 10])
-        .send()
-        .await
-        .unwrap();
+    let r = upload().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
     assert_eq!(holder.await.unwrap(), 504);
     // With the room back, the same upload goes through.
-    let r = server
-        .client
-        .post(server.url("/echo"))
-        .body(vec![b'y'; 900 << 10])
-        .send()
-        .await
-        .unwrap();
+    let r = upload().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap().len(), 900 << 10);
     server.stop().await;
