@@ -16,10 +16,9 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{I32Exit, WasiCtxBuilder};
 
 use crate::engine::{EPOCH_TICK, KelvinEngine};
-use crate::manifest::Limits;
+use crate::manifest::{FunctionSpec, Limits};
 use crate::metering::Outcome;
 use crate::pipe::CappedPipe;
-use crate::registry::LoadedFunction;
 
 /// Guest stderr kept per invocation; the rest is accepted and dropped at
 /// once (logs are not a data channel, and an unbounded buffer is a memory
@@ -40,6 +39,14 @@ pub(crate) const MAX_COMPONENT_RESOURCES: usize = 16 * 1024;
 /// hostcall fuel; the default is 128 MiB). A preview-1 guest may write its
 /// whole output in one call, so its budget is `max_body` when larger.
 pub(crate) const MIN_HOSTCALL_BYTES: usize = 1 << 20;
+
+/// The function an invocation runs: its spec and the engine its code
+/// belongs to (stores are made there).
+#[derive(Clone, Copy)]
+pub struct Code<'a> {
+    pub spec: &'a FunctionSpec,
+    pub engine: &'a wasmtime::Engine,
+}
 
 /// What starts an invocation: the trigger's name, the input on stdin, and
 /// trigger metadata as environment variables.
@@ -357,13 +364,13 @@ pub(crate) fn conclude<T: Metered>(
 /// Runs `f`, a preview-1 command, once in a fresh instance.
 pub async fn execute(
     engine: &KelvinEngine,
-    f: &LoadedFunction,
+    f: Code<'_>,
     pre: &InstancePre<Host>,
     invocation_id: &str,
     event: &Event,
     max_output: usize,
 ) -> Execution {
-    let spec = &f.spec;
+    let spec = f.spec;
     let stdout = CappedPipe::new(max_output);
     let stderr = CappedPipe::new(MAX_STDERR);
     let mut wasi = WasiCtxBuilder::new();
@@ -384,7 +391,7 @@ pub async fn execute(
         wasi,
         meter: MemoryMeter::new(spec.limits.memory),
     };
-    let mut store = Store::new(&f.engine, host);
+    let mut store = Store::new(f.engine, host);
     let hostcall_bytes = max_output.max(MIN_HOSTCALL_BYTES) + (64 << 10);
     let armed = arm(engine, &mut store, &spec.limits, hostcall_bytes);
 

@@ -12,7 +12,9 @@
 //! ```
 //!
 //! - [`manifest`]: `functions.toml`, parsed then validated.
-//! - [`trigger`]: what starts invocations; [`trigger::http`] serves HTTP.
+//! - [`trigger`]: what starts invocations: [`trigger::config`] as the
+//!   manifest declares them, [`trigger::http`] serves HTTP (with
+//!   [`trigger::cgi`] for preview-1 guests).
 //! - [`router`]: method + path to function.
 //! - [`runtime`]: ties the pieces together; [`runtime::Runtime::invoke`].
 //! - [`admission`]: per-function concurrency and the bounded queue.

@@ -19,8 +19,7 @@ use toml::Spanned;
 use crate::billing::{MemoryBasis, Policy};
 use crate::keys::AuthLevel;
 use crate::router::{Method, Route};
-use crate::trigger::TriggerConfig;
-use crate::trigger::http::HttpTrigger;
+use crate::trigger::config::{HttpTrigger, TriggerConfig};
 
 /// The only manifest version this Kelvin understands.
 pub const MANIFEST_VERSION: u32 = 1;

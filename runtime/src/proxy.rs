@@ -21,10 +21,9 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::engine::KelvinEngine;
-use crate::invoke::{self, Execution, MAX_STDERR, MemoryMeter, Metered, Timings};
+use crate::invoke::{self, Code, Execution, MAX_STDERR, MemoryMeter, Metered, Timings};
 use crate::manifest::OutboundHost;
 use crate::pipe::CappedPipe;
-use crate::registry::LoadedFunction;
 
 /// The store's data for a component.
 pub struct HttpHost {
@@ -126,13 +125,13 @@ pub type Respond =
 /// describes the whole run.
 pub(crate) async fn execute(
     engine: &KelvinEngine,
-    f: &LoadedFunction,
+    f: Code<'_>,
     pre: &ProxyPre<HttpHost>,
     invocation_id: &str,
     request: hyper::Request<Full<Bytes>>,
     respond: Respond,
 ) -> Execution {
-    let spec = &f.spec;
+    let spec = f.spec;
     // A component's stdout is not its response; both streams are logs.
     let stdout = CappedPipe::new(MAX_STDERR);
     let stderr = CappedPipe::new(MAX_STDERR);
@@ -156,7 +155,7 @@ pub(crate) async fn execute(
         },
         meter: MemoryMeter::new(spec.limits.memory),
     };
-    let mut store = Store::new(&f.engine, host);
+    let mut store = Store::new(f.engine, host);
     let armed = invoke::arm(
         engine,
         &mut store,

@@ -46,6 +46,16 @@ pub struct LoadedFunction {
     tier: Tier,
 }
 
+impl LoadedFunction {
+    /// What an invocation of it runs.
+    pub fn code(&self) -> crate::invoke::Code<'_> {
+        crate::invoke::Code {
+            spec: &self.spec,
+            engine: &self.engine,
+        }
+    }
+}
+
 /// Which compiler's code a loaded function runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tier {

@@ -448,7 +448,7 @@ impl Runtime {
             Prepared::Module(pre) => {
                 let exec = invoke::execute(
                     &self.engine,
-                    &loaded,
+                    loaded.code(),
                     pre,
                     &invocation_id,
                     &event,
@@ -481,7 +481,14 @@ impl Runtime {
                         .unwrap_or_default()
                 };
                 tokio::join!(
-                    proxy::execute(&self.engine, &loaded, pre, &invocation_id, request, respond),
+                    proxy::execute(
+                        &self.engine,
+                        loaded.code(),
+                        pre,
+                        &invocation_id,
+                        request,
+                        respond
+                    ),
                     read
                 )
             }
@@ -594,8 +601,15 @@ impl Runtime {
             let _ = respond_to.send(answer);
         });
         let invocation_id = record.invocation_id.clone();
-        let exec =
-            proxy::execute(&self.engine, &loaded, pre, &invocation_id, request, respond).await;
+        let exec = proxy::execute(
+            &self.engine,
+            loaded.code(),
+            pre,
+            &invocation_id,
+            request,
+            respond,
+        )
+        .await;
         // The guest is done: its slots are free while the client reads.
         drop((slot, permit));
         // Bytes out are those the client was sent: wait for the body to end

@@ -6,7 +6,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,33 +20,15 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{Trigger, cgi};
+pub use super::config::{Http, HttpTrigger};
+use super::{Trigger, TriggerConfig, cgi};
 use crate::billing::{self, GroupBy};
 use crate::invoke::Event;
 use crate::keys::{AuthLevel, KeyError, KeyStore};
 use crate::ledger::{Ledger, LedgerReader};
 use crate::metering::Outcome;
-use crate::router::{MethodSet, Route, RouteMatch, Router};
+use crate::router::{RouteMatch, Router};
 use crate::runtime::{Admit, HttpFailure, Runtime, Ticket};
-
-/// The HTTP trigger kind.
-pub struct Http;
-
-impl Trigger for Http {
-    const TYPE: &'static str = "http";
-    type Config = HttpTrigger;
-}
-
-/// A function's HTTP route (`[[functions.NAME.http]]`).
-#[derive(Debug, Clone)]
-pub struct HttpTrigger {
-    pub route: Route,
-    pub methods: MethodSet,
-    /// Who may call it (`auth`: anonymous, function or admin).
-    pub auth: AuthLevel,
-    /// Where the route is written in the manifest, for conflict errors.
-    pub(crate) span: Range<usize>,
-}
 
 pub const INVOCATION_ID_HEADER: &str = "x-kelvin-invocation-id";
 /// Where a client presents an access key (or in the `code` query parameter).
@@ -90,7 +71,7 @@ impl HttpServer {
             .iter()
             .flat_map(|f| {
                 f.triggers.iter().map(move |t| {
-                    let super::TriggerConfig::Http(h) = t;
+                    let TriggerConfig::Http(h) = t;
                     let target = Target {
                         function: f.name.to_string(),
                         auth: h.auth,
@@ -112,7 +93,7 @@ impl HttpServer {
             .iter()
             .filter(|f| {
                 !f.triggers.iter().any(|t| {
-                    let super::TriggerConfig::Http(h) = t;
+                    let TriggerConfig::Http(h) = t;
                     h.auth == AuthLevel::Anonymous
                 })
             })
