@@ -1,8 +1,9 @@
 //! Soak: 10,000 mixed requests (successes, traps, timeouts, memory bombs,
 //! a component, hostile output: 50 MB of logs, poll bombs, a component
-//! logging 2 MiB, 100,000 header lines) over loopback against one server,
-//! while other clients send bodies that never arrive and give up on slow
-//! invocations. Afterwards it must still answer, its resident memory must
+//! logging 2 MiB, 100,000 header lines) over loopback against one server
+//! whose log goes to an output that never drains (a stderr pipe nobody
+//! reads), while other clients send bodies that never arrive and give up on
+//! slow invocations. Afterwards it must still answer, its resident memory must
 //! not have grown by more than 10% since warm-up, and every started
 //! invocation (abandoned ones included) must have exactly one record.
 //! Ignored by default (a few minutes on 2 cores); run it with
@@ -49,6 +50,20 @@ const MIX: &[(&str, u16)] = &[
 const ABANDONED: usize = 50;
 /// Requests whose bodies never arrive (408, never run, never recorded).
 const STALLED: usize = 20;
+
+/// An output whose writes never return: a pipe nobody reads.
+struct Blocked;
+
+impl std::io::Write for Blocked {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        loop {
+            std::thread::park();
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
 
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
@@ -102,6 +117,15 @@ async fn drive(
 #[ignore = "a soak test: about a minute; run with --ignored"]
 async fn ten_thousand_mixed_requests_leave_the_server_healthy() {
     let started = Instant::now();
+    // The server's log, batched as `kelvin up` writes it, into an output
+    // that blocks: what waits is capped, the rest dropped and counted.
+    let log = Box::leak(Box::new(
+        kelvin::batch::BatchWriter::spawn("soak-log", Box::new(Blocked)).unwrap(),
+    ));
+    tracing_subscriber::fmt()
+        .with_writer(kelvin::batch::BatchedLog(log))
+        .with_ansi(false)
+        .init();
     let app = App::new(
         "max_connections = 64\nrequest_body_timeout = \"300ms\"",
         "[defaults]\nmax_concurrency = 8\nqueue = 64\n\
@@ -201,6 +225,9 @@ async fn ten_thousand_mixed_requests_leave_the_server_healthy() {
         .unwrap();
     assert_eq!(r.status(), 200);
     let end_rss = rss_kib();
+    let dropped = kelvin::batch::dropped_total();
+    println!("log lines dropped while the log output was blocked: {dropped}");
+    assert!(dropped > 0, "the blocked log was never full");
     println!(
         "{REQUESTS} requests in {took:?} ({:.0}/s); RSS after warm-up {warm_rss} KiB, at the end {end_rss} KiB ({:+.1}%)",
         REQUESTS as f64 / took.as_secs_f64(),
