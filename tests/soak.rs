@@ -251,19 +251,24 @@ async fn ten_thousand_mixed_requests_leave_the_server_healthy() {
         .collect();
     assert_eq!(ids.len(), records.len(), "each invocation recorded once");
     // A client that gave up while its request still waited for admission
-    // started nothing; every one that started is recorded, and says its
-    // caller went away (`abandoned` if it ran to an answer).
-    let abandoned = records
+    // started nothing; every invocation that started is recorded (only the
+    // impatient clients call `spin`). Most say their caller went away; one
+    // whose client's disconnect the server only saw when it answered says
+    // it was served.
+    let impatient: Vec<&serde_json::Value> =
+        records.iter().filter(|r| r["function"] == "spin").collect();
+    let abandoned = impatient
         .iter()
-        .filter(|r| {
-            r["reason"]
-                .as_str()
-                .is_some_and(|why| why.contains("went away"))
-        })
+        .filter(|r| r["outcome"] == "abandoned")
         .count();
-    assert!(abandoned > 0 && abandoned <= ABANDONED, "{abandoned}");
+    assert!(impatient.len() <= ABANDONED, "{}", impatient.len());
+    assert!(
+        abandoned * 2 >= impatient.len(),
+        "{abandoned} of {}",
+        impatient.len()
+    );
     assert_eq!(
-        records.len() - abandoned,
+        records.len() - impatient.len(),
         WARMUP + REQUESTS + 1,
         "one record per invocation"
     );

@@ -437,6 +437,9 @@ impl Runtime {
         let Ticket { mut record, permit } = ticket;
         record.bytes_in = event.input.len() as u64;
         let Some((slot, loaded, start)) = self.pool_and_load(&mut record).await else {
+            if abandoned() {
+                mark_abandoned(&mut record);
+            }
             let (record, durable) = self.finish(record).await;
             let mut checked = Checked::failed(record);
             checked.durable = durable;
