@@ -94,6 +94,20 @@ impl WasmHash {
         WasmHash(*blake3::hash(bytes).as_bytes())
     }
 
+    /// A hash as [`WasmHash::hex`] wrote it.
+    pub fn parse(hex: &str) -> Option<WasmHash> {
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        blake3::Hash::from_hex(hex)
+            .ok()
+            .map(|h| WasmHash(*h.as_bytes()))
+    }
+
     pub fn hex(&self) -> String {
         blake3::Hash::from_bytes(self.0).to_hex().to_string()
     }
@@ -538,7 +552,7 @@ fn ends_match(file: &mut std::fs::File, sum: &Sum) -> std::io::Result<bool> {
     Ok(blake3::hash(&buf).as_bytes() == &sum.tail)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(bytes)?;

@@ -37,6 +37,7 @@ pub mod bench;
 pub mod billing;
 pub mod cache;
 pub mod commands;
+pub mod deploy;
 pub mod engine;
 pub mod invoke;
 pub mod keys;
@@ -49,6 +50,7 @@ pub mod proxy;
 pub mod registry;
 pub mod router;
 pub mod runtime;
+pub mod table;
 pub mod trigger;
 
 pub use invoke::Event;

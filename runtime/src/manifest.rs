@@ -27,6 +27,27 @@ pub const MANIFEST_VERSION: u32 = 1;
 /// Paths Kelvin serves itself on the HTTP port; no function route may claim them.
 pub const RESERVED_PATHS: &[&str] = &["/metrics", "/healthz", "/readyz", "/admin/bill"];
 
+/// The deployment admin API: these paths and every path under them.
+pub const ADMIN_API: &[&str] = &[
+    "/admin/wasm",
+    "/admin/functions",
+    "/admin/slots",
+    "/admin/swap",
+    "/admin/split",
+    "/admin/history",
+    "/admin/openapi.json",
+];
+
+/// Whether the deployment admin API owns `path`.
+pub fn admin_api_owns(path: &str) -> bool {
+    ADMIN_API.iter().any(|p| {
+        path == *p
+            || path
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('/'))
+    })
+}
+
 /// A validated manifest.
 #[derive(Debug, Clone)]
 pub struct Manifest {
@@ -75,6 +96,8 @@ pub struct ServerConfig {
     /// hidden from callers without a host or master key), a host or master
     /// key, or the master key.
     pub metrics_auth: AuthLevel,
+    /// Largest wasm a deploy may upload (413 beyond).
+    pub max_upload: u64,
 }
 
 /// One function, with every default already applied.
@@ -520,6 +543,7 @@ struct RawServer {
     request_body_timeout: Option<Spanned<HumanDuration>>,
     body_budget: Option<Spanned<Size>>,
     metrics_auth: Option<AuthLevel>,
+    max_upload: Option<Spanned<Size>>,
 }
 
 /// Settings every function inherits unless it sets its own
@@ -656,14 +680,16 @@ fn check_routes(functions: &[FunctionSpec]) -> Result<(), FieldError> {
     for f in functions {
         for trigger in &f.triggers {
             let TriggerConfig::Http(http) = trigger;
-            if RESERVED_PATHS.contains(&http.route.pattern()) {
+            let pattern = http.route.pattern();
+            if RESERVED_PATHS.contains(&pattern) || admin_api_owns(pattern) {
                 return Err(field_error(
                     http.span.clone(),
                     format!("functions.{}.http.route", f.name),
                     format!(
-                        "route {:?} is reserved by Kelvin (it serves {} itself); choose another path",
+                        "route {:?} is reserved by Kelvin (it serves {} and the deployment API under {} itself); choose another path",
                         http.route.pattern(),
-                        RESERVED_PATHS.join(", ")
+                        RESERVED_PATHS.join(", "),
+                        ADMIN_API.join(", ")
                     ),
                 ));
             }
@@ -735,6 +761,7 @@ impl RawServer {
             max_loaded: positive(self.max_loaded, "server.max_loaded", 100)?,
             memory_budget: nonzero_size(self.memory_budget, "server.memory_budget", 2 << 30)?,
             max_body,
+            max_upload: nonzero_size(self.max_upload, "server.max_upload", 256 << 20)?,
             instance_slots: positive(self.instance_slots, "server.instance_slots", 256)?,
             max_header_size: match self.max_header_size {
                 None => 16 << 10,

@@ -210,7 +210,12 @@ struct Inner {
     /// (in a serving process; see [`Registry::serve_tiered`]).
     tiered: std::sync::atomic::AtomicBool,
     cache: ArtifactCache,
-    slots: HashMap<String, Slot>,
+    /// Every function version the registry knows, by key: a function's
+    /// name for the manifest's functions at start-up, `name@version` for
+    /// deployed versions. Added to while serving, never changed in place.
+    slots: std::sync::RwLock<HashMap<String, Arc<Slot>>>,
+    /// The wasm imports preview-1 functions may use.
+    provided: HashSet<String>,
     loaded: Mutex<Loaded>,
     capacity: Capacity,
     metrics: Metrics,
@@ -280,14 +285,7 @@ impl Registry {
                     // full validation is only needed for wasm never
                     // compiled here.
                     if !cache.contains(&hash) {
-                        match kind {
-                            WasmKind::Module => Module::validate(engine.engine(), &bytes)
-                                .map_err(|e| invalid(format!("{e:#}")))?,
-                            WasmKind::Component => wasmparser::Validator::new()
-                                .validate_all(&bytes)
-                                .map(drop)
-                                .map_err(|e| invalid(e.to_string()))?,
-                        }
+                        validate(engine.engine(), kind, &bytes).map_err(invalid)?;
                     }
                     sources.remember(&spec.source, &meta, hash, kind);
                     (hash, kind, bytes.len() as u64)
@@ -295,14 +293,7 @@ impl Registry {
             };
             slots.insert(
                 spec.name.to_string(),
-                Slot {
-                    spec: Arc::new(spec.clone()),
-                    kind,
-                    wasm_len: len,
-                    hash: Mutex::new(hash),
-                    loading: Mutex::new(None),
-                    compiling: Mutex::new(None),
-                },
+                Arc::new(Slot::new(spec.clone(), kind, len, hash)),
             );
         }
         cache.save_sources(&sources);
@@ -321,7 +312,8 @@ impl Registry {
                 baseline_linkers,
                 tiered: std::sync::atomic::AtomicBool::new(false),
                 cache,
-                slots,
+                slots: std::sync::RwLock::new(slots),
+                provided,
                 loaded: Mutex::new(Loaded {
                     lru: LruCache::unbounded(),
                     bytes: 0,
@@ -336,19 +328,61 @@ impl Registry {
     /// The deployment version of `function`: its wasm's hash.
     pub fn version(&self, function: &str) -> String {
         self.inner
-            .slots
-            .get(function)
+            .slot(function)
             .map(|s| s.hash().hex())
             .unwrap_or_default()
     }
 
     /// Whether `function` is a module or a component (known from start-up).
     pub fn kind(&self, function: &str) -> Option<WasmKind> {
-        self.inner.slots.get(function).map(|s| s.kind)
+        self.inner.slot(function).ok().map(|s| s.kind)
     }
 
-    pub fn spec(&self, function: &str) -> Option<&Arc<FunctionSpec>> {
-        self.inner.slots.get(function).map(|s| &s.spec)
+    pub fn spec(&self, function: &str) -> Option<Arc<FunctionSpec>> {
+        self.inner.slot(function).ok().map(|s| s.spec.clone())
+    }
+
+    /// The wasm's hash of `function` (a registry key).
+    pub fn hash(&self, function: &str) -> Option<WasmHash> {
+        self.inner.slot(function).ok().map(|s| s.hash())
+    }
+
+    /// Checks `bytes` as a function's wasm (its shape, the imports it
+    /// needs, and validation), as start-up does: its hash and kind, or why
+    /// it cannot be used.
+    pub fn check_wasm(&self, bytes: &[u8]) -> Result<(WasmHash, WasmKind), String> {
+        let hash = WasmHash::of(bytes);
+        let kind = check_shape(bytes, &self.inner.provided)?;
+        if !self.inner.cache.contains(&hash) {
+            validate(self.inner.engine.engine(), kind, bytes)?;
+        }
+        Ok((hash, kind))
+    }
+
+    /// Adds a function version under `key`, its wasm at `spec.source`
+    /// already checked by [`Registry::check_wasm`] and never changed after.
+    /// A key already known keeps what it has (a key names one version).
+    pub fn add(&self, key: &str, spec: FunctionSpec, kind: WasmKind, hash: WasmHash) {
+        let len = std::fs::metadata(&spec.source).map_or(0, |m| m.len());
+        let mut slots = self.inner.slots.write().expect("slots lock");
+        slots
+            .entry(key.to_owned())
+            .or_insert_with(|| Arc::new(Slot::new(spec, kind, len, hash)));
+    }
+
+    /// Whether `key` is known.
+    pub fn contains(&self, key: &str) -> bool {
+        self.inner.slot(key).is_ok()
+    }
+
+    /// Compiles `key` if its artifact is not cached (on every core), and
+    /// loads it: when this returns, its first request is warm.
+    pub async fn prepare(&self, key: &str) -> Result<(), LoadError> {
+        let slot = self.inner.slot(key)?;
+        if !self.inner.cache.contains(&slot.hash()) {
+            outcome(key, Inner::start_compile(&self.inner, key, Priority::Now)).await?;
+        }
+        self.acquire(key).await.map(drop)
     }
 
     /// Names of the loaded functions, most recently used first.
@@ -363,7 +397,7 @@ impl Registry {
 
     /// Where `function`'s compiled artifact lives (or would live).
     pub fn artifact_path(&self, function: &str) -> Option<PathBuf> {
-        let slot = self.inner.slots.get(function)?;
+        let slot = self.inner.slot(function).ok()?;
         Some(self.inner.cache.artifact_path(&slot.hash()))
     }
 
@@ -406,7 +440,7 @@ impl Registry {
             self.inner
                 .report(&[(function.to_owned(), EvictReason::Requested)]);
         }
-        if forget_artifact && let Some(slot) = self.inner.slots.get(function) {
+        if forget_artifact && let Ok(slot) = self.inner.slot(function) {
             self.inner.cache.remove(&slot.hash());
         }
         popped
@@ -483,11 +517,13 @@ impl Registry {
     pub fn precompile_in_background(&self) -> tokio::task::JoinHandle<usize> {
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let mut todo: Vec<(u64, &str)> = inner
+            let mut todo: Vec<(u64, String)> = inner
                 .slots
+                .read()
+                .expect("slots lock")
                 .iter()
                 .filter(|(_, slot)| !inner.cache.contains(&slot.hash()))
-                .map(|(name, slot)| (slot.wasm_len, name.as_str()))
+                .map(|(name, slot)| (slot.wasm_len, name.clone()))
                 .collect();
             todo.sort();
             if todo.is_empty() {
@@ -500,20 +536,22 @@ impl Registry {
             let started = Instant::now();
             let mut compiled = 0;
             for (_, name) in todo {
-                let slot = &inner.slots[name];
+                let Ok(slot) = inner.slot(&name) else {
+                    continue;
+                };
                 // Compiled meanwhile (by a request that needed it).
                 if inner.cache.contains(&slot.hash()) {
                     continue;
                 }
                 match outcome(
-                    name,
-                    Inner::start_compile(&inner, name, Priority::Background),
+                    &name,
+                    Inner::start_compile(&inner, &name, Priority::Background),
                 )
                 .await
                 {
                     Ok(_) => compiled += 1,
                     Err(e) => {
-                        tracing::warn!(function = name, error = %e.reason, "background precompile failed")
+                        tracing::warn!(function = name.as_str(), error = %e.reason, "background precompile failed")
                     }
                 }
             }
@@ -531,10 +569,17 @@ impl Registry {
     /// compiled.
     pub async fn precompile_all(&self) -> Result<usize, LoadError> {
         let mut compiled = 0;
-        let mut names: Vec<&String> = self.inner.slots.keys().collect();
+        let mut names: Vec<String> = self
+            .inner
+            .slots
+            .read()
+            .expect("slots lock")
+            .keys()
+            .cloned()
+            .collect();
         names.sort();
-        for name in names {
-            let slot = &self.inner.slots[name];
+        for name in &names {
+            let slot = self.inner.slot(name)?;
             if self
                 .inner
                 .cache
@@ -551,8 +596,9 @@ impl Registry {
 }
 
 impl Inner {
-    fn slot(&self, function: &str) -> Result<&Slot, LoadError> {
-        self.slots.get(function).ok_or_else(|| LoadError {
+    fn slot(&self, function: &str) -> Result<Arc<Slot>, LoadError> {
+        let slots = self.slots.read().expect("slots lock");
+        slots.get(function).cloned().ok_or_else(|| LoadError {
             function: function.to_owned(),
             reason: "no such function".into(),
         })
@@ -577,10 +623,11 @@ impl Inner {
         let (inner, name) = (inner.clone(), function.to_owned());
         tokio::spawn(async move {
             let result = inner.load(&name).await;
-            let slot = &inner.slots[&name];
             // Loaded (or failed) before the slot forgets the task: a request
             // finds it in the LRU or waits for this result.
-            *slot.loading.lock().expect("slot lock") = None;
+            if let Ok(slot) = inner.slot(&name) {
+                *slot.loading.lock().expect("slot lock") = None;
+            }
             let _ = tx.send(Some(result));
         });
         rx
@@ -765,7 +812,7 @@ impl Inner {
     /// returns that compile: it stores the artifact in the cache, and
     /// finishes even if nobody waits for it any more.
     fn start_compile(inner: &Arc<Inner>, function: &str, priority: Priority) -> Shared<Compiled> {
-        let slot = &inner.slots[function];
+        let slot = inner.slot(function).expect("compiles start for known keys");
         let mut compiling = slot.compiling.lock().expect("slot lock");
         if let Some(compile) = &*compiling {
             return compile.clone();
@@ -775,7 +822,9 @@ impl Inner {
         let (inner, name) = (inner.clone(), function.to_owned());
         tokio::spawn(async move {
             let result = inner.compile(&name, priority).await;
-            *inner.slots[&name].compiling.lock().expect("slot lock") = None;
+            if let Ok(slot) = inner.slot(&name) {
+                *slot.compiling.lock().expect("slot lock") = None;
+            }
             let _ = tx.send(Some(result));
         });
         rx
@@ -910,6 +959,17 @@ impl Inner {
 }
 
 impl Slot {
+    fn new(spec: FunctionSpec, kind: WasmKind, wasm_len: u64, hash: WasmHash) -> Slot {
+        Slot {
+            spec: Arc::new(spec),
+            kind,
+            wasm_len,
+            hash: Mutex::new(hash),
+            loading: Mutex::new(None),
+            compiling: Mutex::new(None),
+        }
+    }
+
     fn hash(&self) -> WasmHash {
         *self.hash.lock().expect("hash lock")
     }
@@ -963,6 +1023,17 @@ fn pop_lru(loaded: &mut Loaded, reason: EvictReason) -> (String, EvictReason) {
 /// component: a core module must import only WASI preview 1 functions the
 /// host provides and export `_start`; a component must import only WASI
 /// interfaces and export `wasi:http/incoming-handler`.
+/// Validates wasm never compiled here (compiling validates too, later).
+fn validate(engine: &wasmtime::Engine, kind: WasmKind, bytes: &[u8]) -> Result<(), String> {
+    match kind {
+        WasmKind::Module => Module::validate(engine, bytes).map_err(|e| format!("{e:#}")),
+        WasmKind::Component => wasmparser::Validator::new()
+            .validate_all(bytes)
+            .map(drop)
+            .map_err(|e| e.to_string()),
+    }
+}
+
 fn check_shape(bytes: &[u8], provided: &HashSet<String>) -> Result<WasmKind, String> {
     use wasmparser::{Parser, Payload, TypeRef};
     if Parser::is_component(bytes) {

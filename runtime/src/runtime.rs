@@ -33,6 +33,7 @@ use crate::metering::{Durable, InvocationRecord, Outcome, RecordSink};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Delivery, MeteredBody};
 use crate::registry::{Capacity, LoadedFunction, Prepared, Registry, RegistryError, micros};
+use crate::table::{PRODUCTION, Table, Unit, VersionId};
 
 /// A runtime that could not start.
 #[derive(Debug, thiserror::Error)]
@@ -168,11 +169,17 @@ impl<T> Checked<T> {
 pub struct Ticket {
     record: InvocationRecord,
     permit: OwnedSemaphorePermit,
+    unit: Arc<Unit>,
 }
 
 impl Ticket {
     pub fn invocation_id(&self) -> &str {
         &self.record.invocation_id
+    }
+
+    /// The function version it runs.
+    pub fn unit(&self) -> &Arc<Unit> {
+        &self.unit
     }
 }
 
@@ -237,6 +244,8 @@ pub struct Runtime {
     sink: Arc<dyn RecordSink>,
     metrics: Metrics,
     in_flight: Arc<InFlight>,
+    /// What serves: replaced whole, never changed in place.
+    table: std::sync::RwLock<Arc<Table>>,
 }
 
 impl Runtime {
@@ -289,6 +298,26 @@ impl Runtime {
             })
             .collect();
         let pool_slots = Arc::new(Semaphore::new(manifest.server.instance_slots.get() as usize));
+        // The manifest's functions serve production, under their names.
+        let production = manifest
+            .functions
+            .iter()
+            .map(|f| {
+                let hash = registry.hash(f.name.as_str()).expect("checked at start");
+                let unit = Unit {
+                    function: f.name.to_string(),
+                    version: VersionId::of(&hash, f),
+                    key: f.name.to_string(),
+                    spec: registry.spec(f.name.as_str()).expect("checked at start"),
+                };
+                (f.name.to_string(), Arc::new(unit))
+            })
+            .collect();
+        let table = Table {
+            generation: 0,
+            slots: [(PRODUCTION.to_owned(), production)].into(),
+            split: None,
+        };
         Ok(Runtime {
             manifest: Arc::new(manifest),
             engine,
@@ -298,7 +327,30 @@ impl Runtime {
             sink,
             metrics,
             in_flight: Arc::default(),
+            table: std::sync::RwLock::new(Arc::new(table)),
         })
+    }
+
+    /// What serves now.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.read().expect("table lock").clone()
+    }
+
+    /// Replaces what serves, in one step: requests from now on see `table`
+    /// (with the next generation); invocations under way finish on the
+    /// versions they started with. Every unit in it must be in the registry.
+    pub fn replace_table(&self, mut table: Table) {
+        let mut current = self.table.write().expect("table lock");
+        table.generation = current.generation + 1;
+        *current = Arc::new(table);
+    }
+
+    /// The production unit of `function`.
+    pub fn production(&self, function: &str) -> Result<Arc<Unit>, UnknownFunction> {
+        self.table()
+            .unit(PRODUCTION, function)
+            .cloned()
+            .ok_or_else(|| UnknownFunction(function.to_owned()))
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -377,22 +429,43 @@ impl Runtime {
         })
     }
 
-    /// Waits for a concurrency slot of `function` (in its bounded queue).
-    /// Triggers admit before they buffer an event, so a request that cannot
-    /// run costs no memory, and one that waits holds none.
+    /// Waits for a concurrency slot of `function`'s production version (in
+    /// its bounded queue).
     pub async fn admit(
         &self,
         function: &str,
         trigger: &'static str,
     ) -> Result<Admit, UnknownFunction> {
-        let admission = self.admission_of(function)?;
+        let unit = self.production(function)?;
+        self.admit_unit(&unit, trigger).await
+    }
+
+    /// Waits for a concurrency slot of `unit`'s function (in its bounded
+    /// queue; the versions of a function share it). Triggers admit before
+    /// they buffer an event, so a request that cannot run costs no memory,
+    /// and one that waits holds none.
+    pub async fn admit_unit(
+        &self,
+        unit: &Arc<Unit>,
+        trigger: &'static str,
+    ) -> Result<Admit, UnknownFunction> {
+        let admission = self.admission_of(&unit.function)?;
         let invocation_id = uuid::Uuid::now_v7().to_string();
-        let mut record = new_record(&invocation_id, function, self.deployment(function), trigger);
+        let mut record = new_record(
+            &invocation_id,
+            &unit.function,
+            self.deployment(unit),
+            trigger,
+        );
         let queued_from = Instant::now();
         let entered = admission.enter().await;
         record.queued_us = micros(queued_from.elapsed());
         Ok(match entered {
-            Ok(permit) => Admit::Admitted(Ticket { record, permit }),
+            Ok(permit) => Admit::Admitted(Ticket {
+                record,
+                permit,
+                unit: unit.clone(),
+            }),
             Err(rejected) => {
                 record.reason = Some(rejected.to_string());
                 let (record, durable) = self.finish(record).await;
@@ -434,9 +507,13 @@ impl Runtime {
         accept: impl FnOnce(Bytes) -> Result<T, String>,
         abandoned: impl Fn() -> bool,
     ) -> Checked<T> {
-        let Ticket { mut record, permit } = ticket;
+        let Ticket {
+            mut record,
+            permit,
+            unit,
+        } = ticket;
         record.bytes_in = event.input.len() as u64;
-        let Some((slot, loaded, start)) = self.pool_and_load(&mut record).await else {
+        let Some((slot, loaded, start)) = self.pool_and_load(&mut record, &unit).await else {
             if abandoned() {
                 mark_abandoned(&mut record);
             }
@@ -499,7 +576,7 @@ impl Runtime {
         drop((slot, permit));
         record.wall_us = micros(start.elapsed());
         record.bytes_out = output.len() as u64;
-        self.record_execution(&mut record, &exec);
+        self.record_execution(&mut record, &unit, &exec);
         let mut checked = Checked::failed(record);
         if checked.record.outcome == Outcome::Ok {
             match accept(output) {
@@ -522,10 +599,10 @@ impl Runtime {
         checked
     }
 
-    /// Whether `function` is a wasi:http component (given HTTP requests
+    /// Whether `unit` is a wasi:http component (given HTTP requests
     /// directly) rather than a preview-1 command (spoken to with CGI).
-    pub fn is_component(&self, function: &str) -> bool {
-        self.registry.kind(function) == Some(crate::cache::WasmKind::Component)
+    pub fn is_component(&self, unit: &Unit) -> bool {
+        self.registry.kind(&unit.key) == Some(crate::cache::WasmKind::Component)
     }
 
     /// Starts an admitted invocation of a wasi:http component for one HTTP
@@ -575,9 +652,13 @@ impl Runtime {
         head: bool,
         respond_to: tokio::sync::oneshot::Sender<Result<hyper::Response<MeteredBody>, HttpFailure>>,
     ) -> (InvocationRecord, bool) {
-        let Ticket { mut record, permit } = ticket;
+        let Ticket {
+            mut record,
+            permit,
+            unit,
+        } = ticket;
         record.bytes_in = request.body().size_hint().exact().unwrap_or(0);
-        let Some((slot, loaded, start)) = self.pool_and_load(&mut record).await else {
+        let Some((slot, loaded, start)) = self.pool_and_load(&mut record, &unit).await else {
             drop(respond_to);
             return self.finish(record).await;
         };
@@ -624,7 +705,7 @@ impl Runtime {
         )
         .await;
         record.wall_us = micros(start.elapsed());
-        self.record_execution(&mut record, &exec);
+        self.record_execution(&mut record, &unit, &exec);
         let refused = refused.lock().expect("lock").take();
         if let Some(why) = refused {
             // What the client saw: the guest's answer refused (whatever the
@@ -661,10 +742,9 @@ impl Runtime {
         (record, durable)
     }
 
-    /// The function's deployment version and memory limit, for its records.
-    fn deployment(&self, function: &str) -> (String, u64) {
-        let memory = self.registry.spec(function).map_or(0, |s| s.limits.memory);
-        (self.registry.version(function), memory)
+    /// The unit's wasm hash and memory limit, for its records.
+    fn deployment(&self, unit: &Unit) -> (String, u64) {
+        (self.registry.version(&unit.key), unit.spec.limits.memory)
     }
 
     fn admission_of(&self, function: &str) -> Result<&Admission, UnknownFunction> {
@@ -679,6 +759,7 @@ impl Runtime {
     async fn pool_and_load(
         &self,
         record: &mut InvocationRecord,
+        unit: &Unit,
     ) -> Option<(SlotInUse, Arc<LoadedFunction>, Instant)> {
         let admission = self.admission_of(&record.function).ok()?;
         let queued_from = Instant::now();
@@ -692,7 +773,7 @@ impl Runtime {
             }
         };
         let start = Instant::now();
-        match self.registry.acquire(&record.function).await {
+        match self.registry.acquire(&unit.key).await {
             Ok((loaded, cold)) => {
                 record.cold = cold.is_some();
                 record.load = cold;
@@ -709,7 +790,7 @@ impl Runtime {
 
     /// Copies an execution's measurements into its record and forwards the
     /// guest's logs, attributed to the invocation.
-    fn record_execution(&self, record: &mut InvocationRecord, exec: &Execution) {
+    fn record_execution(&self, record: &mut InvocationRecord, unit: &Unit, exec: &Execution) {
         record.outcome = exec.outcome;
         record.reason = exec.reason.clone();
         record.exit_code = exec.exit_code;
@@ -719,7 +800,7 @@ impl Runtime {
         record.fuel_consumed = exec.fuel_consumed;
         record.instantiate_us = micros(exec.instantiate);
         record.run_us = micros(exec.run);
-        let logs = match &self.registry.kind(&record.function) {
+        let logs = match &self.registry.kind(&unit.key) {
             // A component's stdout is a log stream too.
             Some(crate::cache::WasmKind::Component) => vec![&exec.stdout, &exec.stderr],
             _ => vec![&exec.stderr],

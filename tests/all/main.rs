@@ -4,6 +4,7 @@
 
 mod components;
 mod concurrency;
+mod deploy;
 mod hostile;
 mod http;
 mod keys;

@@ -216,7 +216,10 @@ async fn measure_one(
             step(function);
         }
     }
-    let kind = if runtime.is_component(function) {
+    let kind = if runtime
+        .production(function)
+        .is_ok_and(|unit| runtime.is_component(&unit))
+    {
         "component"
     } else {
         "module"

@@ -21,18 +21,27 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use super::config::{Http, HttpTrigger};
-use super::{Trigger, TriggerConfig, cgi};
+use super::{Trigger, TriggerConfig, admin, cgi};
 use crate::billing::{self, GroupBy};
+use crate::deploy::{DeployError, Deployer};
 use crate::invoke::Event;
 use crate::keys::{AuthLevel, KeyError, KeyStore};
 use crate::ledger::{Ledger, LedgerReader};
 use crate::metering::Outcome;
 use crate::router::{RouteMatch, Router};
 use crate::runtime::{Admit, HttpFailure, Runtime, Ticket};
+use crate::table::{PRODUCTION, Split, Table, Unit};
 
 pub const INVOCATION_ID_HEADER: &str = "x-kelvin-invocation-id";
 /// Where a client presents an access key (or in the `code` query parameter).
 pub const KEY_HEADER: &str = "x-kelvin-key";
+/// Which slot a request is for (or the `kelvin-slot` query parameter);
+/// production without it.
+pub const SLOT_HEADER: &str = "x-kelvin-slot";
+/// The version that served a response.
+pub const VERSION_HEADER: &str = "x-kelvin-version";
+/// The cookie that keeps a client on the slot a traffic split chose.
+const SLOT_COOKIE: &str = "kelvin-slot";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Responses are either buffered (CGI, errors) or streamed (components).
@@ -46,14 +55,61 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// What a route leads to.
 struct Target {
-    function: String,
+    unit: Arc<Unit>,
     auth: AuthLevel,
+}
+
+/// Every slot's routes, built from one generation of the runtime's table.
+struct Routes {
+    generation: u64,
+    slots: std::collections::HashMap<String, Router<Target>>,
+    split: Option<Split>,
+}
+
+impl Routes {
+    fn of(table: &Table) -> Routes {
+        let slots = table
+            .slots
+            .iter()
+            .map(|(slot, units)| {
+                let routes = units
+                    .values()
+                    .flat_map(|unit| {
+                        unit.spec.triggers.iter().map(move |t| {
+                            let TriggerConfig::Http(h) = t;
+                            let target = Target {
+                                unit: unit.clone(),
+                                auth: h.auth,
+                            };
+                            (h.route.clone(), h.methods, target)
+                        })
+                    })
+                    .collect();
+                (slot.clone(), Router::new(routes))
+            })
+            .collect();
+        Routes {
+            generation: table.generation,
+            slots,
+            split: table.split.clone(),
+        }
+    }
+}
+
+/// Why the HTTP trigger could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("failed to open the deployments: {0}")]
+    Deployments(#[from] DeployError),
 }
 
 /// The HTTP trigger of one runtime: its routes and keys, ready to serve.
 pub struct HttpServer {
     runtime: Arc<Runtime>,
-    router: Router<Target>,
+    routes: std::sync::RwLock<Arc<Routes>>,
+    deployer: Deployer,
     keys: KeyStore,
     /// Request bodies in memory, all connections together, in KiB.
     body_budget: Arc<Semaphore>,
@@ -62,24 +118,12 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Builds the routing table and opens the access keys (creating them on
-    /// first start), before any socket is bound.
-    pub fn new(runtime: Arc<Runtime>) -> Result<HttpServer, KeyError> {
-        let routes = runtime
-            .manifest()
-            .functions
-            .iter()
-            .flat_map(|f| {
-                f.triggers.iter().map(move |t| {
-                    let TriggerConfig::Http(h) = t;
-                    let target = Target {
-                        function: f.name.to_string(),
-                        auth: h.auth,
-                    };
-                    (h.route.clone(), h.methods, target)
-                })
-            })
-            .collect();
+    /// Opens the access keys (creating them on first start) and the
+    /// deployments (putting the stored slots into service), and builds the
+    /// routing table, before any socket is bound.
+    pub fn new(runtime: Arc<Runtime>) -> Result<HttpServer, ServerError> {
+        let deployer = Deployer::open(runtime.clone())?;
+        let routes = Routes::of(&runtime.table());
         let names: Vec<&str> = runtime
             .manifest()
             .functions
@@ -107,7 +151,8 @@ impl HttpServer {
         ));
         Ok(HttpServer {
             runtime,
-            router: Router::new(routes),
+            routes: std::sync::RwLock::new(Arc::new(routes)),
+            deployer,
             keys,
             body_budget,
             protected,
@@ -116,11 +161,28 @@ impl HttpServer {
 
     /// The function a request for `method` and `path` would reach, and the
     /// key it needs (for `kelvin bench http`).
-    pub fn resolve(&self, method: &str, path: &str) -> Option<(&str, AuthLevel)> {
-        match self.router.lookup(method, path) {
-            RouteMatch::Found { target, .. } => Some((target.function.as_str(), target.auth)),
+    pub fn resolve(&self, method: &str, path: &str) -> Option<(String, AuthLevel)> {
+        match self.routes().slots.get(PRODUCTION)?.lookup(method, path) {
+            RouteMatch::Found { target, .. } => Some((target.unit.function.clone(), target.auth)),
             _ => None,
         }
+    }
+
+    /// The routes of the runtime's current table (rebuilt when it changed).
+    fn routes(&self) -> Arc<Routes> {
+        let table = self.runtime.table();
+        {
+            let routes = self.routes.read().expect("routes lock");
+            if routes.generation == table.generation {
+                return routes.clone();
+            }
+        }
+        let built = Arc::new(Routes::of(&table));
+        let mut routes = self.routes.write().expect("routes lock");
+        if routes.generation < built.generation {
+            *routes = built.clone();
+        }
+        built
     }
 
     /// Serves on `listener` until `shutdown` completes, then stops
@@ -250,44 +312,84 @@ impl HttpServer {
         local: SocketAddr,
     ) -> Response<Body> {
         let path = req.uri().path().to_owned();
-        let head = req.method() == hyper::Method::HEAD;
         match (req.method().as_str(), path.as_str()) {
             ("GET" | "HEAD", "/metrics") => return self.metrics(&req),
             ("GET", "/admin/bill") => return self.bill(&req).await,
             ("GET" | "HEAD", "/healthz" | "/readyz") => {
                 return plain(StatusCode::OK, "text/plain", "ok\n".into());
             }
+            _ if admin::owns(&path) => return self.admin(req).await,
             _ => {}
         }
-        let (target, route, params, head_as_get) =
-            match self.router.lookup(req.method().as_str(), &path) {
-                RouteMatch::Found {
-                    target,
-                    route,
-                    params,
-                    head_as_get,
-                } => (target, route.pattern().to_owned(), params, head_as_get),
-                RouteMatch::NotFound => {
-                    return error(
-                        StatusCode::NOT_FOUND,
-                        None,
-                        format!("no route for {} {path}", req.method()),
-                    );
+        let routes = self.routes();
+        let (slot, cookie) = match choose_slot(&req, &routes) {
+            Ok(chosen) => chosen,
+            Err(unknown) => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    None,
+                    format!("no slot named {unknown:?}"),
+                );
+            }
+        };
+        let router = &routes.slots[&slot];
+        let (target, route, params, head_as_get) = match router.lookup(req.method().as_str(), &path)
+        {
+            RouteMatch::Found {
+                target,
+                route,
+                params,
+                head_as_get,
+            } => (target, route.pattern().to_owned(), params, head_as_get),
+            RouteMatch::NotFound => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    None,
+                    format!("no route for {} {path}", req.method()),
+                );
+            }
+            RouteMatch::MethodNotAllowed(allowed) => {
+                let mut r = error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    None,
+                    format!("{} is not allowed on {path}", req.method()),
+                );
+                if let Ok(v) = HeaderValue::from_str(&allowed.allow_header()) {
+                    r.headers_mut().insert(hyper::header::ALLOW, v);
                 }
-                RouteMatch::MethodNotAllowed(allowed) => {
-                    let mut r = error(
-                        StatusCode::METHOD_NOT_ALLOWED,
-                        None,
-                        format!("{} is not allowed on {path}", req.method()),
-                    );
-                    if let Ok(v) = HeaderValue::from_str(&allowed.allow_header()) {
-                        r.headers_mut().insert(hyper::header::ALLOW, v);
-                    }
-                    return r;
-                }
-            };
+                return r;
+            }
+        };
 
-        let function = target.function.as_str();
+        let mut r = self
+            .invoke(req, target, route, params, head_as_get, peer, local)
+            .await;
+        if let Ok(v) = HeaderValue::from_str(target.unit.version.as_str()) {
+            r.headers_mut().insert(VERSION_HEADER, v);
+        }
+        if let Some(cookie) = cookie
+            && let Ok(v) = HeaderValue::from_str(&cookie)
+        {
+            r.headers_mut().append(hyper::header::SET_COOKIE, v);
+        }
+        r
+    }
+
+    /// Runs the function a request was routed to and answers with its
+    /// response (or why there is none).
+    #[allow(clippy::too_many_arguments)]
+    async fn invoke(
+        &self,
+        req: Request<Incoming>,
+        target: &Target,
+        route: String,
+        params: Vec<(String, String)>,
+        head_as_get: bool,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Response<Body> {
+        let head = req.method() == hyper::Method::HEAD;
+        let function = target.unit.function.as_str();
         // Before anything else: an unauthorised request costs nothing, is not
         // metered and never reaches the guest.
         let key = presented_key(&req);
@@ -314,7 +416,7 @@ impl HttpServer {
         // Admission before the body is read: a request that cannot run (its
         // function's queue is full) is answered at once, and one that waits
         // holds no body in memory.
-        let ticket = match self.runtime.admit(function, Http::TYPE).await {
+        let ticket = match self.runtime.admit_unit(&target.unit, Http::TYPE).await {
             Ok(Admit::Admitted(ticket)) => ticket,
             Ok(Admit::Rejected(rejected)) => {
                 return unrecorded_or(&rejected.record.invocation_id, rejected.durable, || {
@@ -326,7 +428,7 @@ impl HttpServer {
         let (mut parts, body) = req.into_parts();
         // Dropped on the way out, the ticket frees its slot: a request
         // whose body never arrived never ran and is not recorded.
-        let (body, budget) = match self.read_body(body, declared).await {
+        let (body, budget) = match self.read_body(body, declared, max_body).await {
             Ok(read) => read,
             Err(refusal) => return refusal,
         };
@@ -346,7 +448,7 @@ impl HttpServer {
             strip_code(&mut parts.uri);
         }
 
-        if self.runtime.is_component(function) {
+        if self.runtime.is_component(&target.unit) {
             return self
                 .component_response(function, ticket, parts, body, budget, local, head)
                 .await;
@@ -401,6 +503,7 @@ impl HttpServer {
         &self,
         mut body: Incoming,
         declared: Option<u64>,
+        max_body: u64,
     ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Response<Body>> {
         let settings = &self.runtime.manifest().server;
         let deadline = tokio::time::Instant::now() + settings.request_body_timeout;
@@ -457,11 +560,11 @@ impl HttpServer {
                 continue;
             };
             let size = (buf.len() + data.len()) as u64;
-            if size > settings.max_body {
+            if size > max_body {
                 return Err(error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     None,
-                    too_large(settings.max_body),
+                    too_large(max_body),
                 ));
             }
             if size > reserved {
@@ -557,6 +660,58 @@ impl HttpServer {
     }
 }
 
+/// The slot a request goes to: the one it names (header, then query
+/// parameter), else production or, with a traffic split, the slot chosen by
+/// affinity (a header's hash, or the cookie; a new client is placed at
+/// random and told with the cookie to set). `Err` names an unknown slot.
+fn choose_slot<B>(req: &Request<B>, routes: &Routes) -> Result<(String, Option<String>), String> {
+    let named = req
+        .headers()
+        .get(SLOT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| query_param(req.uri(), "kelvin-slot").map(str::to_owned));
+    if let Some(slot) = named {
+        return if routes.slots.contains_key(&slot) {
+            Ok((slot, None))
+        } else {
+            Err(slot)
+        };
+    }
+    let Some(split) = &routes.split else {
+        return Ok((PRODUCTION.to_owned(), None));
+    };
+    let pick = |bucket: u64| {
+        if bucket % 100 < u64::from(split.percent) {
+            split.slot.clone()
+        } else {
+            PRODUCTION.to_owned()
+        }
+    };
+    if let Some(name) = &split.affinity_header
+        && let Some(value) = req.headers().get(name.as_str())
+    {
+        let hash = blake3::hash(value.as_bytes());
+        let bucket = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
+        return Ok((pick(bucket), None));
+    }
+    let cookie = req
+        .headers()
+        .get_all(hyper::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix(SLOT_COOKIE)?.strip_prefix('='));
+    if let Some(slot) = cookie
+        && (slot == PRODUCTION || slot == split.slot)
+    {
+        return Ok((slot.to_owned(), None));
+    }
+    let slot = pick(getrandom::u64().unwrap_or(0));
+    let set = format!("{SLOT_COOKIE}={slot}; Path=/; HttpOnly; SameSite=Lax");
+    Ok((slot, Some(set)))
+}
+
 /// `answer()`, unless the invocation's record could not be made durable:
 /// then 503, and nothing the ledger does not know.
 fn unrecorded_or(
@@ -627,6 +782,59 @@ fn failure(function: &str, id: &str, outcome: Outcome) -> Response<Body> {
 }
 
 impl HttpServer {
+    /// The deployment admin API, for the master key only.
+    async fn admin(&self, req: Request<Incoming>) -> Response<Body> {
+        let key = presented_key(&req);
+        if !self
+            .keys
+            .authorize(AuthLevel::Admin, "", key.value.as_deref())
+        {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "missing or invalid access key".into(),
+            );
+        }
+        let limit = if admin::is_upload(req.method(), req.uri().path()) {
+            self.runtime.manifest().server.max_upload
+        } else {
+            admin::MAX_JSON
+        };
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit) {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, None, too_large(limit));
+        }
+        let (parts, body) = req.into_parts();
+        let (body, _budget) = match self.read_body(body, declared, limit).await {
+            Ok(read) => read,
+            Err(refusal) => return refusal,
+        };
+        let reply = admin::handle(
+            &self.deployer,
+            &parts.method,
+            parts.uri.path(),
+            parts.uri.query().unwrap_or(""),
+            body,
+            "master key",
+        )
+        .await;
+        let mut r = plain(
+            reply.status,
+            "application/json",
+            serde_json::to_string_pretty(&reply.body).expect("JSON values serialise") + "\n",
+        );
+        if reply.status == StatusCode::METHOD_NOT_ALLOWED {
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                HeaderValue::from_static("GET, PUT, POST, DELETE"),
+            );
+        }
+        r
+    }
+
     /// `GET /admin/bill`: the `kelvin bill --format json` report, for the
     /// master key only. Query: `since`, `until`, `by`, `policy`.
     async fn bill(&self, req: &Request<Incoming>) -> Response<Body> {
@@ -719,9 +927,13 @@ fn presented_key<B>(req: &Request<B>) -> PresentedKey {
 
 /// The `code` query parameter.
 fn query_code(uri: &hyper::Uri) -> Option<&str> {
+    query_param(uri, "code")
+}
+
+fn query_param<'u>(uri: &'u hyper::Uri, name: &str) -> Option<&'u str> {
     uri.query()?.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
-        (k == "code").then_some(v)
+        (k == name).then_some(v)
     })
 }
 

@@ -2,6 +2,7 @@
 //! validated config ([`config`]) and a way to run; HTTP is the first, timers,
 //! queues and blobs slot in beside it.
 
+pub mod admin;
 pub mod cgi;
 pub mod config;
 pub mod http;

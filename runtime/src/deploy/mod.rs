@@ -1,0 +1,735 @@
+//! Deployments while serving: immutable versions (wasm plus configuration,
+//! content-addressed), slots pointing at them, swaps, rollbacks and traffic
+//! splits. Every change is validated and warmed first, made durable in the
+//! [`store`], then put into service in one step ([`Runtime::replace_table`]);
+//! changes are serialized, and each is all or nothing.
+
+pub mod store;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::cache::{WasmHash, WasmKind};
+use crate::manifest::{FunctionSpec, Manifest};
+use crate::runtime::Runtime;
+use crate::table::{PRODUCTION, Split, Table, Unit, VersionId, valid_slot_name};
+use store::{Change, DeploymentStore, SlotRow, SqliteStore, StoreError, VersionRow};
+
+/// Why a deployment change was refused; nothing changed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// Bad input: invalid wasm or configuration, a malformed request.
+    #[error("{0}")]
+    Invalid(String),
+    /// An unknown function, slot, version or wasm.
+    #[error("{0}")]
+    NotFound(String),
+    /// The change cannot be made as things are (an empty slot, a failed
+    /// warm-up).
+    #[error("{0}")]
+    Conflict(String),
+    /// Kelvin failed (its store, its disk); logged in full, not shown.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for DeployError {
+    fn from(e: StoreError) -> DeployError {
+        DeployError::Internal(e.to_string())
+    }
+}
+
+/// An uploaded wasm.
+#[derive(Debug, Clone, Serialize)]
+pub struct WasmInfo {
+    pub wasm: String,
+    pub kind: &'static str,
+    pub size: u64,
+}
+
+/// A version as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionInfo {
+    pub version: String,
+    pub function: String,
+    pub wasm: String,
+    pub created_at: String,
+    /// The slots that point to it.
+    pub slots: Vec<String>,
+}
+
+/// What each slot serves, and the split.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotsInfo {
+    pub slots: BTreeMap<String, BTreeMap<String, String>>,
+    pub split: Option<SplitInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct SplitInfo {
+    pub slot: String,
+    pub percent: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity_header: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryInfo {
+    pub seq: i64,
+    pub at: String,
+    pub action: String,
+    pub detail: serde_json::Value,
+    pub who: String,
+}
+
+/// A request for a new version of a function.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewVersion {
+    /// The uploaded wasm's hash.
+    pub wasm: String,
+    /// A whole `functions.toml`, whose table for this function is the
+    /// version's configuration (its `[server]` is not applied); without it,
+    /// the configuration of the version `slot` (or production) serves.
+    #[serde(default)]
+    pub manifest: Option<String>,
+    /// Point this slot at the new version once it is ready.
+    #[serde(default)]
+    pub slot: Option<String>,
+}
+
+type Store = Arc<Mutex<Box<dyn DeploymentStore>>>;
+
+/// Deployments of one running app.
+pub struct Deployer {
+    runtime: Arc<Runtime>,
+    store: Store,
+    /// One change at a time.
+    serial: tokio::sync::Mutex<()>,
+    /// Uploaded wasm, by hash: `<hash>.wasm`, never changed once written.
+    wasm_dir: PathBuf,
+}
+
+impl Deployer {
+    /// Opens the deployment store of `runtime`'s state dir, records the
+    /// manifest's functions as versions, and puts the stored slots into
+    /// service. The manifest is the app's declaration: if its versions
+    /// changed since the last start, it is applied to production (like a
+    /// deploy); otherwise production keeps what was last deployed or
+    /// swapped into it.
+    pub fn open(runtime: Arc<Runtime>) -> Result<Deployer, DeployError> {
+        let state_dir = runtime.manifest().server.state_dir.clone();
+        let store = SqliteStore::open(&SqliteStore::path_in(&state_dir))?;
+        Deployer::with_store(runtime, Box::new(store))
+    }
+
+    pub fn with_store(
+        runtime: Arc<Runtime>,
+        mut store: Box<dyn DeploymentStore>,
+    ) -> Result<Deployer, DeployError> {
+        let manifest = runtime.manifest().clone();
+        let wasm_dir = manifest.server.state_dir.join("wasm");
+        std::fs::create_dir_all(&wasm_dir)
+            .map_err(|e| DeployError::Internal(format!("{}: {e}", wasm_dir.display())))?;
+        let text = std::fs::read_to_string(&manifest.path).unwrap_or_default();
+        let table = runtime.table();
+        let mut digest = String::new();
+        for unit in table.production() {
+            let hash = runtime
+                .registry()
+                .hash(&unit.key)
+                .expect("production units are registered");
+            keep_wasm(&unit.spec.source, &wasm_dir, &hash)?;
+            store.put_version(&VersionRow {
+                id: unit.version.to_string(),
+                function: unit.function.clone(),
+                wasm: hash.hex(),
+                config: text.clone(),
+                created_at: now(),
+            })?;
+            digest.push_str(&format!("{}={}\n", unit.function, unit.version));
+        }
+        if store.meta("manifest")?.as_deref() != Some(digest.as_str()) {
+            store.apply(&Change {
+                set: table
+                    .production()
+                    .map(|u| SlotRow {
+                        slot: PRODUCTION.into(),
+                        function: u.function.clone(),
+                        version: u.version.to_string(),
+                    })
+                    .collect(),
+                action: "manifest".into(),
+                detail: serde_json::json!({ "manifest": manifest.path }).to_string(),
+                who: "kelvin up".into(),
+                ..Change::default()
+            })?;
+            store.set_meta("manifest", &digest)?;
+        }
+        let deployer = Deployer {
+            runtime,
+            store: Arc::new(Mutex::new(store)),
+            serial: tokio::sync::Mutex::new(()),
+            wasm_dir,
+        };
+        deployer.restore()?;
+        Ok(deployer)
+    }
+
+    /// Puts the stored slots and split into service.
+    fn restore(&self) -> Result<(), DeployError> {
+        let mut store = self.store.lock().expect("store lock");
+        let current = self.runtime.table();
+        let mut table = Table::default();
+        for row in store.slots()? {
+            let unit = match current.unit(PRODUCTION, &row.function) {
+                Some(u) if u.version.as_str() == row.version => u.clone(),
+                _ => match self.unit_from_store(&mut **store, &row.version) {
+                    Ok(unit) => unit,
+                    Err(e) => {
+                        // A function gone from the manifest, or a version
+                        // whose files are gone: that slot entry is skipped.
+                        tracing::warn!(slot = row.slot, function = row.function, version = row.version, error = %e, "not restoring a slot entry");
+                        continue;
+                    }
+                },
+            };
+            table
+                .slots
+                .entry(row.slot)
+                .or_default()
+                .insert(row.function, unit);
+        }
+        // Functions the store does not have in production (new in the
+        // manifest) serve their manifest version.
+        let production = table.slots.entry(PRODUCTION.into()).or_default();
+        for unit in current.production() {
+            production
+                .entry(unit.function.clone())
+                .or_insert_with(|| unit.clone());
+        }
+        table.split = store
+            .split()?
+            .and_then(|s| serde_json::from_str::<SplitInfo>(&s).ok())
+            .filter(|s| table.slots.contains_key(&s.slot))
+            .map(|s| Split {
+                slot: s.slot,
+                percent: s.percent,
+                affinity_header: s.affinity_header,
+            });
+        self.runtime.replace_table(table);
+        Ok(())
+    }
+
+    /// A stored version, registered (not compiled) under its key.
+    fn unit_from_store(
+        &self,
+        store: &mut dyn DeploymentStore,
+        version: &str,
+    ) -> Result<Arc<Unit>, DeployError> {
+        let row = store
+            .version(version)?
+            .ok_or_else(|| DeployError::NotFound(format!("no version {version}")))?;
+        if self.runtime.production(&row.function).is_err() {
+            return Err(DeployError::NotFound(format!(
+                "no function named `{}` in the app",
+                row.function
+            )));
+        }
+        let path = self.wasm_path(&row.wasm);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| DeployError::NotFound(format!("{}: {e}", path.display())))?;
+        let (hash, kind) = self
+            .runtime
+            .registry()
+            .check_wasm(&bytes)
+            .map_err(DeployError::Invalid)?;
+        let spec = self.spec_from(&row.function, &row.config, &path)?;
+        self.register(spec, kind, hash)
+    }
+
+    /// The configuration of `function` in a manifest's text, its wasm at
+    /// `wasm`.
+    fn spec_from(
+        &self,
+        function: &str,
+        manifest: &str,
+        wasm: &Path,
+    ) -> Result<FunctionSpec, DeployError> {
+        let label = Path::new("functions.toml");
+        let parsed =
+            Manifest::parse(label, manifest).map_err(|e| DeployError::Invalid(e.to_string()))?;
+        let mut spec = parsed.function(function).cloned().ok_or_else(|| {
+            DeployError::Invalid(format!(
+                "the manifest declares no function named `{function}`"
+            ))
+        })?;
+        spec.source = wasm.to_owned();
+        spec.build = None;
+        Ok(spec)
+    }
+
+    /// Registers a version's code under its own key.
+    fn register(
+        &self,
+        spec: FunctionSpec,
+        kind: WasmKind,
+        hash: WasmHash,
+    ) -> Result<Arc<Unit>, DeployError> {
+        let version = VersionId::of(&hash, &spec);
+        let key = format!("{}@{version}", spec.name);
+        self.runtime.registry().add(&key, spec, kind, hash);
+        let spec = self.runtime.registry().spec(&key).expect("just added");
+        Ok(Arc::new(Unit {
+            function: spec.name.to_string(),
+            version,
+            key,
+            spec,
+        }))
+    }
+
+    fn wasm_path(&self, hash: &str) -> PathBuf {
+        self.wasm_dir.join(format!("{hash}.wasm"))
+    }
+
+    async fn stored<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn DeploymentStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, DeployError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&mut **store.lock().expect("store lock")))
+            .await
+            .map_err(|e| DeployError::Internal(e.to_string()))?
+            .map_err(DeployError::from)
+    }
+
+    /// Checks and keeps an uploaded wasm (content-addressed: the same bytes
+    /// again change nothing).
+    pub async fn upload(&self, bytes: bytes::Bytes) -> Result<WasmInfo, DeployError> {
+        let runtime = self.runtime.clone();
+        let dir = self.wasm_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let (hash, kind) = runtime
+                .registry()
+                .check_wasm(&bytes)
+                .map_err(|why| DeployError::Invalid(format!("not a usable wasm: {why}")))?;
+            let path = dir.join(format!("{}.wasm", hash.hex()));
+            if !path.exists() {
+                write_durably(&path, &bytes)
+                    .map_err(|e| DeployError::Internal(format!("{}: {e}", path.display())))?;
+            }
+            Ok(WasmInfo {
+                wasm: hash.hex(),
+                kind: kind_name(kind),
+                size: bytes.len() as u64,
+            })
+        })
+        .await
+        .map_err(|e| DeployError::Internal(e.to_string()))?
+    }
+
+    /// Makes a version of `function` from uploaded wasm and a configuration,
+    /// compiles and loads it (so its first request is warm), and stores it;
+    /// with `slot`, points that slot at it. Whether it is new.
+    pub async fn create_version(
+        &self,
+        function: &str,
+        new: NewVersion,
+        who: &str,
+    ) -> Result<(VersionInfo, bool), DeployError> {
+        let _serial = self.serial.lock().await;
+        let base = self
+            .runtime
+            .production(function)
+            .map_err(|e| DeployError::NotFound(e.to_string()))?;
+        if WasmHash::parse(&new.wasm).is_none() {
+            return Err(DeployError::Invalid(format!(
+                "`wasm` must be the 64 hex digits an upload answered, not {:?}",
+                new.wasm
+            )));
+        }
+        if let Some(slot) = &new.slot {
+            check_slot_name(slot)?;
+        }
+        let path = self.wasm_path(&new.wasm);
+        let bytes = tokio::fs::read(&path).await.map_err(|_| {
+            DeployError::NotFound(format!(
+                "no uploaded wasm {}; upload it first (PUT /admin/wasm)",
+                new.wasm
+            ))
+        })?;
+        let (hash, kind) = self
+            .runtime
+            .registry()
+            .check_wasm(&bytes)
+            .map_err(DeployError::Invalid)?;
+        let config = match new.manifest {
+            Some(text) => text,
+            None => {
+                let table = self.runtime.table();
+                let from = new
+                    .slot
+                    .as_deref()
+                    .and_then(|s| table.unit(s, function))
+                    .unwrap_or(&base);
+                let id = from.version.to_string();
+                self.stored(move |s| s.version(&id))
+                    .await?
+                    .map(|v| v.config)
+                    .ok_or_else(|| {
+                        DeployError::Internal(format!("version {} is not stored", from.version))
+                    })?
+            }
+        };
+        let spec = self.spec_from(function, &config, &path)?;
+        let unit = self.register(spec, kind, hash)?;
+        self.runtime
+            .registry()
+            .prepare(&unit.key)
+            .await
+            .map_err(|e| {
+                DeployError::Invalid(format!("the version failed to load: {}", e.reason))
+            })?;
+        let row = VersionRow {
+            id: unit.version.to_string(),
+            function: function.to_owned(),
+            wasm: hash.hex(),
+            config,
+            created_at: now(),
+        };
+        let created = self.stored(move |s| s.put_version(&row)).await?;
+        if let Some(slot) = &new.slot {
+            self.point_unlocked(slot, unit.clone(), "deploy", who)
+                .await?;
+        }
+        let info = self.version_info(&unit.version).await?;
+        Ok((info, created))
+    }
+
+    /// Points `slot` (created as a copy of production if new) at
+    /// `version` of `function`: a deploy to a slot, or a rollback.
+    pub async fn point(
+        &self,
+        slot: &str,
+        function: &str,
+        version: &str,
+        who: &str,
+    ) -> Result<SlotsInfo, DeployError> {
+        check_slot_name(slot)?;
+        let _serial = self.serial.lock().await;
+        self.runtime
+            .production(function)
+            .map_err(|e| DeployError::NotFound(e.to_string()))?;
+        let id = version.to_owned();
+        let row = self
+            .stored(move |s| s.version(&id))
+            .await?
+            .filter(|v| v.function == function)
+            .ok_or_else(|| {
+                DeployError::NotFound(format!("no version {version} of function `{function}`"))
+            })?;
+        let unit = {
+            let mut store = self.store.lock().expect("store lock");
+            self.unit_from_store(&mut **store, &row.id)?
+        };
+        self.runtime
+            .registry()
+            .prepare(&unit.key)
+            .await
+            .map_err(|e| {
+                DeployError::Conflict(format!("the version failed to load: {}", e.reason))
+            })?;
+        self.point_unlocked(slot, unit, "point", who).await?;
+        Ok(self.slots())
+    }
+
+    async fn point_unlocked(
+        &self,
+        slot: &str,
+        unit: Arc<Unit>,
+        action: &str,
+        who: &str,
+    ) -> Result<(), DeployError> {
+        let mut table = (*self.runtime.table()).clone();
+        let entries = match table.slots.get(slot) {
+            Some(s) => s.clone(),
+            // A new slot starts as a copy of production: a whole app.
+            None => table.slots[PRODUCTION].clone(),
+        };
+        let mut entries = entries;
+        entries.insert(unit.function.clone(), unit.clone());
+        let change = Change {
+            set: entries
+                .values()
+                .map(|u| SlotRow {
+                    slot: slot.to_owned(),
+                    function: u.function.clone(),
+                    version: u.version.to_string(),
+                })
+                .collect(),
+            action: action.into(),
+            detail: serde_json::json!({
+                "slot": slot, "function": unit.function, "version": unit.version.as_str()
+            })
+            .to_string(),
+            who: who.into(),
+            ..Change::default()
+        };
+        self.stored(move |s| s.apply(&change)).await?;
+        table.slots.insert(slot.to_owned(), entries);
+        self.runtime.replace_table(table);
+        tracing::info!(slot, function = unit.function, version = %unit.version, action, "slot updated");
+        Ok(())
+    }
+
+    /// Swaps two slots' versions: the versions that will serve `target`
+    /// are loaded first; then both change in one step. Requests under way
+    /// finish on the version they started on.
+    pub async fn swap(
+        &self,
+        source: &str,
+        target: &str,
+        who: &str,
+    ) -> Result<SlotsInfo, DeployError> {
+        let _serial = self.serial.lock().await;
+        if source == target {
+            return Err(DeployError::Invalid(
+                "a slot cannot be swapped with itself".into(),
+            ));
+        }
+        let mut table = (*self.runtime.table()).clone();
+        let missing = |s: &str| DeployError::NotFound(format!("no slot named `{s}`"));
+        let incoming = table
+            .slots
+            .get(source)
+            .ok_or_else(|| missing(source))?
+            .clone();
+        let outgoing = table
+            .slots
+            .get(target)
+            .ok_or_else(|| missing(target))?
+            .clone();
+        if incoming.is_empty() {
+            return Err(DeployError::Conflict(format!("slot `{source}` is empty")));
+        }
+        // Warm-up: every version that will serve the target is loaded.
+        for unit in incoming.values() {
+            self.runtime
+                .registry()
+                .prepare(&unit.key)
+                .await
+                .map_err(|e| {
+                    DeployError::Conflict(format!(
+                        "warm-up of `{}` version {} failed: {}",
+                        unit.function, unit.version, e.reason
+                    ))
+                })?;
+        }
+        let rows = |slot: &str, units: &BTreeMap<String, Arc<Unit>>| {
+            units
+                .values()
+                .map(|u| SlotRow {
+                    slot: slot.to_owned(),
+                    function: u.function.clone(),
+                    version: u.version.to_string(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut set = rows(target, &incoming);
+        set.extend(rows(source, &outgoing));
+        let change = Change {
+            delete_slots: vec![source.to_owned(), target.to_owned()],
+            set,
+            action: "swap".into(),
+            detail: serde_json::json!({ "source": source, "target": target }).to_string(),
+            who: who.into(),
+            ..Change::default()
+        };
+        self.stored(move |s| s.apply(&change)).await?;
+        table.slots.insert(target.to_owned(), incoming);
+        table.slots.insert(source.to_owned(), outgoing);
+        self.runtime.replace_table(table);
+        tracing::info!(source, target, "slots swapped");
+        Ok(self.slots())
+    }
+
+    /// Sends `percent` of production's requests to `slot` (0 stops it).
+    pub async fn split(&self, split: SplitInfo, who: &str) -> Result<SlotsInfo, DeployError> {
+        let _serial = self.serial.lock().await;
+        let mut table = (*self.runtime.table()).clone();
+        if split.percent > 99 {
+            return Err(DeployError::Invalid(
+                "`percent` is the share for the other slot: 0 to 99 (swap to send it all)".into(),
+            ));
+        }
+        if let Some(h) = &split.affinity_header
+            && hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            return Err(DeployError::Invalid(format!("{h:?} is not a header name")));
+        }
+        let new = if split.percent == 0 {
+            None
+        } else {
+            if split.slot == PRODUCTION {
+                return Err(DeployError::Invalid(
+                    "production splits its traffic with another slot".into(),
+                ));
+            }
+            if !table.slots.contains_key(&split.slot) {
+                return Err(DeployError::NotFound(format!(
+                    "no slot named `{}`",
+                    split.slot
+                )));
+            }
+            Some(split.clone())
+        };
+        let change = Change {
+            split: Some(
+                new.as_ref()
+                    .map(|s| serde_json::to_string(s).expect("serialises")),
+            ),
+            action: "split".into(),
+            detail: serde_json::to_string(&split).expect("serialises"),
+            who: who.into(),
+            ..Change::default()
+        };
+        self.stored(move |s| s.apply(&change)).await?;
+        table.split = new.map(|s| Split {
+            slot: s.slot,
+            percent: s.percent,
+            affinity_header: s.affinity_header.map(|h| h.to_ascii_lowercase()),
+        });
+        self.runtime.replace_table(table);
+        Ok(self.slots())
+    }
+
+    /// What each slot serves now.
+    pub fn slots(&self) -> SlotsInfo {
+        let table = self.runtime.table();
+        SlotsInfo {
+            slots: table
+                .slots
+                .iter()
+                .map(|(slot, units)| {
+                    let versions = units
+                        .iter()
+                        .map(|(f, u)| (f.clone(), u.version.to_string()))
+                        .collect();
+                    (slot.clone(), versions)
+                })
+                .collect(),
+            split: table.split.as_ref().map(|s| SplitInfo {
+                slot: s.slot.clone(),
+                percent: s.percent,
+                affinity_header: s.affinity_header.clone(),
+            }),
+        }
+    }
+
+    /// The stored versions of `function`, newest first.
+    pub async fn versions(&self, function: &str) -> Result<Vec<VersionInfo>, DeployError> {
+        self.runtime
+            .production(function)
+            .map_err(|e| DeployError::NotFound(e.to_string()))?;
+        let name = function.to_owned();
+        let rows = self.stored(move |s| s.versions(Some(&name))).await?;
+        let table = self.runtime.table();
+        Ok(rows.into_iter().map(|r| info(&table, r)).collect())
+    }
+
+    async fn version_info(&self, id: &VersionId) -> Result<VersionInfo, DeployError> {
+        let id = id.to_string();
+        let row = self
+            .stored(move |s| s.version(&id))
+            .await?
+            .ok_or_else(|| DeployError::Internal("a stored version vanished".into()))?;
+        Ok(info(&self.runtime.table(), row))
+    }
+
+    /// The newest `limit` changes.
+    pub async fn history(&self, limit: usize) -> Result<Vec<HistoryInfo>, DeployError> {
+        let rows = self.stored(move |s| s.history(limit)).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| HistoryInfo {
+                seq: r.seq,
+                at: r.at,
+                action: r.action,
+                detail: serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::Null),
+                who: r.who,
+            })
+            .collect())
+    }
+}
+
+fn info(table: &Table, row: VersionRow) -> VersionInfo {
+    let slots = table
+        .slots
+        .iter()
+        .filter(|(_, units)| {
+            units
+                .get(&row.function)
+                .is_some_and(|u| u.version.as_str() == row.id)
+        })
+        .map(|(s, _)| s.clone())
+        .collect();
+    VersionInfo {
+        version: row.id,
+        function: row.function,
+        wasm: row.wasm,
+        created_at: row.created_at,
+        slots,
+    }
+}
+
+fn check_slot_name(slot: &str) -> Result<(), DeployError> {
+    if valid_slot_name(slot) {
+        Ok(())
+    } else {
+        Err(DeployError::Invalid(format!(
+            "{slot:?} is not a slot name: lowercase letters, digits, `-` and `_`, starting with a letter, at most 64 characters"
+        )))
+    }
+}
+
+fn kind_name(kind: WasmKind) -> &'static str {
+    match kind {
+        WasmKind::Module => "module",
+        WasmKind::Component => "component",
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Keeps a copy of a manifest function's wasm under its hash, so the
+/// version stays deployable after the file is rebuilt.
+fn keep_wasm(source: &Path, dir: &Path, hash: &WasmHash) -> Result<(), DeployError> {
+    let path = dir.join(format!("{}.wasm", hash.hex()));
+    if path.exists() {
+        return Ok(());
+    }
+    let bytes = std::fs::read(source)
+        .map_err(|e| DeployError::Internal(format!("{}: {e}", source.display())))?;
+    if WasmHash::of(&bytes) != *hash {
+        // Rebuilt since start-up: this version's bytes are gone; its entry
+        // stays usable only while this process runs.
+        tracing::warn!(source = %source.display(), "the .wasm changed since start-up; not keeping a copy");
+        return Ok(());
+    }
+    write_durably(&path, &bytes)
+        .map_err(|e| DeployError::Internal(format!("{}: {e}", path.display())))
+}
+
+/// Writes a file whole under its final name, then makes the name durable.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    crate::cache::write_atomic(path, bytes)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}

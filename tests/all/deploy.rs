@@ -1,0 +1,538 @@
+//! Deploying while serving, over real HTTP: versions, slots, a swap under
+//! load with no failed request, rollback, traffic split, and bad input.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kelvin::keys::{KeyStore, Scope};
+use serde_json::{Value, json};
+
+use crate::util::{App, TestServer};
+
+/// `greet` starts as the `spin` guest (it sleeps for `?ms=` with
+/// `mode=sleep`); its next version is the `hello` guest. Both answer 200 to
+/// `/greet?ms=1`.
+fn app(server: &str) -> App {
+    App::new(
+        server,
+        "[functions.greet]\nsource = \"{guests}/spin.wasm\"\ntimeout = \"20s\"\n\
+         max_concurrency = 32\nqueue = 64\n\
+         [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n",
+    )
+}
+
+fn master(app: &App) -> String {
+    KeyStore::open(&app.state_dir(), &[])
+        .unwrap()
+        .find(&Scope::Master)
+        .unwrap()
+        .value
+}
+
+struct Admin<'a> {
+    server: &'a TestServer,
+    key: String,
+}
+
+impl Admin<'_> {
+    async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self
+            .server
+            .client
+            .request(method, self.server.url(path))
+            .header("x-kelvin-key", &self.key);
+        if let Some(body) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn upload(&self, bytes: Vec<u8>) -> (u16, Value) {
+        let r = self
+            .server
+            .client
+            .put(self.server.url("/admin/wasm"))
+            .header("x-kelvin-key", &self.key)
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (
+            status,
+            serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or(Value::Null),
+        )
+    }
+
+    async fn deploy(&self, guest: &str, extra: Value) -> (u16, Value) {
+        let (status, wasm) = self
+            .upload(std::fs::read(kelvin_tests::guest(guest)).unwrap())
+            .await;
+        assert_eq!(status, 200, "{wasm}");
+        let mut body = json!({ "wasm": wasm["wasm"] });
+        if let Value::Object(extra) = extra {
+            body.as_object_mut().unwrap().extend(extra);
+        }
+        self.send(
+            reqwest::Method::POST,
+            "/admin/functions/greet/versions",
+            Some(body),
+        )
+        .await
+    }
+
+    async fn swap(&self, source: &str) -> (u16, Value) {
+        self.send(
+            reqwest::Method::POST,
+            "/admin/swap",
+            Some(json!({ "source": source })),
+        )
+        .await
+    }
+}
+
+/// A GET's status, the version that served it and its body.
+async fn call(server: &TestServer, path: &str, slot: Option<&str>) -> (u16, String, String) {
+    let mut req = server.client.get(server.url(path));
+    if let Some(slot) = slot {
+        req = req.header("x-kelvin-slot", slot);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let version = r
+        .headers()
+        .get("x-kelvin-version")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, version, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_to_staging_swap_under_load_and_roll_back() {
+    let _cpu = crate::util::cpu_heavy().await;
+    let app = app("");
+    let server = TestServer::start(&app).await;
+    let admin = Admin {
+        server: &server,
+        key: master(&app),
+    };
+
+    let (status, v1, _) = call(&server, "/greet?ms=1", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(v1.len(), 16, "every response names its version");
+
+    // A deploy needs the master key.
+    let r = server
+        .client
+        .put(server.url("/admin/wasm"))
+        .body(b"\0asm".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Deploy version 2 to staging: new, then the same again is no change.
+    let (status, created) = admin.deploy("hello", json!({ "slot": "staging" })).await;
+    assert_eq!(status, 201, "{created}");
+    let v2 = created["version"].as_str().unwrap().to_owned();
+    assert_ne!(v2, v1);
+    assert_eq!(created["slots"], json!(["staging"]));
+    let (status, again) = admin.deploy("hello", json!({ "slot": "staging" })).await;
+    assert_eq!(
+        (status, again["version"].as_str()),
+        (200, Some(v2.as_str()))
+    );
+
+    // Staging answers by header or query parameter; production is unchanged.
+    let (status, version, body) = call(&server, "/greet?ms=1", Some("staging")).await;
+    assert_eq!((status, version.as_str()), (200, v2.as_str()));
+    assert_eq!(body, "Hello, world!\n");
+    let (_, version, _) = call(&server, "/greet?ms=1&kelvin-slot=staging", None).await;
+    assert_eq!(version, v2);
+    assert_eq!(call(&server, "/greet?ms=1", None).await.1, v1);
+    assert_eq!(call(&server, "/greet?ms=1", Some("nope")).await.0, 404);
+
+    // Swap under load: four clients in a loop, one long request across it.
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = server.url("");
+    let long = {
+        let (client, base) = (server.client.clone(), base.clone());
+        tokio::spawn(async move {
+            let r = client
+                .get(format!("{base}/greet?ms=1500&mode=sleep"))
+                .send()
+                .await
+                .unwrap();
+            let version = r.headers()["x-kelvin-version"].to_str().unwrap().to_owned();
+            (r.status().as_u16(), version)
+        })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (client, base, stop) = (server.client.clone(), base.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                let r = client
+                    .get(format!("{base}/greet?ms=1"))
+                    .send()
+                    .await
+                    .unwrap();
+                let version = r
+                    .headers()
+                    .get("x-kelvin-version")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                seen.push((sent, Instant::now(), r.status().as_u16(), version));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let swap_sent = Instant::now();
+    let (status, slots) = admin.swap("staging").await;
+    let swap_done = Instant::now();
+    assert_eq!(status, 200, "{slots}");
+    assert_eq!(slots["slots"]["production"]["greet"], json!(v2));
+    assert_eq!(slots["slots"]["staging"]["greet"], json!(v1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut before = 0;
+    let mut after = 0;
+    for client in clients {
+        for (sent, answered, status, version) in client.await.unwrap() {
+            assert_eq!(status, 200, "no request fails across a swap");
+            if answered < swap_sent {
+                assert_eq!(version, v1, "before the swap: the old version");
+                before += 1;
+            } else if sent > swap_done {
+                assert_eq!(version, v2, "after the swap: the new version");
+                after += 1;
+            } else {
+                assert!(version == v1 || version == v2);
+            }
+        }
+    }
+    assert!(before > 10 && after > 10, "{before} before, {after} after");
+    assert_eq!(
+        long.await.unwrap(),
+        (200, v1.clone()),
+        "a request under way finishes on the version it started on"
+    );
+
+    // Rollback: swap back, or point production at any kept version.
+    assert_eq!(admin.swap("staging").await.0, 200);
+    assert_eq!(call(&server, "/greet?ms=1", None).await.1, v1);
+    let (status, _) = admin
+        .send(
+            reqwest::Method::PUT,
+            "/admin/slots/production/functions/greet",
+            Some(json!({ "version": v2 })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(call(&server, "/greet?ms=1", None).await.1, v2);
+
+    let (status, versions) = admin
+        .send(
+            reqwest::Method::GET,
+            "/admin/functions/greet/versions",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = versions["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [v2.as_str(), v1.as_str()], "newest first");
+    let (_, history) = admin
+        .send(reqwest::Method::GET, "/admin/history", None)
+        .await;
+    let actions: Vec<&str> = history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        ["point", "swap", "swap", "deploy", "deploy", "manifest"]
+    );
+    server.stop().await;
+
+    // A restart keeps what was deployed (the manifest did not change).
+    let server = TestServer::start(&app).await;
+    assert_eq!(call(&server, "/greet?ms=1", None).await.1, v2);
+    assert_eq!(call(&server, "/greet?ms=1", Some("staging")).await.1, v2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_carries_its_configuration() {
+    let app = app("");
+    let server = TestServer::start(&app).await;
+    let admin = Admin {
+        server: &server,
+        key: master(&app),
+    };
+    let manifest = |greeting: &str| {
+        format!(
+            "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
+             env = {{ GREETING = \"{greeting}\" }}\n\
+             [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n"
+        )
+    };
+    let (status, hi) = admin
+        .deploy(
+            "hello",
+            json!({ "slot": "staging", "manifest": manifest("Hi") }),
+        )
+        .await;
+    assert_eq!(status, 201, "{hi}");
+    let (_, version, body) = call(&server, "/greet", Some("staging")).await;
+    assert_eq!(
+        (version.as_str(), body.as_str()),
+        (hi["version"].as_str().unwrap(), "Hi, world!\n")
+    );
+    // Same wasm, other configuration: another version.
+    let (status, hey) = admin
+        .deploy(
+            "hello",
+            json!({ "slot": "staging", "manifest": manifest("Hey") }),
+        )
+        .await;
+    assert_eq!(status, 201);
+    assert_ne!(hey["version"], hi["version"]);
+    assert_eq!(
+        call(&server, "/greet", Some("staging")).await.2,
+        "Hey, world!\n"
+    );
+
+    // A broken configuration: 400 with where, and nothing changes.
+    let (status, err) = admin
+        .deploy(
+            "hello",
+            json!({ "slot": "staging", "manifest": manifest("Hey").replace("auth = \"anonymous\"", "auth = \"everyone\"") }),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    let message = err["error"].as_str().unwrap();
+    assert!(message.contains("functions.toml:8:8"), "{message}");
+    assert!(message.contains("auth"), "{message}");
+    assert_eq!(
+        call(&server, "/greet", Some("staging")).await.2,
+        "Hey, world!\n"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_deployments_change_nothing() {
+    let app = app("max_upload = \"1MiB\"");
+    let server = TestServer::start(&app).await;
+    let admin = Admin {
+        server: &server,
+        key: master(&app),
+    };
+    let (_, v1, _) = call(&server, "/greet?ms=1", None).await;
+    use reqwest::Method as M;
+
+    // Invalid wasm, and wasm over the limit.
+    let (status, err) = admin.upload(b"\0asm\x01\0\0\0garbage".to_vec()).await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(admin.upload(vec![0; 2 << 20]).await.0, 413);
+    // Unknown wasm, function, slot, version; malformed requests.
+    let missing = json!({ "wasm": "0".repeat(64) });
+    let cases = [
+        (
+            M::POST,
+            "/admin/functions/greet/versions",
+            Some(missing.clone()),
+            404,
+        ),
+        (
+            M::POST,
+            "/admin/functions/nope/versions",
+            Some(missing),
+            404,
+        ),
+        (
+            M::POST,
+            "/admin/functions/greet/versions",
+            Some(json!({ "wasm": "xyz" })),
+            400,
+        ),
+        (
+            M::POST,
+            "/admin/functions/greet/versions",
+            Some(json!({ "wasm": 1 })),
+            400,
+        ),
+        (M::GET, "/admin/functions/nope/versions", None, 404),
+        (
+            M::POST,
+            "/admin/swap",
+            Some(json!({ "source": "nope" })),
+            404,
+        ),
+        (
+            M::POST,
+            "/admin/swap",
+            Some(json!({ "source": "production" })),
+            400,
+        ),
+        (
+            M::PUT,
+            "/admin/slots/staging/functions/greet",
+            Some(json!({ "version": "0123456789abcdef" })),
+            404,
+        ),
+        (
+            M::PUT,
+            "/admin/slots/Bad%20Slot/functions/greet",
+            Some(json!({ "version": v1 })),
+            400,
+        ),
+        (
+            M::PUT,
+            "/admin/split",
+            Some(json!({ "slot": "nope", "percent": 10 })),
+            404,
+        ),
+        (
+            M::PUT,
+            "/admin/split",
+            Some(json!({ "slot": "production", "percent": 100 })),
+            400,
+        ),
+        (M::GET, "/admin/history?limit=0", None, 400),
+        (M::DELETE, "/admin/slots", None, 405),
+        (M::GET, "/admin/nothing-here", None, 404),
+    ];
+    for (method, path, body, expected) in cases {
+        let (status, reply) = admin.send(method.clone(), path, body).await;
+        assert_eq!(status, expected, "{method} {path}: {reply}");
+        assert!(reply["error"].is_string(), "{method} {path}: {reply}");
+    }
+    let (_, slots) = admin.send(M::GET, "/admin/slots", None).await;
+    assert_eq!(
+        slots,
+        json!({ "slots": { "production": { "greet": v1 } }, "split": null })
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_split_lands_near_its_weight_with_affinity() {
+    let app = app("");
+    let server = TestServer::start(&app).await;
+    let admin = Admin {
+        server: &server,
+        key: master(&app),
+    };
+    let (_, v1, _) = call(&server, "/greet?ms=1", None).await;
+    let (_, created) = admin.deploy("hello", json!({ "slot": "canary" })).await;
+    let v2 = created["version"].as_str().unwrap().to_owned();
+    let (status, slots) = admin
+        .send(
+            reqwest::Method::PUT,
+            "/admin/split",
+            Some(json!({ "slot": "canary", "percent": 10 })),
+        )
+        .await;
+    assert_eq!(status, 200, "{slots}");
+
+    // New clients (no cookie) are placed at random: about 10% on canary.
+    let mut canary = 0;
+    let mut cookie_for = std::collections::HashMap::new();
+    for _ in 0..1000 {
+        let r = server.get("/greet?ms=1").await;
+        assert_eq!(r.status(), 200);
+        let version = r.headers()["x-kelvin-version"].to_str().unwrap().to_owned();
+        let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+        if version == v2 {
+            canary += 1;
+        } else {
+            assert_eq!(version, v1);
+        }
+        cookie_for.insert(version, cookie);
+    }
+    assert!(
+        (60..=140).contains(&canary),
+        "{canary} of 1000 on the 10% slot"
+    );
+    // A client that sends its cookie back stays where it was placed.
+    for (version, cookie) in &cookie_for {
+        let pair = cookie.split(';').next().unwrap();
+        for _ in 0..20 {
+            let r = server
+                .client
+                .get(server.url("/greet?ms=1"))
+                .header("cookie", pair)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.headers()["x-kelvin-version"].to_str().unwrap(), version);
+            assert!(r.headers().get("set-cookie").is_none());
+        }
+    }
+
+    // Affinity by a header the operator names: one user, one version.
+    let (status, _) = admin
+        .send(
+            reqwest::Method::PUT,
+            "/admin/split",
+            Some(json!({ "slot": "canary", "percent": 10, "affinity_header": "x-user" })),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut canary = 0;
+    for user in 0..1000 {
+        let mut seen = None;
+        for _ in 0..if user < 20 { 5 } else { 1 } {
+            let r = server
+                .client
+                .get(server.url("/greet?ms=1"))
+                .header("x-user", format!("user-{user}"))
+                .send()
+                .await
+                .unwrap();
+            let version = r.headers()["x-kelvin-version"].to_str().unwrap().to_owned();
+            assert!(
+                seen.is_none() || seen.as_ref() == Some(&version),
+                "user-{user} moved"
+            );
+            seen = Some(version);
+        }
+        canary += usize::from(seen.unwrap() == v2);
+    }
+    assert!(
+        (60..=140).contains(&canary),
+        "{canary} of 1000 users on the 10% slot"
+    );
+
+    // Stopping the split sends everyone to production.
+    assert_eq!(
+        admin
+            .send(reqwest::Method::DELETE, "/admin/split", None)
+            .await
+            .0,
+        200
+    );
+    for _ in 0..20 {
+        assert_eq!(call(&server, "/greet?ms=1", None).await.1, v1);
+    }
+    server.stop().await;
+}
