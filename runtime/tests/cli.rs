@@ -993,3 +993,88 @@ fn shutdown_past_the_drain_timeout_answers_nothing_unrecorded() {
     assert_eq!(spun.len(), 1, "{records:?}");
     assert_eq!(spun[0].outcome.as_str(), "abandoned", "{:?}", spun[0]);
 }
+
+#[test]
+fn up_applies_an_edited_manifest_and_refuses_a_broken_one() {
+    let manifest_for = |greeting: &str| {
+        format!(
+            "[functions.hello]\nsource = \"{{guests}}/hello.wasm\"\nenv = {{ GREETING = \"{greeting}\" }}\n\
+             [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nauth = \"anonymous\"\n"
+        )
+    };
+    let (dir, manifest) = app_with("", &manifest_for("Hello"));
+    let (mut child, addr, stderr) = up(&manifest);
+    let logs = Logs::watch(stderr);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let get = |rt: &tokio::runtime::Runtime| {
+        rt.block_on(async {
+            let r = reqwest::get(format!("http://{addr}/hello/cli"))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let version = r.headers()["x-kelvin-version"].to_str().unwrap().to_owned();
+            (version, r.text().await.unwrap())
+        })
+    };
+    let (v1, body) = get(&rt);
+    assert_eq!(body, "Hello, cli!\n");
+    // Written whole and renamed into place, as editors do: the watcher
+    // never reads half a file.
+    let put = |text: &str| {
+        let tmp = manifest.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &manifest).unwrap();
+    };
+    let rewrite = |greeting: &str| {
+        let (other_dir, other) = app_with("", &manifest_for(greeting));
+        put(&std::fs::read_to_string(&other).unwrap());
+        drop(other_dir);
+    };
+
+    // Edited: applied to production without a restart.
+    rewrite("Hi");
+    logs.wait(
+        "manifest applied to production",
+        &[("who", "file change")],
+        Duration::from_secs(20),
+    );
+    let (v2, body) = get(&rt);
+    assert_eq!(body, "Hi, cli!\n");
+    assert_ne!(v2, v1);
+
+    // Broken: reported, and nothing changes.
+    put("version = 1\nname = \"cli\"\n[functions.hello]\nsource = 7\n");
+    let refused = logs.wait(
+        "manifest reload refused; nothing changed",
+        &[],
+        Duration::from_secs(20),
+    );
+    assert!(
+        refused["fields"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("functions.hello.source"),
+        "{refused}"
+    );
+    assert_eq!(get(&rt).1, "Hi, cli!\n");
+
+    // SIGHUP applies it too (the file written without changing its size
+    // and time would not be noticed otherwise).
+    rewrite("Hey");
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    logs.wait(
+        "manifest applied to production",
+        &[],
+        Duration::from_secs(20),
+    );
+    assert_eq!(get(&rt).1, "Hey, cli!\n");
+
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    drop(dir);
+}

@@ -57,7 +57,11 @@ impl UpCommand {
             // for Cranelift is answered by Winch's code meanwhile.
             runtime.registry().serve_tiered();
             let precompile = runtime.registry().precompile_in_background();
+            // The manifest is the app's declaration: edited (or on SIGHUP),
+            // it is applied to production like a deploy.
+            let watcher = tokio::spawn(crate::deploy::watch_manifest(server.deployer()));
             server.serve(listener, shutdown_signal()).await?;
+            watcher.abort();
             precompile.abort();
             tracing::info!("stopped");
             anyhow::Ok(())

@@ -556,6 +556,113 @@ impl Deployer {
         Ok(self.slots())
     }
 
+    /// Applies a manifest's text to production, like a deploy of every
+    /// function at once: each function's wasm is read from its `source`,
+    /// checked, kept and loaded, then production changes in one step. A
+    /// manifest that fails any check changes nothing. Functions cannot be
+    /// added or removed, nor `[server]` changed, without a restart.
+    pub async fn apply_manifest(&self, text: &str, who: &str) -> Result<SlotsInfo, DeployError> {
+        let _serial = self.serial.lock().await;
+        let path = self.runtime.manifest().path.clone();
+        let parsed =
+            Manifest::parse(&path, text).map_err(|e| DeployError::Invalid(e.to_string()))?;
+        let running: Vec<&str> = self
+            .runtime
+            .manifest()
+            .functions
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect();
+        let wanted: Vec<&str> = parsed.functions.iter().map(|f| f.name.as_str()).collect();
+        if running != wanted {
+            return Err(DeployError::Conflict(format!(
+                "the manifest's functions changed ({} -> {}); adding or removing functions takes a restart",
+                running.join(", "),
+                wanted.join(", ")
+            )));
+        }
+        let mut units = BTreeMap::new();
+        let mut rows = Vec::new();
+        for spec in &parsed.functions {
+            let source = spec.source.clone();
+            let bytes = tokio::fs::read(&source).await.map_err(|e| {
+                DeployError::Invalid(format!(
+                    "function `{}`: failed to read `{}`: {e}",
+                    spec.name,
+                    source.display()
+                ))
+            })?;
+            let (hash, kind) = self.runtime.registry().check_wasm(&bytes).map_err(|why| {
+                DeployError::Invalid(format!(
+                    "function `{}`: `{}` is not a usable wasm: {why}",
+                    spec.name,
+                    source.display()
+                ))
+            })?;
+            let kept = self.wasm_path(&hash.hex());
+            if !kept.exists() {
+                let path = kept.clone();
+                tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
+                    .await
+                    .map_err(|e| DeployError::Internal(e.to_string()))?
+                    .map_err(|e| DeployError::Internal(format!("{}: {e}", kept.display())))?;
+            }
+            let mut spec = spec.clone();
+            spec.source = kept;
+            spec.build = None;
+            let unit = self.register(spec, kind, hash)?;
+            self.runtime
+                .registry()
+                .prepare(&unit.key)
+                .await
+                .map_err(|e| {
+                    DeployError::Invalid(format!(
+                        "function `{}` failed to load: {}",
+                        unit.function, e.reason
+                    ))
+                })?;
+            rows.push(VersionRow {
+                id: unit.version.to_string(),
+                function: unit.function.clone(),
+                wasm: hash.hex(),
+                config: text.to_owned(),
+                created_at: now(),
+            });
+            units.insert(unit.function.clone(), unit);
+        }
+        let digest: String = units
+            .values()
+            .map(|u| format!("{}={}\n", u.function, u.version))
+            .collect();
+        let change = Change {
+            set: units
+                .values()
+                .map(|u| SlotRow {
+                    slot: PRODUCTION.into(),
+                    function: u.function.clone(),
+                    version: u.version.to_string(),
+                })
+                .collect(),
+            action: "manifest".into(),
+            detail: serde_json::json!({ "manifest": path }).to_string(),
+            who: who.into(),
+            ..Change::default()
+        };
+        self.stored(move |s| {
+            for row in &rows {
+                s.put_version(row)?;
+            }
+            s.apply(&change)?;
+            s.set_meta("manifest", &digest)
+        })
+        .await?;
+        let mut table = (*self.runtime.table()).clone();
+        table.slots.insert(PRODUCTION.into(), units);
+        self.runtime.replace_table(table);
+        tracing::info!(manifest = %path.display(), who, "manifest applied to production");
+        Ok(self.slots())
+    }
+
     /// Sends `percent` of production's requests to `slot` (0 stops it).
     pub async fn split(&self, split: SplitInfo, who: &str) -> Result<SlotsInfo, DeployError> {
         let _serial = self.serial.lock().await;
@@ -662,6 +769,61 @@ impl Deployer {
                 who: r.who,
             })
             .collect())
+    }
+}
+
+/// Reloads the manifest into production on SIGHUP and whenever its file
+/// changes (checked twice a second); a manifest that fails its checks
+/// changes nothing and is reported in the log. Runs until dropped.
+pub async fn watch_manifest(deployer: Arc<Deployer>) {
+    let path = deployer.runtime.manifest().path.clone();
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch for SIGHUP; reloading on file changes only");
+            None
+        }
+    };
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = stamp(&path);
+    let mut applied = std::fs::read_to_string(&path).ok();
+    loop {
+        let why = tokio::select! {
+            Some(()) = async {
+                match &mut hangup {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
+            () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
+                let now = stamp(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "file change"
+            }
+        };
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(manifest = %path.display(), error = %e, "manifest reload failed: cannot read it; nothing changed");
+                continue;
+            }
+        };
+        if why == "file change" && applied.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        match deployer.apply_manifest(&text, why).await {
+            Ok(_) => applied = Some(text),
+            Err(e) => {
+                tracing::error!(manifest = %path.display(), trigger = why, error = %e, "manifest reload refused; nothing changed")
+            }
+        }
     }
 }
 

@@ -109,7 +109,7 @@ pub enum ServerError {
 pub struct HttpServer {
     runtime: Arc<Runtime>,
     routes: std::sync::RwLock<Arc<Routes>>,
-    deployer: Deployer,
+    deployer: Arc<Deployer>,
     keys: KeyStore,
     /// Request bodies in memory, all connections together, in KiB.
     body_budget: Arc<Semaphore>,
@@ -122,7 +122,7 @@ impl HttpServer {
     /// deployments (putting the stored slots into service), and builds the
     /// routing table, before any socket is bound.
     pub fn new(runtime: Arc<Runtime>) -> Result<HttpServer, ServerError> {
-        let deployer = Deployer::open(runtime.clone())?;
+        let deployer = Arc::new(Deployer::open(runtime.clone())?);
         let routes = Routes::of(&runtime.table());
         let names: Vec<&str> = runtime
             .manifest()
@@ -166,6 +166,11 @@ impl HttpServer {
             RouteMatch::Found { target, .. } => Some((target.unit.function.clone(), target.auth)),
             _ => None,
         }
+    }
+
+    /// The app's deployments (for the manifest watcher of `kelvin up`).
+    pub fn deployer(&self) -> Arc<Deployer> {
+        self.deployer.clone()
     }
 
     /// The routes of the runtime's current table (rebuilt when it changed).
