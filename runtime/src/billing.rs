@@ -348,6 +348,9 @@ pub enum GroupBy {
     Day,
     Trigger,
     Outcome,
+    /// The deployment version (`function@version`).
+    Version,
+    Slot,
 }
 
 /// One day of a function's invocations (per trigger and outcome), rolled up
@@ -528,6 +531,11 @@ fn priceable<'a>(
 /// Prices `usage` and groups it. Each month's free grants are applied once,
 /// to the month's usage in order: what the range's first month used before
 /// the range comes off its grants first.
+/// A record from before deployments has no version id or slot.
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() { "unknown" } else { s }
+}
+
 pub fn report(policy: &Policy, usage: &Usage, by: GroupBy) -> Result<Report, PricingError> {
     let aggregates = priceable(policy, usage.aggregates.iter())?;
     let earlier_aggregates = priceable(policy, usage.earlier_aggregates.iter())?;
@@ -546,6 +554,8 @@ pub fn report(policy: &Policy, usage: &Usage, by: GroupBy) -> Result<Report, Pri
             GroupBy::Day => r.started_at.get(..10).unwrap_or("").to_owned(),
             GroupBy::Trigger => r.trigger.clone(),
             GroupBy::Outcome => r.outcome.as_str().to_owned(),
+            GroupBy::Version => format!("{}@{}", r.function, or_unknown(&r.version_id)),
+            GroupBy::Slot => or_unknown(&r.slot).to_owned(),
         };
         lines
             .entry(key.clone())
@@ -567,6 +577,9 @@ pub fn report(policy: &Policy, usage: &Usage, by: GroupBy) -> Result<Report, Pri
             GroupBy::Day => a.day.clone(),
             GroupBy::Trigger => a.trigger.clone(),
             GroupBy::Outcome => a.outcome.clone(),
+            // Compacted days keep neither: they are their own line.
+            GroupBy::Version => format!("{}@compacted", a.function),
+            GroupBy::Slot => "compacted".to_owned(),
         };
         lines
             .entry(key.clone())
@@ -650,6 +663,8 @@ mod tests {
             exit_code: None,
             version: String::new(),
             memory_limit_bytes: limit,
+            version_id: String::new(),
+            slot: String::new(),
         }
     }
 
@@ -742,6 +757,47 @@ mod tests {
         assert_eq!(r.due, Decimal::ZERO);
         assert_eq!(r.lines.len(), 1);
         assert_eq!(r.total.executions, d("2"));
+    }
+
+    #[test]
+    fn reports_group_by_version_and_slot() {
+        let policy = Policy::preset("azure-consumption").unwrap();
+        let at = |slot: &str, version: &str| {
+            let mut r = rec(12_345, 65 * MIB, 0, 0);
+            r.slot = slot.into();
+            r.version_id = version.into();
+            r
+        };
+        let records = vec![
+            at("production", "aaaa"),
+            at("production", "bbbb"),
+            at("staging", "bbbb"),
+            // From before deployments.
+            at("", ""),
+        ];
+        let keys = |by| {
+            let r = report(&policy, &Usage::of(records.clone()), by).unwrap();
+            r.lines
+                .iter()
+                .map(|l| (l.key.clone(), l.executions))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            keys(GroupBy::Version),
+            [
+                ("f@aaaa".to_owned(), d("1")),
+                ("f@bbbb".to_owned(), d("2")),
+                ("f@unknown".to_owned(), d("1"))
+            ]
+        );
+        assert_eq!(
+            keys(GroupBy::Slot),
+            [
+                ("production".to_owned(), d("2")),
+                ("staging".to_owned(), d("1")),
+                ("unknown".to_owned(), d("1"))
+            ]
+        );
     }
 
     #[test]

@@ -81,7 +81,9 @@ CREATE TABLE IF NOT EXISTS invocations (
     instantiate_us    INTEGER NOT NULL,
     run_us            INTEGER NOT NULL,
     exit_code         INTEGER,
-    memory_limit_bytes INTEGER NOT NULL
+    memory_limit_bytes INTEGER NOT NULL,
+    slot              TEXT NOT NULL DEFAULT '',
+    version_id        TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS invocations_by_time ON invocations (started_unix_us);
 CREATE TABLE IF NOT EXISTS daily (
@@ -132,6 +134,7 @@ impl Ledger {
             .map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&conn).map_err(open_err)?;
 
         let (tx, rx) = mpsc::channel::<(InvocationRecord, Ack)>();
         let writer = std::thread::Builder::new()
@@ -191,7 +194,7 @@ fn insert_batch<'a>(
     {
         let mut insert = tx.prepare_cached(
             "INSERT OR IGNORE INTO invocations VALUES
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
         )?;
         for r in records {
             let started_unix_us = humantime::parse_rfc3339(&r.started_at)
@@ -222,6 +225,8 @@ fn insert_batch<'a>(
                 r.run_us as i64,
                 r.exit_code,
                 r.memory_limit_bytes as i64,
+                r.slot,
+                r.version_id,
             ])?;
         }
     }
@@ -274,6 +279,14 @@ impl LedgerReader {
             source,
         })?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        if !has_deployment_columns(&conn)? {
+            // A ledger from before deployments, not yet opened for writing:
+            // read it as if it had them (empty), without changing it.
+            conn.execute_batch(
+                "CREATE TEMP VIEW invocations AS
+                 SELECT *, '' AS slot, '' AS version_id FROM main.invocations",
+            )?;
+        }
         Ok(LedgerReader { conn })
     }
 
@@ -447,6 +460,7 @@ pub fn compact(
     })?;
     conn.busy_timeout(Duration::from_secs(30))?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
     let mut shapes: Vec<Policy> = crate::billing::PRESETS
         .iter()
         .filter_map(|p| Policy::preset(p))
@@ -599,7 +613,7 @@ fn roll_up(
 const COLUMNS: &str =
     "invocation_id, function, version, trigger, started_at, outcome, reason, wall_us,
     queued_us, cpu_us, peak_memory_bytes, memory_kib_us, fuel_consumed, bytes_in, bytes_out, cold,
-    load_source, load_us, instantiate_us, run_us, exit_code, memory_limit_bytes";
+    load_source, load_us, instantiate_us, run_us, exit_code, memory_limit_bytes, slot, version_id";
 
 fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<InvocationRecord> {
     let outcome: String = row.get(5)?;
@@ -635,7 +649,29 @@ fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<InvocationRecord> {
         run_us: u(19)?,
         exit_code: row.get(20)?,
         memory_limit_bytes: u(21)?,
+        slot: row.get(22)?,
+        version_id: row.get(23)?,
     })
+}
+
+/// Whether the invocations table has the columns deployments added.
+fn has_deployment_columns(conn: &Connection) -> rusqlite::Result<bool> {
+    let mut stmt = conn.prepare("SELECT name FROM pragma_table_info('invocations')")?;
+    let names: Vec<String> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(names.iter().any(|n| n == "slot"))
+}
+
+/// Brings a ledger written by an older Kelvin up to this schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    if !has_deployment_columns(conn)? {
+        conn.execute_batch(
+            "ALTER TABLE invocations ADD COLUMN slot TEXT NOT NULL DEFAULT '';
+             ALTER TABLE invocations ADD COLUMN version_id TEXT NOT NULL DEFAULT '';",
+        )?;
+    }
+    Ok(())
 }
 
 fn parse_outcome(s: &str) -> Outcome {
@@ -679,6 +715,8 @@ mod tests {
             exit_code: None,
             version: "abc".into(),
             memory_limit_bytes: 128 << 20,
+            slot: "production".into(),
+            version_id: "0123456789abcdef".into(),
         }
     }
 
@@ -704,6 +742,42 @@ mod tests {
             w.wait().await.unwrap();
         }
         assert_eq!(reader.len().unwrap(), 501);
+    }
+
+    #[tokio::test]
+    async fn a_ledger_from_before_deployments_is_read_then_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Ledger::path_in(dir.path());
+        // The schema as it was, with one record.
+        let old_schema = SCHEMA
+            .replace(",\n    slot              TEXT NOT NULL DEFAULT ''", "")
+            .replace(",\n    version_id        TEXT NOT NULL DEFAULT ''", "");
+        assert!(!old_schema.contains("version_id"));
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&old_schema).unwrap();
+            conn.execute(
+                "INSERT INTO invocations VALUES ('old', 'f', 'abc', 'http',
+                 '2026-11-01T00:00:00Z', 1, 'ok', NULL, 1, 0, 1, 1, 1, NULL, 0, 0, 0,
+                 NULL, NULL, 1, 1, NULL, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        // Read as it is (read-only: not changed)...
+        let old = LedgerReader::open(&path)
+            .unwrap()
+            .get("old")
+            .unwrap()
+            .unwrap();
+        assert_eq!((old.slot.as_str(), old.version_id.as_str()), ("", ""));
+        // ...and migrated by the writer, old rows kept, new ones whole.
+        let ledger = Ledger::open(&path).unwrap();
+        let new = record("new");
+        ledger.record(&new).wait().await.unwrap();
+        let reader = LedgerReader::open(&path).unwrap();
+        assert_eq!(reader.get("new").unwrap().unwrap(), new);
+        assert_eq!(reader.get("old").unwrap().unwrap().slot, "");
     }
 
     /// 300 records over 20 days of October, three functions and outcomes.

@@ -111,9 +111,16 @@ pub struct InvocationRecord {
     pub run_us: u64,
     /// The guest's exit code, when it called `proc_exit`.
     pub exit_code: Option<i32>,
-    /// The deployment: the blake3 hash of the function's `.wasm`.
+    /// The blake3 hash of the function's `.wasm`.
     #[serde(default)]
     pub version: String,
+    /// The deployment version (wasm and configuration) that ran, as the
+    /// response's `x-kelvin-version` says.
+    #[serde(default)]
+    pub version_id: String,
+    /// The slot the request went to (`production` unless it named one).
+    #[serde(default)]
+    pub slot: String,
     /// The function's configured memory limit when it ran (for billing by
     /// configured memory without the manifest at hand).
     #[serde(default)]

@@ -107,6 +107,8 @@ fn new_record(
     InvocationRecord {
         version,
         memory_limit_bytes,
+        version_id: String::new(),
+        slot: String::new(),
         invocation_id: invocation_id.to_owned(),
         function: function.to_owned(),
         trigger: trigger.to_owned(),
@@ -437,16 +439,18 @@ impl Runtime {
         trigger: &'static str,
     ) -> Result<Admit, UnknownFunction> {
         let unit = self.production(function)?;
-        self.admit_unit(&unit, trigger).await
+        self.admit_unit(&unit, PRODUCTION, trigger).await
     }
 
     /// Waits for a concurrency slot of `unit`'s function (in its bounded
-    /// queue; the versions of a function share it). Triggers admit before
+    /// queue; the versions of a function share it), for a request to
+    /// `slot`. Triggers admit before
     /// they buffer an event, so a request that cannot run costs no memory,
     /// and one that waits holds none.
     pub async fn admit_unit(
         &self,
         unit: &Arc<Unit>,
+        slot: &str,
         trigger: &'static str,
     ) -> Result<Admit, UnknownFunction> {
         let admission = self.admission_of(&unit.function)?;
@@ -457,6 +461,8 @@ impl Runtime {
             self.deployment(unit),
             trigger,
         );
+        record.version_id = unit.version.to_string();
+        record.slot = slot.to_owned();
         let queued_from = Instant::now();
         let entered = admission.enter().await;
         record.queued_us = micros(queued_from.elapsed());

@@ -157,6 +157,12 @@ async fn deploy_to_staging_swap_under_load_and_roll_back() {
     assert_eq!(body, "Hello, world!\n");
     let (_, version, _) = call(&server, "/greet?ms=1&kelvin-slot=staging", None).await;
     assert_eq!(version, v2);
+    // Records say which slot and version served.
+    let last = server.sink.records().pop().unwrap();
+    assert_eq!(
+        (last.slot.as_str(), last.version_id.as_str()),
+        ("staging", v2.as_str())
+    );
     assert_eq!(call(&server, "/greet?ms=1", None).await.1, v1);
     assert_eq!(call(&server, "/greet?ms=1", Some("nope")).await.0, 404);
 

@@ -367,7 +367,7 @@ impl HttpServer {
         };
 
         let mut r = self
-            .invoke(req, target, route, params, head_as_get, peer, local)
+            .invoke(req, target, &slot, route, params, head_as_get, peer, local)
             .await;
         if let Ok(v) = HeaderValue::from_str(target.unit.version.as_str()) {
             r.headers_mut().insert(VERSION_HEADER, v);
@@ -387,6 +387,7 @@ impl HttpServer {
         &self,
         req: Request<Incoming>,
         target: &Target,
+        slot: &str,
         route: String,
         params: Vec<(String, String)>,
         head_as_get: bool,
@@ -421,7 +422,11 @@ impl HttpServer {
         // Admission before the body is read: a request that cannot run (its
         // function's queue is full) is answered at once, and one that waits
         // holds no body in memory.
-        let ticket = match self.runtime.admit_unit(&target.unit, Http::TYPE).await {
+        let ticket = match self
+            .runtime
+            .admit_unit(&target.unit, slot, Http::TYPE)
+            .await
+        {
             Ok(Admit::Admitted(ticket)) => ticket,
             Ok(Admit::Rejected(rejected)) => {
                 return unrecorded_or(&rejected.record.invocation_id, rejected.durable, || {
