@@ -4,8 +4,8 @@
 # PyPI, npm). Idempotent and quick when everything is there already; the
 # README's commands, the tests and .ci/run all call it.
 #
-#   scripts/toolchains.sh            # everything
-#   scripts/toolchains.sh rust node  # a subset: rust, python, node
+#   scripts/toolchains.sh            # what the example app builds with
+#   scripts/toolchains.sh rust node  # a subset: rust, python, node, fuzz
 #
 # - rust:   the wasm32-wasip1 and wasm32-wasip2 targets of the toolchain in
 #           rust-toolchain.toml. rustup adds a toolchain file's targets only
@@ -15,6 +15,9 @@
 #           scripts/toolchains/requirements.txt.
 # - node:   .toolchains/node with @bytecodealliance/componentize-js
 #           (JavaScript guests), from scripts/toolchains/package-lock.json.
+# - fuzz:   a venv in .toolchains/fuzz with schemathesis (the tests' OpenAPI
+#           fuzzer of the admin API), hash-pinned in
+#           scripts/toolchains/fuzz-requirements.txt. Only the tests ask for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -48,22 +51,32 @@ install_rust() {
     fi
 }
 
-install_python() {
-    local py=${PYTHON:-python3} stamp=$dest/python/.kelvin-stamp want
+# A venv in .toolchains/NAME with the hash-pinned REQUIREMENTS, for WHAT.
+install_venv() {
+    local name=$1 requirements=$2 what=$3
+    local py=${PYTHON:-python3} stamp=$dest/$name/.kelvin-stamp want
     command -v "$py" >/dev/null || fail "$py not found; install Python 3.9 or newer"
     "$py" -c 'import sys; sys.exit(sys.version_info < (3, 9))' ||
-        fail "$py is older than 3.9; componentize-py needs 3.9 or newer"
-    want="$(digest "$pins/requirements.txt") $("$py" -c 'import sys; print(sys.version.split()[0])')"
+        fail "$py is older than 3.9; $what needs 3.9 or newer"
+    want="$(digest "$requirements") $("$py" -c 'import sys; print(sys.version.split()[0])')"
     if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
         return
     fi
-    echo "toolchains: installing componentize-py and zig into .toolchains/python" >&2
-    rm -rf "$dest/python"
-    "$py" -m venv "$dest/python" ||
+    echo "toolchains: installing $what into .toolchains/$name" >&2
+    rm -rf "${dest:?}/$name"
+    "$py" -m venv "$dest/$name" ||
         fail "could not create a venv with $py (on Debian: apt-get install python3-venv)"
-    "$dest/python/bin/python" -m pip install --quiet --disable-pip-version-check \
-        --require-hashes --only-binary :all: -r "$pins/requirements.txt" >&2
+    "$dest/$name/bin/python" -m pip install --quiet --disable-pip-version-check \
+        --require-hashes --only-binary :all: -r "$requirements" >&2
     echo "$want" >"$stamp"
+}
+
+install_python() {
+    install_venv python "$pins/requirements.txt" "componentize-py and zig"
+}
+
+install_fuzz() {
+    install_venv fuzz "$pins/fuzz-requirements.txt" "schemathesis"
 }
 
 install_node() {
@@ -98,7 +111,7 @@ wanted=("$@")
 ((${#wanted[@]})) || wanted=(rust python node)
 for t in "${wanted[@]}"; do
     case $t in
-    rust | python | node) "install_$t" ;;
-    *) fail "unknown toolchain '$t' (known: rust, python, node)" ;;
+    rust | python | node | fuzz) "install_$t" ;;
+    *) fail "unknown toolchain '$t' (known: rust, python, node, fuzz)" ;;
     esac
 done

@@ -20,14 +20,16 @@ pub fn workspace_root() -> &'static Path {
         .expect("tests/ sits in the workspace root")
 }
 
-/// Installs the guest toolchains at their pinned versions (once per
-/// process; quick when they are there already).
+/// Installs the guest toolchains and the tests' tools (the OpenAPI fuzzer)
+/// at their pinned versions (once per process; quick when they are there
+/// already).
 pub fn toolchains() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let root = workspace_root();
         let status = Command::new("bash")
             .arg(root.join("scripts").join("toolchains.sh"))
+            .args(["rust", "python", "node", "fuzz"])
             .current_dir(root)
             .status()
             .expect("failed to run scripts/toolchains.sh");

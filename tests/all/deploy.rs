@@ -542,3 +542,68 @@ async fn traffic_split_lands_near_its_weight_with_affinity() {
     }
     server.stop().await;
 }
+
+/// schemathesis (installed by scripts/toolchains.sh) fuzzes every admin
+/// operation from the OpenAPI document the server serves: no 5xx, every
+/// status and body as documented, and the server still serving after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_survives_an_openapi_fuzzer_and_keeps_to_its_schema() {
+    kelvin_tests::toolchains();
+    let _cpu = crate::util::cpu_heavy().await;
+    let app = App::new(
+        "",
+        "[functions.hello]\nsource = \"{guests}/hello.wasm\"\n\
+         [[functions.hello.http]]\nroute = \"/hello\"\nauth = \"anonymous\"\n",
+    );
+    let server = TestServer::start(&app).await;
+    let key = master(&app);
+    let served = server
+        .client
+        .get(server.url("/admin/openapi.json"))
+        .header("x-kelvin-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(served.status(), 200);
+    let schema = app.dir.path().join("openapi.json");
+    std::fs::write(&schema, served.bytes().await.unwrap()).unwrap();
+    // Real names, so the fuzzer gets past 404s into the handlers.
+    let config = app.dir.path().join("schemathesis.toml");
+    std::fs::write(
+        &config,
+        "[parameters]\nfunction = \"hello\"\nslot = \"staging\"\n",
+    )
+    .unwrap();
+    let fuzzer = kelvin_tests::workspace_root().join(".toolchains/fuzz/bin/schemathesis");
+    let url = server.url("");
+    let mut fuzz = std::process::Command::new(fuzzer);
+    fuzz
+        .current_dir(app.dir.path())
+        .arg("--config-file")
+        .arg(&config)
+        .arg("run")
+        .arg(&schema)
+        .args(["--url", &url, "-H", &format!("x-kelvin-key: {key}")])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--max-examples",
+            "50",
+            "--seed",
+            "1",
+            "--no-color",
+        ]);
+    // The fuzzer blocks; the server runs on this runtime's threads.
+    let out = tokio::task::spawn_blocking(move || fuzz.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{report}"
+    );
+    assert!(report.contains("passed"), "{report}");
+    assert_eq!(server.get("/hello").await.status(), 200);
+    server.stop().await;
+}
