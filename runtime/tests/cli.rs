@@ -1078,3 +1078,140 @@ fn up_applies_an_edited_manifest_and_refuses_a_broken_one() {
     assert!(child.wait().unwrap().success());
     drop(dir);
 }
+
+/// The master key of an app whose state is in `dir/.kelvin`.
+fn master_key(manifest: &Path) -> String {
+    let out = kelvin()
+        .args(["keys", "list", "-f"])
+        .arg(manifest)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&"master")).then(|| cols[2].to_owned())
+        })
+        .unwrap()
+}
+
+#[test]
+fn sigkill_during_uploads_and_swaps_leaves_one_state_or_the_other() {
+    let (dir, manifest) = app_with(
+        "",
+        "[functions.hello]\nsource = \"{guests}/hello.wasm\"\n\
+         [[functions.hello.http]]\nroute = \"/hello/{name}\"\nauth = \"anonymous\"\n",
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let echo = std::fs::read(kelvin_tests::guest("echo")).unwrap();
+    let key = master_key(&manifest);
+    let admin = |addr: &str, method: reqwest::Method, path: &str, body: Vec<u8>| {
+        let req = client
+            .request(method, format!("http://{addr}{path}"))
+            .header("x-kelvin-key", &key)
+            .body(body);
+        async move {
+            let r = req.send().await.ok()?;
+            let status = r.status().as_u16();
+            let body: serde_json::Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+            Some((status, body))
+        }
+    };
+    let slots = |addr: &str| {
+        rt.block_on(admin(addr, reqwest::Method::GET, "/admin/slots", vec![]))
+            .unwrap()
+            .1
+    };
+
+    // Production serves hello, staging echo.
+    let (mut child, mut addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    let (_, wasm) = rt
+        .block_on(admin(
+            &addr,
+            reqwest::Method::PUT,
+            "/admin/wasm",
+            echo.clone(),
+        ))
+        .unwrap();
+    let body = serde_json::json!({ "wasm": wasm["wasm"], "slot": "staging" }).to_string();
+    let (status, _) = rt
+        .block_on(admin(
+            &addr,
+            reqwest::Method::POST,
+            "/admin/functions/hello/versions",
+            body.into_bytes(),
+        ))
+        .unwrap();
+    assert_eq!(status, 201);
+    let initial = slots(&addr);
+    let (a, b) = (
+        initial["slots"]["production"]["hello"].clone(),
+        initial["slots"]["staging"]["hello"].clone(),
+    );
+    assert_ne!(a, b);
+
+    for round in 0..8u64 {
+        // A swap (and an upload) under way when the process is killed, at
+        // a moment that differs from round to round.
+        let swap = admin(
+            &addr,
+            reqwest::Method::POST,
+            "/admin/swap",
+            br#"{"source": "staging"}"#.to_vec(),
+        );
+        let mut big = echo.clone();
+        big.extend(std::iter::repeat_n(0u8, 4 << 20));
+        let upload = admin(&addr, reqwest::Method::PUT, "/admin/wasm", big);
+        rt.block_on(async {
+            let pid = child.id() as i32;
+            let kill = async move {
+                tokio::time::sleep(Duration::from_micros(300 + round * 700)).await;
+                // SAFETY: plain kill(2) on our own child's pid.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            };
+            tokio::join!(swap, upload, kill);
+        });
+        child.wait().unwrap();
+
+        let (again, new_addr, stderr) = up(&manifest);
+        std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+        child = again;
+        let now = slots(&new_addr);
+        let pair = (
+            now["slots"]["production"]["hello"].clone(),
+            now["slots"]["staging"]["hello"].clone(),
+        );
+        assert!(
+            pair == (a.clone(), b.clone()) || pair == (b.clone(), a.clone()),
+            "round {round}: a mix of two states: {now}"
+        );
+        // What production serves is what the store says.
+        let served = rt.block_on(async {
+            let r = reqwest::get(format!("http://{new_addr}/hello/kill"))
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            r.headers()["x-kelvin-version"].to_str().unwrap().to_owned()
+        });
+        assert_eq!(served, pair.0.as_str().unwrap());
+        // No half-written wasm under its final name.
+        for entry in std::fs::read_dir(dir.path().join(".kelvin/wasm")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+            if path.extension().is_some_and(|e| e == "wasm") {
+                let bytes = std::fs::read(&path).unwrap();
+                assert_eq!(kelvin::cache::WasmHash::of(&bytes).hex(), name);
+            }
+        }
+        // The next round works against the restarted server.
+        addr = new_addr;
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
