@@ -98,6 +98,8 @@ pub struct ServerConfig {
     pub metrics_auth: AuthLevel,
     /// Largest wasm a deploy may upload (413 beyond).
     pub max_upload: u64,
+    /// Versions kept per function (besides those a slot points to).
+    pub keep_versions: NonZeroU32,
 }
 
 /// One function, with every default already applied.
@@ -544,6 +546,7 @@ struct RawServer {
     body_budget: Option<Spanned<Size>>,
     metrics_auth: Option<AuthLevel>,
     max_upload: Option<Spanned<Size>>,
+    keep_versions: Option<Spanned<u32>>,
 }
 
 /// Settings every function inherits unless it sets its own
@@ -762,6 +765,7 @@ impl RawServer {
             memory_budget: nonzero_size(self.memory_budget, "server.memory_budget", 2 << 30)?,
             max_body,
             max_upload: nonzero_size(self.max_upload, "server.max_upload", 256 << 20)?,
+            keep_versions: positive(self.keep_versions, "server.keep_versions", 10)?,
             instance_slots: positive(self.instance_slots, "server.instance_slots", 256)?,
             max_header_size: match self.max_header_size {
                 None => 16 << 10,

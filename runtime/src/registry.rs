@@ -370,6 +370,15 @@ impl Registry {
             .or_insert_with(|| Arc::new(Slot::new(spec, kind, len, hash)));
     }
 
+    /// Forgets `key` (a version no longer kept): unloaded, and no longer
+    /// loadable. Invocations under way keep the code they hold.
+    pub fn remove(&self, key: &str) {
+        self.inner.slots.write().expect("slots lock").remove(key);
+        let mut loaded = self.inner.lock();
+        loaded.remove(key);
+        self.inner.metrics.loaded.set(loaded.lru.len() as i64);
+    }
+
     /// Whether `key` is known.
     pub fn contains(&self, key: &str) -> bool {
         self.inner.slot(key).is_ok()

@@ -607,3 +607,58 @@ async fn the_admin_api_survives_an_openapi_fuzzer_and_keeps_to_its_schema() {
     assert_eq!(server.get("/hello").await.status(), 200);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_newest_versions_and_those_in_slots_are_kept() {
+    let app = app("keep_versions = 2");
+    let server = TestServer::start(&app).await;
+    let admin = Admin {
+        server: &server,
+        key: master(&app),
+    };
+    let (_, v1, _) = call(&server, "/greet?ms=1", None).await;
+    let mut deployed = Vec::new();
+    for greeting in ["One", "Two", "Three"] {
+        let manifest = format!(
+            "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
+             env = {{ GREETING = \"{greeting}\" }}\n\
+             [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n"
+        );
+        let (status, v) = admin
+            .deploy("hello", json!({ "slot": "staging", "manifest": manifest }))
+            .await;
+        assert_eq!(status, 201, "{v}");
+        deployed.push(v["version"].as_str().unwrap().to_owned());
+    }
+    let (_, versions) = admin
+        .send(
+            reqwest::Method::GET,
+            "/admin/functions/greet/versions",
+            None,
+        )
+        .await;
+    let ids: Vec<&str> = versions["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    // The newest two, and production's (older, but a slot points to it).
+    assert_eq!(
+        ids,
+        [deployed[2].as_str(), deployed[1].as_str(), v1.as_str()]
+    );
+    let (status, _) = admin
+        .send(
+            reqwest::Method::PUT,
+            "/admin/slots/staging/functions/greet",
+            Some(json!({ "version": deployed[0] })),
+        )
+        .await;
+    assert_eq!(status, 404, "a version no longer kept is gone");
+    assert_eq!(
+        call(&server, "/greet", Some("staging")).await.2,
+        "Three, world!\n"
+    );
+    server.stop().await;
+}

@@ -405,6 +405,9 @@ impl Deployer {
             self.point_unlocked(slot, unit.clone(), "deploy", who)
                 .await?;
         }
+        if created {
+            self.prune(function).await?;
+        }
         let info = self.version_info(&unit.version).await?;
         Ok((info, created))
     }
@@ -482,6 +485,47 @@ impl Deployer {
         table.slots.insert(slot.to_owned(), entries);
         self.runtime.replace_table(table);
         tracing::info!(slot, function = unit.function, version = %unit.version, action, "slot updated");
+        Ok(())
+    }
+
+    /// Deletes the versions of `function` past the newest `keep_versions`
+    /// that no slot points to, with their wasm unless another version
+    /// uses it. Invocations under way finish on the code they hold.
+    async fn prune(&self, function: &str) -> Result<(), DeployError> {
+        let keep = self.runtime.manifest().server.keep_versions.get() as usize;
+        let name = function.to_owned();
+        let versions = self.stored(move |s| s.versions(Some(&name))).await?;
+        let table = self.runtime.table();
+        let pinned = |id: &str| {
+            table.slots.values().any(|units| {
+                units
+                    .get(function)
+                    .is_some_and(|u| u.version.as_str() == id)
+            })
+        };
+        for old in versions.iter().skip(keep).filter(|v| !pinned(&v.id)) {
+            let id = old.id.clone();
+            if !self.stored(move |s| s.delete_version(&id)).await? {
+                continue;
+            }
+            self.runtime
+                .registry()
+                .remove(&format!("{function}@{}", old.id));
+            let wasm = old.wasm.clone();
+            let used = self
+                .stored(move |s| s.versions(None))
+                .await?
+                .iter()
+                .any(|v| v.wasm == wasm);
+            if !used {
+                let _ = std::fs::remove_file(self.wasm_path(&old.wasm));
+            }
+            tracing::info!(
+                function,
+                version = old.id,
+                "version no longer kept; deleted"
+            );
+        }
         Ok(())
     }
 
