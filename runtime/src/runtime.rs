@@ -534,7 +534,7 @@ impl Runtime {
             Prepared::Module(pre) => {
                 let exec = invoke::execute(
                     &self.engine,
-                    loaded.code(),
+                    unit_code(&unit, &loaded),
                     pre,
                     &invocation_id,
                     &event,
@@ -569,7 +569,7 @@ impl Runtime {
                 tokio::join!(
                     proxy::execute(
                         &self.engine,
-                        loaded.code(),
+                        unit_code(&unit, &loaded),
                         pre,
                         &invocation_id,
                         request,
@@ -693,7 +693,7 @@ impl Runtime {
         let invocation_id = record.invocation_id.clone();
         let exec = proxy::execute(
             &self.engine,
-            loaded.code(),
+            unit_code(&unit, &loaded),
             pre,
             &invocation_id,
             request,
@@ -853,6 +853,15 @@ impl Runtime {
                 (record, false)
             }
         }
+    }
+}
+
+/// What an invocation of `unit` runs: the loaded code, with the unit's
+/// configuration (a slot's settings over its version's).
+fn unit_code<'a>(unit: &'a Unit, loaded: &'a LoadedFunction) -> invoke::Code<'a> {
+    invoke::Code {
+        spec: &unit.spec,
+        engine: &loaded.engine,
     }
 }
 

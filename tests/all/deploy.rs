@@ -662,3 +662,104 @@ async fn only_the_newest_versions_and_those_in_slots_are_kept() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_settings_stay_with_the_slot_through_a_swap() {
+    let app = App::new(
+        "",
+        "[functions.greet]\nsource = \"{guests}/hello.wasm\"\n\
+         [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n",
+    );
+    let server = TestServer::start(&app).await;
+    let admin = Admin {
+        server: &server,
+        key: master(&app),
+    };
+    let settings = |slot: &str, env: Value| {
+        let path = format!("/admin/slots/{slot}/functions/greet/settings");
+        let admin = &admin;
+        async move {
+            admin
+                .send(reqwest::Method::PUT, &path, Some(json!({ "env": env })))
+                .await
+        }
+    };
+    let (_, v1, _) = call(&server, "/greet", None).await;
+    assert_eq!(
+        settings("production", json!({ "GREETING": "Prod" }))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&server, "/greet", None).await,
+        (200, v1.clone(), "Prod, world!\n".into())
+    );
+
+    let manifest = "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
+                    env = { GREETING = \"Version\" }\n\
+                    [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n";
+    let (status, v2) = admin
+        .deploy("hello", json!({ "slot": "staging", "manifest": manifest }))
+        .await;
+    assert_eq!(status, 201);
+    let v2 = v2["version"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(&server, "/greet", Some("staging")).await.2,
+        "Version, world!\n"
+    );
+    assert_eq!(
+        settings("staging", json!({ "GREETING": "Stage" })).await.0,
+        200
+    );
+    assert_eq!(
+        call(&server, "/greet", Some("staging")).await.2,
+        "Stage, world!\n"
+    );
+
+    // Versions move; settings stay.
+    assert_eq!(admin.swap("staging").await.0, 200);
+    assert_eq!(
+        call(&server, "/greet", None).await,
+        (200, v2.clone(), "Prod, world!\n".into())
+    );
+    assert_eq!(
+        call(&server, "/greet", Some("staging")).await,
+        (200, v1.clone(), "Stage, world!\n".into())
+    );
+    // Cleared: the version's own configuration again.
+    assert_eq!(settings("staging", json!({})).await.0, 200);
+    assert_eq!(
+        call(&server, "/greet", Some("staging")).await.2,
+        "Hello, world!\n"
+    );
+
+    let (status, read) = admin
+        .send(
+            reqwest::Method::GET,
+            "/admin/slots/production/functions/greet/settings",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, read),
+        (200, json!({ "env": { "GREETING": "Prod" } }))
+    );
+    assert_eq!(
+        settings("production", json!({ "KELVIN_TRIGGER": "x" }))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(settings("nope", json!({ "A": "b" })).await.0, 404);
+    assert_eq!(settings("production", json!({ "A": 1 })).await.0, 400);
+    server.stop().await;
+
+    // A restart keeps them.
+    let server = TestServer::start(&app).await;
+    assert_eq!(
+        call(&server, "/greet", None).await,
+        (200, v2, "Prod, world!\n".into())
+    );
+    server.stop().await;
+}

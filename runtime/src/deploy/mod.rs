@@ -16,7 +16,7 @@ use crate::cache::{WasmHash, WasmKind};
 use crate::manifest::{FunctionSpec, Manifest};
 use crate::runtime::Runtime;
 use crate::table::{PRODUCTION, Split, Table, Unit, VersionId, valid_slot_name};
-use store::{Change, DeploymentStore, SlotRow, SqliteStore, StoreError, VersionRow};
+use store::{Change, DeploymentStore, SettingsRow, SlotRow, SqliteStore, StoreError, VersionRow};
 
 /// Why a deployment change was refused; nothing changed.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +76,13 @@ pub struct SplitInfo {
     pub affinity_header: Option<String>,
 }
 
+/// A slot's settings for a function.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsInfo {
+    pub env: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryInfo {
     pub seq: i64,
@@ -103,6 +110,9 @@ pub struct NewVersion {
 
 type Store = Arc<Mutex<Box<dyn DeploymentStore>>>;
 
+/// (slot, function) -> env over the version's.
+type SlotSettings = BTreeMap<(String, String), Vec<(String, String)>>;
+
 /// Deployments of one running app.
 pub struct Deployer {
     runtime: Arc<Runtime>,
@@ -111,6 +121,9 @@ pub struct Deployer {
     serial: tokio::sync::Mutex<()>,
     /// Uploaded wasm, by hash: `<hash>.wasm`, never changed once written.
     wasm_dir: PathBuf,
+    /// Each slot's settings per function (env over the version's), which
+    /// stay with the slot through swaps.
+    settings: Mutex<SlotSettings>,
 }
 
 impl Deployer {
@@ -169,11 +182,17 @@ impl Deployer {
             })?;
             store.set_meta("manifest", &digest)?;
         }
+        let settings = store
+            .settings()?
+            .into_iter()
+            .map(|s| ((s.slot, s.function), s.env))
+            .collect();
         let deployer = Deployer {
             runtime,
             store: Arc::new(Mutex::new(store)),
             serial: tokio::sync::Mutex::new(()),
             wasm_dir,
+            settings: Mutex::new(settings),
         };
         deployer.restore()?;
         Ok(deployer)
@@ -197,6 +216,7 @@ impl Deployer {
                     }
                 },
             };
+            let unit = self.in_slot(&row.slot, &unit);
             table
                 .slots
                 .entry(row.slot)
@@ -205,11 +225,14 @@ impl Deployer {
         }
         // Functions the store does not have in production (new in the
         // manifest) serve their manifest version.
-        let production = table.slots.entry(PRODUCTION.into()).or_default();
         for unit in current.production() {
-            production
+            let unit = self.in_slot(PRODUCTION, unit);
+            table
+                .slots
+                .entry(PRODUCTION.into())
+                .or_default()
                 .entry(unit.function.clone())
-                .or_insert_with(|| unit.clone());
+                .or_insert(unit);
         }
         table.split = store
             .split()?
@@ -222,6 +245,46 @@ impl Deployer {
             });
         self.runtime.replace_table(table);
         Ok(())
+    }
+
+    /// `unit` as it serves in `slot`: with that slot's settings for its
+    /// function over its version's configuration (the same code).
+    fn in_slot(&self, slot: &str, unit: &Arc<Unit>) -> Arc<Unit> {
+        let base = self
+            .runtime
+            .registry()
+            .spec(&unit.key)
+            .unwrap_or_else(|| unit.spec.clone());
+        let settings = self.settings.lock().expect("settings lock");
+        let spec = match settings.get(&(slot.to_owned(), unit.function.clone())) {
+            None => base,
+            Some(env) => {
+                let mut spec = (*base).clone();
+                for (name, value) in env {
+                    spec.env.retain(|(k, _)| k != name);
+                    spec.env.push((name.clone(), value.clone()));
+                }
+                Arc::new(spec)
+            }
+        };
+        Arc::new(Unit {
+            function: unit.function.clone(),
+            version: unit.version.clone(),
+            key: unit.key.clone(),
+            spec,
+        })
+    }
+
+    /// `units` as they serve in `slot`.
+    fn all_in_slot(
+        &self,
+        slot: &str,
+        units: &BTreeMap<String, Arc<Unit>>,
+    ) -> BTreeMap<String, Arc<Unit>> {
+        units
+            .iter()
+            .map(|(f, u)| (f.clone(), self.in_slot(slot, u)))
+            .collect()
     }
 
     /// A stored version, registered (not compiled) under its key.
@@ -457,13 +520,12 @@ impl Deployer {
         who: &str,
     ) -> Result<(), DeployError> {
         let mut table = (*self.runtime.table()).clone();
-        let entries = match table.slots.get(slot) {
+        let mut entries = match table.slots.get(slot) {
             Some(s) => s.clone(),
             // A new slot starts as a copy of production: a whole app.
-            None => table.slots[PRODUCTION].clone(),
+            None => self.all_in_slot(slot, &table.slots[PRODUCTION]),
         };
-        let mut entries = entries;
-        entries.insert(unit.function.clone(), unit.clone());
+        entries.insert(unit.function.clone(), self.in_slot(slot, &unit));
         let change = Change {
             set: entries
                 .values()
@@ -593,8 +655,13 @@ impl Deployer {
             ..Change::default()
         };
         self.stored(move |s| s.apply(&change)).await?;
-        table.slots.insert(target.to_owned(), incoming);
-        table.slots.insert(source.to_owned(), outgoing);
+        // Versions move; each slot's settings stay.
+        table
+            .slots
+            .insert(target.to_owned(), self.all_in_slot(target, &incoming));
+        table
+            .slots
+            .insert(source.to_owned(), self.all_in_slot(source, &outgoing));
         self.runtime.replace_table(table);
         tracing::info!(source, target, "slots swapped");
         Ok(self.slots())
@@ -701,10 +768,95 @@ impl Deployer {
         })
         .await?;
         let mut table = (*self.runtime.table()).clone();
-        table.slots.insert(PRODUCTION.into(), units);
+        table
+            .slots
+            .insert(PRODUCTION.into(), self.all_in_slot(PRODUCTION, &units));
         self.runtime.replace_table(table);
         tracing::info!(manifest = %path.display(), who, "manifest applied to production");
         Ok(self.slots())
+    }
+
+    /// Replaces `slot`'s settings for `function`: env values over its
+    /// version's, which stay with the slot when versions are swapped
+    /// (Azure's slot settings). Applied at once to the version the slot
+    /// serves.
+    pub async fn set_settings(
+        &self,
+        slot: &str,
+        function: &str,
+        env: BTreeMap<String, String>,
+        who: &str,
+    ) -> Result<SettingsInfo, DeployError> {
+        let _serial = self.serial.lock().await;
+        let mut table = (*self.runtime.table()).clone();
+        let unit = table.unit(slot, function).cloned().ok_or_else(|| {
+            DeployError::NotFound(format!("no function `{function}` in a slot named `{slot}`"))
+        })?;
+        for name in env.keys() {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                return Err(DeployError::Invalid(format!(
+                    "{name:?} is not an environment variable name"
+                )));
+            }
+            if name.starts_with("KELVIN_") {
+                return Err(DeployError::Invalid(format!(
+                    "{name}: names starting with KELVIN_ are set by Kelvin itself; choose another name"
+                )));
+            }
+        }
+        if env.values().any(|v| v.contains('\0')) {
+            return Err(DeployError::Invalid(
+                "a value cannot contain a NUL byte".into(),
+            ));
+        }
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let change = Change {
+            settings: Some(SettingsRow {
+                slot: slot.to_owned(),
+                function: function.to_owned(),
+                env: env.clone(),
+            }),
+            action: "settings".into(),
+            detail: serde_json::json!({ "slot": slot, "function": function, "names": env.iter().map(|(k, _)| k).collect::<Vec<_>>() }).to_string(),
+            who: who.into(),
+            ..Change::default()
+        };
+        self.stored(move |s| s.apply(&change)).await?;
+        {
+            let mut settings = self.settings.lock().expect("settings lock");
+            let key = (slot.to_owned(), function.to_owned());
+            if env.is_empty() {
+                settings.remove(&key);
+            } else {
+                settings.insert(key, env.clone());
+            }
+        }
+        let served = self.in_slot(slot, &unit);
+        table
+            .slots
+            .get_mut(slot)
+            .expect("found above")
+            .insert(function.to_owned(), served);
+        self.runtime.replace_table(table);
+        Ok(SettingsInfo {
+            env: env.into_iter().collect(),
+        })
+    }
+
+    /// `slot`'s settings for `function`.
+    pub fn settings(&self, slot: &str, function: &str) -> Result<SettingsInfo, DeployError> {
+        if self.runtime.table().unit(slot, function).is_none() {
+            return Err(DeployError::NotFound(format!(
+                "no function `{function}` in a slot named `{slot}`"
+            )));
+        }
+        let settings = self.settings.lock().expect("settings lock");
+        Ok(SettingsInfo {
+            env: settings
+                .get(&(slot.to_owned(), function.to_owned()))
+                .map(|env| env.iter().cloned().collect())
+                .unwrap_or_default(),
+        })
     }
 
     /// Sends `percent` of production's requests to `slot` (0 stops it).

@@ -38,11 +38,22 @@ pub struct Change {
     pub delete_slots: Vec<String>,
     /// The traffic split to store: `Some(None)` clears it.
     pub split: Option<Option<String>>,
+    /// A slot's settings for one function, replacing what it had.
+    pub settings: Option<SettingsRow>,
     /// What the history says: the action (`deploy`, `swap`, ...) and its
     /// details as JSON.
     pub action: String,
     pub detail: String,
     pub who: String,
+}
+
+/// Settings that stay with a slot (through swaps) for one function: env
+/// values over the version's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettingsRow {
+    pub slot: String,
+    pub function: String,
+    pub env: Vec<(String, String)>,
 }
 
 /// One entry of the history.
@@ -78,6 +89,9 @@ pub trait DeploymentStore: Send {
     fn slots(&mut self) -> Result<Vec<SlotRow>, StoreError>;
     /// The stored traffic split (JSON), if any.
     fn split(&mut self) -> Result<Option<String>, StoreError>;
+    /// Every slot's settings, sorted by slot and function (env in name
+    /// order).
+    fn settings(&mut self) -> Result<Vec<SettingsRow>, StoreError>;
     /// Applies `change` and appends it to the history, all or nothing.
     fn apply(&mut self, change: &Change) -> Result<(), StoreError>;
     /// The newest `limit` history entries, newest first.
@@ -111,6 +125,13 @@ CREATE TABLE IF NOT EXISTS history (
     action TEXT NOT NULL,
     detail TEXT NOT NULL,
     who    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slot_settings (
+    slot     TEXT NOT NULL,
+    function TEXT NOT NULL,
+    name     TEXT NOT NULL,
+    value    TEXT NOT NULL,
+    PRIMARY KEY (slot, function, name)
 );
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -240,8 +261,49 @@ impl DeploymentStore for SqliteStore {
         self.meta("split")
     }
 
+    fn settings(&mut self) -> Result<Vec<SettingsRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT slot, function, name, value FROM slot_settings ORDER BY slot, function, name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+            ))
+        })?;
+        let mut out: Vec<SettingsRow> = Vec::new();
+        for row in rows {
+            let (slot, function, name, value) = row?;
+            match out.last_mut() {
+                Some(last) if last.slot == slot && last.function == function => {
+                    last.env.push((name, value));
+                }
+                _ => out.push(SettingsRow {
+                    slot,
+                    function,
+                    env: vec![(name, value)],
+                }),
+            }
+        }
+        Ok(out)
+    }
+
     fn apply(&mut self, change: &Change) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
+        if let Some(settings) = &change.settings {
+            tx.execute(
+                "DELETE FROM slot_settings WHERE slot = ?1 AND function = ?2",
+                params![settings.slot, settings.function],
+            )?;
+            for (name, value) in &settings.env {
+                tx.execute(
+                    "INSERT INTO slot_settings (slot, function, name, value) VALUES (?1, ?2, ?3, ?4)",
+                    params![settings.slot, settings.function, name, value],
+                )?;
+            }
+        }
         for slot in &change.delete_slots {
             tx.execute("DELETE FROM slots WHERE slot = ?1", [slot])?;
         }
@@ -441,9 +503,55 @@ pub fn conformance(store: &mut dyn DeploymentStore) {
         .unwrap();
     assert_eq!(store.split().unwrap(), None);
 
+    // Settings: replaced whole per slot and function, kept apart.
+    assert!(store.settings().unwrap().is_empty());
+    let settings = |slot: &str, env: &[(&str, &str)]| SettingsRow {
+        slot: slot.into(),
+        function: "hello".into(),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    store
+        .apply(&Change {
+            settings: Some(settings("staging", &[("B", "2"), ("A", "1")])),
+            ..change(vec![])
+        })
+        .unwrap();
+    store
+        .apply(&Change {
+            settings: Some(settings("production", &[("A", "p")])),
+            ..change(vec![])
+        })
+        .unwrap();
+    store
+        .apply(&Change {
+            settings: Some(settings("staging", &[("A", "3")])),
+            ..change(vec![])
+        })
+        .unwrap();
+    assert_eq!(
+        store.settings().unwrap(),
+        [
+            settings("production", &[("A", "p")]),
+            settings("staging", &[("A", "3")])
+        ]
+    );
+    store
+        .apply(&Change {
+            settings: Some(settings("staging", &[])),
+            ..change(vec![])
+        })
+        .unwrap();
+    assert_eq!(
+        store.settings().unwrap(),
+        [settings("production", &[("A", "p")])]
+    );
+
     // History: every applied change, newest first.
     let history = store.history(100).unwrap();
-    assert_eq!(history.len(), 6);
+    assert_eq!(history.len(), 10);
     assert!(history.windows(2).all(|w| w[0].seq > w[1].seq));
     assert_eq!(history[0].who, "test");
     assert_eq!(store.history(2).unwrap().len(), 2);
@@ -473,6 +581,7 @@ mod tests {
         drop(store);
         let mut again = SqliteStore::open(&path).unwrap();
         assert_eq!(again.slots().unwrap().len(), 2);
-        assert_eq!(again.history(100).unwrap().len(), 6);
+        assert_eq!(again.history(100).unwrap().len(), 10);
+        assert_eq!(again.settings().unwrap().len(), 1);
     }
 }

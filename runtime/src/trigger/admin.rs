@@ -6,7 +6,7 @@ use bytes::Bytes;
 use hyper::StatusCode;
 use serde_json::{Value, json};
 
-use crate::deploy::{DeployError, Deployer, NewVersion, SplitInfo};
+use crate::deploy::{DeployError, Deployer, NewVersion, SettingsInfo, SplitInfo};
 
 /// The OpenAPI document describing this API.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -131,6 +131,26 @@ pub async fn handle(
                     Err(r) => return r,
                 };
                 match deployer.point(slot, function, &point.version, who).await {
+                    Ok(s) => reply(StatusCode::OK, s),
+                    Err(e) => failed(e),
+                }
+            }
+            _ => not_allowed(),
+        },
+        ["admin", "slots", slot, "functions", function, "settings"] => match *method {
+            M::GET => match deployer.settings(slot, function) {
+                Ok(s) => reply(StatusCode::OK, s),
+                Err(e) => failed(e),
+            },
+            M::PUT => {
+                let settings: SettingsInfo = match json_body(&body) {
+                    Ok(s) => s,
+                    Err(r) => return r,
+                };
+                match deployer
+                    .set_settings(slot, function, settings.env, who)
+                    .await
+                {
                     Ok(s) => reply(StatusCode::OK, s),
                     Err(e) => failed(e),
                 }
