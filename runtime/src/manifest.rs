@@ -100,6 +100,10 @@ pub struct ServerConfig {
     pub max_upload: u64,
     /// Versions kept per function (besides those a slot points to).
     pub keep_versions: NonZeroU32,
+    /// A path a swap first sends a GET to, on the slot swapped in.
+    pub swap_warmup_path: Option<String>,
+    /// The statuses that warm-up may answer (any below 500 if empty).
+    pub swap_warmup_statuses: Vec<u16>,
 }
 
 /// One function, with every default already applied.
@@ -547,6 +551,8 @@ struct RawServer {
     metrics_auth: Option<AuthLevel>,
     max_upload: Option<Spanned<Size>>,
     keep_versions: Option<Spanned<u32>>,
+    swap_warmup_path: Option<Spanned<String>>,
+    swap_warmup_statuses: Option<Spanned<Vec<u16>>>,
 }
 
 /// Settings every function inherits unless it sets its own
@@ -766,6 +772,31 @@ impl RawServer {
             max_body,
             max_upload: nonzero_size(self.max_upload, "server.max_upload", 256 << 20)?,
             keep_versions: positive(self.keep_versions, "server.keep_versions", 10)?,
+            swap_warmup_path: match self.swap_warmup_path {
+                None => None,
+                Some(p)
+                    if !p.get_ref().starts_with('/')
+                        || p.get_ref().contains(char::is_whitespace) =>
+                {
+                    return Err(field_error(
+                        p.span(),
+                        "server.swap_warmup_path",
+                        "must be a path starting with `/`, e.g. \"/health\"",
+                    ));
+                }
+                Some(p) => Some(p.into_inner()),
+            },
+            swap_warmup_statuses: match self.swap_warmup_statuses {
+                None => Vec::new(),
+                Some(s) if s.get_ref().iter().any(|c| !(100..=599).contains(c)) => {
+                    return Err(field_error(
+                        s.span(),
+                        "server.swap_warmup_statuses",
+                        "statuses are 100 to 599, e.g. [200, 202]",
+                    ));
+                }
+                Some(s) => s.into_inner(),
+            },
             instance_slots: positive(self.instance_slots, "server.instance_slots", 256)?,
             max_header_size: match self.max_header_size {
                 None => 16 << 10,

@@ -358,7 +358,23 @@ async fn bad_deployments_change_nothing() {
     // Invalid wasm, and wasm over the limit.
     let (status, err) = admin.upload(b"\0asm\x01\0\0\0garbage".to_vec()).await;
     assert_eq!(status, 400, "{err}");
-    assert_eq!(admin.upload(vec![0; 2 << 20]).await.0, 413);
+    // Refused from its declared length, before any of it is read (sent as
+    // a head only: a client still writing a body the server will not read
+    // may see its connection closed before it reads the answer).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let head = format!(
+            "PUT /admin/wasm HTTP/1.1\r\nhost: x\r\nx-kelvin-key: {}\r\ncontent-length: {}\r\n\r\n",
+            admin.key,
+            2 << 20
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = vec![0; 64];
+        let n = tcp.read(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    }
     // Unknown wasm, function, slot, version; malformed requests.
     let missing = json!({ "wasm": "0".repeat(64) });
     let cases = [
@@ -761,5 +777,58 @@ async fn slot_settings_stay_with_the_slot_through_a_swap() {
         call(&server, "/greet", None).await,
         (200, v2, "Prod, world!\n".into())
     );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_waits_for_its_warm_up_request_and_refuses_a_failed_one() {
+    let app = App::new(
+        "swap_warmup_path = \"/greet\"\nswap_warmup_statuses = [200]",
+        "[functions.greet]\nsource = \"{guests}/hello.wasm\"\n\
+         [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"function\"\n",
+    );
+    let server = TestServer::start(&app).await;
+    let admin = Admin {
+        server: &server,
+        key: master(&app),
+    };
+    let get = |slot: &'static str| {
+        let req = server
+            .client
+            .get(server.url("/greet"))
+            .header("x-kelvin-key", &admin.key)
+            .header("x-kelvin-slot", slot);
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.headers()["x-kelvin-version"].to_str().unwrap().to_owned(),
+            )
+        }
+    };
+    let (_, v1) = get("production").await;
+
+    // spin answers 400 without `ms`: its warm-up fails, nothing changes.
+    let (status, spin) = admin.deploy("spin", json!({ "slot": "staging" })).await;
+    assert_eq!(status, 201);
+    let (status, err) = admin.swap("staging").await;
+    assert_eq!(status, 409, "{err}");
+    assert!(
+        err["error"].as_str().unwrap().contains("answered 400"),
+        "{err}"
+    );
+    assert_eq!(get("production").await, (200, v1.clone()));
+    assert_eq!(get("staging").await.1, spin["version"].as_str().unwrap());
+
+    // hello answers 200: the swap goes ahead after it.
+    let (_, hello) = admin.deploy("hello", json!({ "slot": "staging" })).await;
+    let before = server.sink.records().len();
+    assert_eq!(admin.swap("staging").await.0, 200);
+    let warm = &server.sink.records()[before];
+    assert_eq!(
+        (warm.slot.as_str(), warm.function.as_str()),
+        ("staging", "greet")
+    );
+    assert_eq!(warm.version_id, hello["version"].as_str().unwrap());
     server.stop().await;
 }

@@ -110,6 +110,11 @@ pub struct NewVersion {
 
 type Store = Arc<Mutex<Box<dyn DeploymentStore>>>;
 
+/// A check run before a swap switches (a warm-up request to the source
+/// slot): `Err` says why the swap must not happen.
+pub type WarmUp<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
 /// (slot, function) -> env over the version's.
 type SlotSettings = BTreeMap<(String, String), Vec<(String, String)>>;
 
@@ -594,11 +599,15 @@ impl Deployer {
     /// Swaps two slots' versions: the versions that will serve `target`
     /// are loaded first; then both change in one step. Requests under way
     /// finish on the version they started on.
+    /// `warm_up`, if given, runs after the versions are loaded and before
+    /// the switch (the HTTP trigger sends the configured warm-up request to
+    /// the source slot); its error refuses the swap.
     pub async fn swap(
         &self,
         source: &str,
         target: &str,
         who: &str,
+        warm_up: Option<WarmUp<'_>>,
     ) -> Result<SlotsInfo, DeployError> {
         let _serial = self.serial.lock().await;
         if source == target {
@@ -633,6 +642,13 @@ impl Deployer {
                         unit.function, unit.version, e.reason
                     ))
                 })?;
+        }
+        if let Some(warm_up) = warm_up {
+            warm_up.await.map_err(|why| {
+                DeployError::Conflict(format!(
+                    "the warm-up request to slot `{source}` failed: {why}"
+                ))
+            })?;
         }
         let rows = |slot: &str, units: &BTreeMap<String, Arc<Unit>>| {
             units

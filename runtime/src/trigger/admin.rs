@@ -65,6 +65,59 @@ fn query<'q>(q: &'q str, key: &str) -> Option<&'q str> {
     })
 }
 
+/// Where a swap's warm-up request goes: this server's own address, with
+/// the key that authorised the swap (routes may need one), and what it
+/// must answer.
+pub struct WarmUpTo<'a> {
+    pub local: std::net::SocketAddr,
+    pub key: &'a str,
+    pub path: Option<&'a str>,
+    pub statuses: &'a [u16],
+}
+
+/// Sends the warm-up GET to `slot` over loopback, as a client would, and
+/// checks its status.
+async fn warm_up(to: &WarmUpTo<'_>, path: &str, slot: &str) -> Result<(), String> {
+    use http_body_util::{BodyExt, Empty};
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(to.local)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, to.local.to_string())
+            .header(super::http::SLOT_HEADER, slot)
+            .header(super::http::KEY_HEADER, to.key)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        // Read whole: the invocation is recorded like any other.
+        let _ = response.into_body().collect().await;
+        Ok::<u16, String>(status)
+    };
+    let status = tokio::time::timeout(std::time::Duration::from_secs(60), exchange)
+        .await
+        .map_err(|_| format!("GET {path} took longer than 60 s"))??;
+    let accepted = if to.statuses.is_empty() {
+        status < 500
+    } else {
+        to.statuses.contains(&status)
+    };
+    if accepted {
+        Ok(())
+    } else {
+        Err(format!("GET {path} answered {status}"))
+    }
+}
+
 /// Answers one admin request (already authenticated as `who`).
 pub async fn handle(
     deployer: &Deployer,
@@ -73,6 +126,7 @@ pub async fn handle(
     query_string: &str,
     body: Bytes,
     who: &str,
+    warm: WarmUpTo<'_>,
 ) -> Reply {
     use hyper::Method as M;
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -173,7 +227,15 @@ pub async fn handle(
                     Ok(s) => s,
                     Err(r) => return r,
                 };
-                match deployer.swap(&swap.source, &swap.target, who).await {
+                let warm_up = warm.path.map(|path| {
+                    let (warm, source) = (&warm, swap.source.clone());
+                    Box::pin(async move { warm_up(warm, path, &source).await })
+                        as crate::deploy::WarmUp<'_>
+                });
+                match deployer
+                    .swap(&swap.source, &swap.target, who, warm_up)
+                    .await
+                {
                     Ok(s) => reply(StatusCode::OK, s),
                     Err(e) => failed(e),
                 }

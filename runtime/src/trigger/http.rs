@@ -323,7 +323,7 @@ impl HttpServer {
             ("GET" | "HEAD", "/healthz" | "/readyz") => {
                 return plain(StatusCode::OK, "text/plain", "ok\n".into());
             }
-            _ if admin::owns(&path) => return self.admin(req).await,
+            _ if admin::owns(&path) => return self.admin(req, local).await,
             _ => {}
         }
         let routes = self.routes();
@@ -793,7 +793,7 @@ fn failure(function: &str, id: &str, outcome: Outcome) -> Response<Body> {
 
 impl HttpServer {
     /// The deployment admin API, for the master key only.
-    async fn admin(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn admin(&self, req: Request<Incoming>, local: SocketAddr) -> Response<Body> {
         let key = presented_key(&req);
         if !self
             .keys
@@ -805,8 +805,9 @@ impl HttpServer {
                 "missing or invalid access key".into(),
             );
         }
+        let settings = &self.runtime.manifest().server;
         let limit = if admin::is_upload(req.method(), req.uri().path()) {
-            self.runtime.manifest().server.max_upload
+            settings.max_upload
         } else {
             admin::MAX_JSON
         };
@@ -829,6 +830,12 @@ impl HttpServer {
             parts.uri.query().unwrap_or(""),
             body,
             "master key",
+            admin::WarmUpTo {
+                local,
+                key: key.value.as_deref().unwrap_or_default(),
+                path: settings.swap_warmup_path.as_deref(),
+                statuses: &settings.swap_warmup_statuses,
+            },
         )
         .await;
         let mut r = plain(
