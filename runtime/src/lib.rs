@@ -5,7 +5,7 @@
 //! Modules follow the path of a request:
 //!
 //! ```text
-//! trigger (http) -> router -> runtime -> admission (concurrency, queue)
+//! trigger (http) -> table (slot, version) -> router -> runtime -> admission (concurrency, queue)
 //!     -> registry (load on demand: cache | compile; LRU + idle eviction)
 //!     -> invoke (fresh pooled instance; deadline, memory, fuel; metering)
 //!     -> response + metering record (sink) + metrics
@@ -15,6 +15,9 @@
 //! - [`trigger`]: what starts invocations: [`trigger::config`] as the
 //!   manifest declares them, [`trigger::http`] serves HTTP (with
 //!   [`trigger::cgi`] for preview-1 guests).
+//! - [`table`]: what serves: each slot's function versions, replaced whole.
+//! - [`deploy`]: versions, slots, swaps, splits and their durable store;
+//!   the admin API over it is [`trigger::admin`].
 //! - [`router`]: method + path to function.
 //! - [`runtime`]: ties the pieces together; [`runtime::Runtime::invoke`].
 //! - [`admission`]: per-function concurrency and the bounded queue.
