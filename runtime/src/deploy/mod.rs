@@ -155,21 +155,23 @@ impl Deployer {
         let text = std::fs::read_to_string(&manifest.path).unwrap_or_default();
         let table = runtime.table();
         let mut digest = String::new();
+        let mut rows = Vec::new();
         for unit in table.production() {
             let hash = runtime
                 .registry()
                 .hash(&unit.key)
                 .expect("production units are registered");
             keep_wasm(&unit.spec.source, &wasm_dir, &hash)?;
-            store.put_version(&VersionRow {
+            rows.push(VersionRow {
                 id: unit.version.to_string(),
                 function: unit.function.clone(),
                 wasm: hash.hex(),
                 config: text.clone(),
                 created_at: now(),
-            })?;
+            });
             digest.push_str(&format!("{}={}\n", unit.function, unit.version));
         }
+        store.put_versions(&rows)?;
         if store.meta("manifest")?.as_deref() != Some(digest.as_str()) {
             store.apply(&Change {
                 set: table
@@ -776,9 +778,7 @@ impl Deployer {
             ..Change::default()
         };
         self.stored(move |s| {
-            for row in &rows {
-                s.put_version(row)?;
-            }
+            s.put_versions(&rows)?;
             s.apply(&change)?;
             s.set_meta("manifest", &digest)
         })
@@ -1084,7 +1084,9 @@ fn now() -> String {
 /// version stays deployable after the file is rebuilt.
 fn keep_wasm(source: &Path, dir: &Path, hash: &WasmHash) -> Result<(), DeployError> {
     let path = dir.join(format!("{}.wasm", hash.hex()));
-    if path.exists() {
+    let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).ok();
+    // Kept already, whole (a copy cut short by a crash has another length).
+    if len(&path).is_some() && len(&path) == len(source) {
         return Ok(());
     }
     let bytes = std::fs::read(source)
@@ -1095,7 +1097,12 @@ fn keep_wasm(source: &Path, dir: &Path, hash: &WasmHash) -> Result<(), DeployErr
         tracing::warn!(source = %source.display(), "the .wasm changed since start-up; not keeping a copy");
         return Ok(());
     }
-    write_durably(&path, &bytes)
+    // Not fsynced (a first start of a large app would pay two per
+    // function): a copy lost in a crash is made again at the next start,
+    // or the slot entry that needed it is skipped with a warning.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, &path))
         .map_err(|e| DeployError::Internal(format!("{}: {e}", path.display())))
 }
 

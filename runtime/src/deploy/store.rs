@@ -78,8 +78,14 @@ impl From<rusqlite::Error> for StoreError {
 
 /// Where deployments are kept. Every method is one transaction.
 pub trait DeploymentStore: Send {
+    /// Stores versions in one transaction; for each, `false` if it was
+    /// already there (unchanged).
+    fn put_versions(&mut self, versions: &[VersionRow]) -> Result<Vec<bool>, StoreError>;
+
     /// Stores a version; `false` if it was already there (unchanged).
-    fn put_version(&mut self, v: &VersionRow) -> Result<bool, StoreError>;
+    fn put_version(&mut self, v: &VersionRow) -> Result<bool, StoreError> {
+        Ok(self.put_versions(std::slice::from_ref(v))?[0])
+    }
     fn version(&mut self, id: &str) -> Result<Option<VersionRow>, StoreError>;
     /// Versions, newest first; of one function if named.
     fn versions(&mut self, function: Option<&str>) -> Result<Vec<VersionRow>, StoreError>;
@@ -189,23 +195,38 @@ const SELECT_VERSION: &str = "SELECT v.id, v.function, v.wasm, c.text, v.created
      FROM versions v JOIN configs c ON c.hash = v.config";
 
 impl DeploymentStore for SqliteStore {
-    fn put_version(&mut self, v: &VersionRow) -> Result<bool, StoreError> {
+    fn put_versions(&mut self, versions: &[VersionRow]) -> Result<Vec<bool>, StoreError> {
         let tx = self.conn.transaction()?;
-        let config = blake3::hash(v.config.as_bytes()).to_hex().to_string();
-        tx.execute(
-            "INSERT INTO configs (hash, text) VALUES (?1, ?2) ON CONFLICT (hash) DO NOTHING",
-            params![config, v.config],
-        )?;
-        let seq: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions", [], |r| {
-            r.get(0)
-        })?;
-        let added = tx.execute(
-            "INSERT INTO versions (id, function, wasm, config, created_at, seq)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
-            params![v.id, v.function, v.wasm, config, v.created_at, seq],
-        )?;
+        let mut seq: i64 =
+            tx.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM versions", [], |r| {
+                r.get(0)
+            })?;
+        // A manifest's functions share one text: hashed and stored once.
+        let mut hashed: Option<(&str, String)> = None;
+        let mut added = Vec::with_capacity(versions.len());
+        for v in versions {
+            let config = match &hashed {
+                Some((text, hash)) if *text == v.config => hash.clone(),
+                _ => {
+                    let hash = blake3::hash(v.config.as_bytes()).to_hex().to_string();
+                    tx.execute(
+                        "INSERT INTO configs (hash, text) VALUES (?1, ?2) ON CONFLICT (hash) DO NOTHING",
+                        params![hash, v.config],
+                    )?;
+                    hashed = Some((&v.config, hash.clone()));
+                    hash
+                }
+            };
+            let new = tx.execute(
+                "INSERT INTO versions (id, function, wasm, config, created_at, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+                params![v.id, v.function, v.wasm, config, v.created_at, seq],
+            )? == 1;
+            seq += i64::from(new);
+            added.push(new);
+        }
         tx.commit()?;
-        Ok(added == 1)
+        Ok(added)
     }
 
     fn version(&mut self, id: &str) -> Result<Option<VersionRow>, StoreError> {
@@ -412,8 +433,16 @@ pub fn conformance(store: &mut dyn DeploymentStore) {
         !store.put_version(&v("a1", "hello", "config one")).unwrap(),
         "the same version again is no change"
     );
-    assert!(store.put_version(&v("a2", "hello", "config two")).unwrap());
-    assert!(store.put_version(&v("b1", "echo", "config one")).unwrap());
+    assert_eq!(
+        store
+            .put_versions(&[
+                v("a2", "hello", "config two"),
+                v("a1", "hello", "config one"),
+                v("b1", "echo", "config one"),
+            ])
+            .unwrap(),
+        [true, false, true]
+    );
     assert_eq!(
         store.version("a2").unwrap(),
         Some(v("a2", "hello", "config two"))
