@@ -68,6 +68,8 @@ pub struct Manifest {
 pub struct ServerConfig {
     /// Address `kelvin up` listens on.
     pub listen: SocketAddr,
+    /// More addresses, each serving one slot (`staging = "127.0.0.1:3001"`).
+    pub slot_listen: Vec<(String, SocketAddr)>,
     /// Where compiled artifacts, keys and logs live.
     pub state_dir: PathBuf,
     /// At most this many functions stay loaded at once (LRU beyond).
@@ -537,6 +539,7 @@ impl RawBilling {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<Spanned<String>>,
+    slot_listen: Option<std::collections::BTreeMap<String, Spanned<String>>>,
     state_dir: Option<String>,
     max_loaded: Option<Spanned<u32>>,
     memory_budget: Option<Spanned<Size>>,
@@ -723,19 +726,34 @@ fn check_routes(functions: &[FunctionSpec]) -> Result<(), FieldError> {
 
 impl RawServer {
     fn validate(self, dir: &Path) -> Result<ServerConfig, FieldError> {
-        let listen = match self.listen {
-            None => SocketAddr::from(([127, 0, 0, 1], 3000)),
-            Some(s) => s.get_ref().parse().map_err(|_| {
+        let address = |s: &Spanned<String>, field: &str| {
+            s.get_ref().parse::<SocketAddr>().map_err(|_| {
                 field_error(
                     s.span(),
-                    "server.listen",
+                    field,
                     format!(
                         "invalid listen address {:?}; write an IP and a port, e.g. \"127.0.0.1:3000\" or \"0.0.0.0:8080\"",
                         s.get_ref()
                     ),
                 )
-            })?,
+            })
         };
+        let listen = match &self.listen {
+            None => SocketAddr::from(([127, 0, 0, 1], 3000)),
+            Some(s) => address(s, "server.listen")?,
+        };
+        let mut slot_listen = Vec::new();
+        for (slot, addr) in self.slot_listen.iter().flatten() {
+            let field = format!("server.slot_listen.{slot}");
+            if Name::try_from(slot.clone()).is_err() {
+                return Err(field_error(
+                    addr.span(),
+                    &field,
+                    "a slot name is lowercase letters, digits, `-` and `_`, starting with a letter",
+                ));
+            }
+            slot_listen.push((slot.clone(), address(addr, &field)?));
+        }
         let positive = |v: Option<Spanned<u32>>, field: &str, default: u32| match v {
             None => Ok(NonZeroU32::new(default).expect("defaults are non-zero")),
             Some(s) => NonZeroU32::new(*s.get_ref())
@@ -766,6 +784,7 @@ impl RawServer {
         };
         Ok(ServerConfig {
             listen,
+            slot_listen,
             state_dir: dir.join(self.state_dir.as_deref().unwrap_or(".kelvin")),
             max_loaded: positive(self.max_loaded, "server.max_loaded", 100)?,
             memory_budget: nonzero_size(self.memory_budget, "server.memory_budget", 2 << 30)?,

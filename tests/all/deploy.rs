@@ -22,6 +22,17 @@ fn app(server: &str) -> App {
     )
 }
 
+/// `greet` as the `hello` guest at `/greet`, with `auth`.
+fn hello_app(server: &str, auth: &str) -> App {
+    App::new(
+        server,
+        &format!(
+            "[functions.greet]\nsource = \"{{guests}}/hello.wasm\"\n\
+             [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"{auth}\"\n"
+        ),
+    )
+}
+
 fn master(app: &App) -> String {
     KeyStore::open(&app.state_dir(), &[])
         .unwrap()
@@ -681,11 +692,7 @@ async fn only_the_newest_versions_and_those_in_slots_are_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_settings_stay_with_the_slot_through_a_swap() {
-    let app = App::new(
-        "",
-        "[functions.greet]\nsource = \"{guests}/hello.wasm\"\n\
-         [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n",
-    );
+    let app = hello_app("", "anonymous");
     let server = TestServer::start(&app).await;
     let admin = Admin {
         server: &server,
@@ -782,10 +789,9 @@ async fn slot_settings_stay_with_the_slot_through_a_swap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_swap_waits_for_its_warm_up_request_and_refuses_a_failed_one() {
-    let app = App::new(
+    let app = hello_app(
         "swap_warmup_path = \"/greet\"\nswap_warmup_statuses = [200]",
-        "[functions.greet]\nsource = \"{guests}/hello.wasm\"\n\
-         [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"function\"\n",
+        "function",
     );
     let server = TestServer::start(&app).await;
     let admin = Admin {
@@ -830,5 +836,43 @@ async fn a_swap_waits_for_its_warm_up_request_and_refuses_a_failed_one() {
         ("staging", "greet")
     );
     assert_eq!(warm.version_id, hello["version"].as_str().unwrap());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_can_have_an_address_of_its_own() {
+    let app = hello_app("", "anonymous");
+    let (server, slot_addrs) = TestServer::start_with_slots(&app, &["staging"]).await;
+    let admin = Admin {
+        server: &server,
+        key: master(&app),
+    };
+    let staging = format!("http://{}/greet", slot_addrs[0]);
+    // No staging slot yet: its address says so.
+    let r = server.client.get(&staging).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    let (_, v1, _) = call(&server, "/greet", None).await;
+    let manifest = "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
+                    env = { GREETING = \"Staged\" }\n\
+                    [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n";
+    let (status, v2) = admin
+        .deploy("hello", json!({ "slot": "staging", "manifest": manifest }))
+        .await;
+    assert_eq!(status, 201);
+    // The slot's address serves the slot, whatever the request names.
+    for named in [None, Some("production")] {
+        let mut req = server.client.get(&staging);
+        if let Some(slot) = named {
+            req = req.header("x-kelvin-slot", slot);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(
+            r.headers()["x-kelvin-version"],
+            v2["version"].as_str().unwrap()
+        );
+        assert_eq!(r.text().await.unwrap(), "Staged, world!\n");
+    }
+    assert_eq!(call(&server, "/greet", None).await.1, v1);
     server.stop().await;
 }

@@ -106,23 +106,36 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(app: &App) -> TestServer {
+        Self::start_with_slots(app, &[]).await.0
+    }
+
+    /// As [`TestServer::start`], with one more address per slot in
+    /// `slots`, serving that slot (returned in the same order).
+    pub async fn start_with_slots(app: &App, slots: &[&str]) -> (TestServer, Vec<SocketAddr>) {
         let (runtime, sink) = app.runtime();
         let server = kelvin::trigger::http::HttpServer::new(Arc::new(runtime)).expect("keys open");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+        let listener = bind().await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
+        let mut slot_listeners = Vec::new();
+        let mut slot_addrs = Vec::new();
+        for slot in slots {
+            let l = bind().await.expect("bind");
+            slot_addrs.push(l.local_addr().expect("local addr"));
+            slot_listeners.push((l, slot.to_string()));
+        }
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(server.serve(listener, async move {
+        let task = tokio::spawn(server.serve_slots(listener, slot_listeners, async move {
             let _ = rx.await;
         }));
-        TestServer {
+        let server = TestServer {
             addr,
             sink,
             client: reqwest::Client::new(),
             shutdown: Some(tx),
             task: Some(task),
-        }
+        };
+        (server, slot_addrs)
     }
 
     pub fn url(&self, path: &str) -> String {

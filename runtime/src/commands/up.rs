@@ -45,6 +45,14 @@ impl UpCommand {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("failed to listen on {listen}"))?;
+            let mut slot_listeners = Vec::new();
+            for (slot, addr) in &runtime.manifest().server.slot_listen {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("failed to listen on {addr} for slot `{slot}`"))?;
+                tracing::info!(slot, address = %l.local_addr()?, "serving a slot on its own address");
+                slot_listeners.push((l, slot.clone()));
+            }
             tracing::info!(
                 address = %listener.local_addr()?,
                 app = %runtime.manifest().name,
@@ -60,7 +68,9 @@ impl UpCommand {
             // The manifest is the app's declaration: edited (or on SIGHUP),
             // it is applied to production like a deploy.
             let watcher = tokio::spawn(crate::deploy::watch_manifest(server.deployer()));
-            server.serve(listener, shutdown_signal()).await?;
+            server
+                .serve_slots(listener, slot_listeners, shutdown_signal())
+                .await?;
             watcher.abort();
             precompile.abort();
             tracing::info!("stopped");

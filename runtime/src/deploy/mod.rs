@@ -152,7 +152,9 @@ impl Deployer {
         let wasm_dir = manifest.server.state_dir.join("wasm");
         std::fs::create_dir_all(&wasm_dir)
             .map_err(|e| DeployError::Internal(format!("{}: {e}", wasm_dir.display())))?;
-        let text = std::fs::read_to_string(&manifest.path).unwrap_or_default();
+        let text: Arc<str> = std::fs::read_to_string(&manifest.path)
+            .unwrap_or_default()
+            .into();
         let table = runtime.table();
         let mut digest = String::new();
         let mut rows = Vec::new();
@@ -174,14 +176,7 @@ impl Deployer {
         store.put_versions(&rows)?;
         if store.meta("manifest")?.as_deref() != Some(digest.as_str()) {
             store.apply(&Change {
-                set: table
-                    .production()
-                    .map(|u| SlotRow {
-                        slot: PRODUCTION.into(),
-                        function: u.function.clone(),
-                        version: u.version.to_string(),
-                    })
-                    .collect(),
+                set: slot_rows(PRODUCTION, table.production()),
                 action: "manifest".into(),
                 detail: serde_json::json!({ "manifest": manifest.path }).to_string(),
                 who: "kelvin up".into(),
@@ -437,7 +432,7 @@ impl Deployer {
             .check_wasm(&bytes)
             .map_err(DeployError::Invalid)?;
         let config = match new.manifest {
-            Some(text) => text,
+            Some(text) => Arc::<str>::from(text),
             None => {
                 let table = self.runtime.table();
                 let from = new
@@ -534,14 +529,7 @@ impl Deployer {
         };
         entries.insert(unit.function.clone(), self.in_slot(slot, &unit));
         let change = Change {
-            set: entries
-                .values()
-                .map(|u| SlotRow {
-                    slot: slot.to_owned(),
-                    function: u.function.clone(),
-                    version: u.version.to_string(),
-                })
-                .collect(),
+            set: slot_rows(slot, entries.values()),
             action: action.into(),
             detail: serde_json::json!({
                 "slot": slot, "function": unit.function, "version": unit.version.as_str()
@@ -652,18 +640,8 @@ impl Deployer {
                 ))
             })?;
         }
-        let rows = |slot: &str, units: &BTreeMap<String, Arc<Unit>>| {
-            units
-                .values()
-                .map(|u| SlotRow {
-                    slot: slot.to_owned(),
-                    function: u.function.clone(),
-                    version: u.version.to_string(),
-                })
-                .collect::<Vec<_>>()
-        };
-        let mut set = rows(target, &incoming);
-        set.extend(rows(source, &outgoing));
+        let mut set = slot_rows(target, incoming.values());
+        set.extend(slot_rows(source, outgoing.values()));
         let change = Change {
             delete_slots: vec![source.to_owned(), target.to_owned()],
             set,
@@ -712,6 +690,7 @@ impl Deployer {
         }
         let mut units = BTreeMap::new();
         let mut rows = Vec::new();
+        let shared: Arc<str> = text.into();
         for spec in &parsed.functions {
             let source = spec.source.clone();
             let bytes = tokio::fs::read(&source).await.map_err(|e| {
@@ -754,7 +733,7 @@ impl Deployer {
                 id: unit.version.to_string(),
                 function: unit.function.clone(),
                 wasm: hash.hex(),
-                config: text.to_owned(),
+                config: shared.clone(),
                 created_at: now(),
             });
             units.insert(unit.function.clone(), unit);
@@ -764,14 +743,7 @@ impl Deployer {
             .map(|u| format!("{}={}\n", u.function, u.version))
             .collect();
         let change = Change {
-            set: units
-                .values()
-                .map(|u| SlotRow {
-                    slot: PRODUCTION.into(),
-                    function: u.function.clone(),
-                    version: u.version.to_string(),
-                })
-                .collect(),
+            set: slot_rows(PRODUCTION, units.values()),
             action: "manifest".into(),
             detail: serde_json::json!({ "manifest": path }).to_string(),
             who: who.into(),
@@ -1057,6 +1029,17 @@ fn info(table: &Table, row: VersionRow) -> VersionInfo {
         created_at: row.created_at,
         slots,
     }
+}
+
+/// The store's rows for `units` serving in `slot`.
+fn slot_rows<'a>(slot: &str, units: impl Iterator<Item = &'a Arc<Unit>>) -> Vec<SlotRow> {
+    units
+        .map(|u| SlotRow {
+            slot: slot.to_owned(),
+            function: u.function.clone(),
+            version: u.version.to_string(),
+        })
+        .collect()
 }
 
 fn check_slot_name(slot: &str) -> Result<(), DeployError> {

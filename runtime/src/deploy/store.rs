@@ -16,7 +16,8 @@ pub struct VersionRow {
     pub function: String,
     /// blake3 of the wasm, hex.
     pub wasm: String,
-    pub config: String,
+    /// Shared: a manifest's functions all come from one text.
+    pub config: std::sync::Arc<str>,
     /// RFC 3339, UTC.
     pub created_at: String,
 }
@@ -186,7 +187,7 @@ fn version_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRow> {
         id: row.get(0)?,
         function: row.get(1)?,
         wasm: row.get(2)?,
-        config: row.get(3)?,
+        config: row.get::<_, String>(3)?.into(),
         created_at: row.get(4)?,
     })
 }
@@ -206,12 +207,12 @@ impl DeploymentStore for SqliteStore {
         let mut added = Vec::with_capacity(versions.len());
         for v in versions {
             let config = match &hashed {
-                Some((text, hash)) if *text == v.config => hash.clone(),
+                Some((text, hash)) if **text == *v.config => hash.clone(),
                 _ => {
                     let hash = blake3::hash(v.config.as_bytes()).to_hex().to_string();
                     tx.execute(
                         "INSERT INTO configs (hash, text) VALUES (?1, ?2) ON CONFLICT (hash) DO NOTHING",
-                        params![hash, v.config],
+                        params![hash, &*v.config],
                     )?;
                     hashed = Some((&v.config, hash.clone()));
                     hash
@@ -510,7 +511,7 @@ pub fn conformance(store: &mut dyn DeploymentStore) {
         .unwrap();
     assert!(store.delete_version("a1").unwrap());
     assert_eq!(store.version("a1").unwrap(), None);
-    assert_eq!(store.version("b1").unwrap().unwrap().config, "config one");
+    assert_eq!(&*store.version("b1").unwrap().unwrap().config, "config one");
 
     // The split.
     assert_eq!(store.split().unwrap(), None);

@@ -149,6 +149,13 @@ impl HttpServer {
                 .unwrap_or(Semaphore::MAX_PERMITS)
                 .min(Semaphore::MAX_PERMITS),
         ));
+        // Start-up read, checked and recorded every function through
+        // short-lived buffers: give the freed memory back before serving.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory of the allocator.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Ok(HttpServer {
             runtime,
             routes: std::sync::RwLock::new(Arc::new(routes)),
@@ -198,8 +205,42 @@ impl HttpServer {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let local = listener.local_addr()?;
+        self.serve_slots(listener, Vec::new(), shutdown).await
+    }
+
+    /// As [`HttpServer::serve`], with more listeners each serving one slot
+    /// (`[server] slot_listen`): a request there goes to that slot,
+    /// whatever it names.
+    pub async fn serve_slots(
+        self,
+        listener: TcpListener,
+        slot_listeners: Vec<(TcpListener, String)>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let server = Arc::new(self);
+        // The slots' listeners accept in tasks of their own and hand their
+        // connections to the one loop below, which admits, serves and
+        // drains them all alike.
+        let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel(64);
+        let mut acceptors = Vec::new();
+        for (slot_listener, slot) in slot_listeners {
+            let local = slot_listener.local_addr()?;
+            let tx = accepted_tx.clone();
+            acceptors.push(tokio::spawn(async move {
+                loop {
+                    let accepted = slot_listener.accept().await;
+                    if tx
+                        .send((accepted, local, Some(slot.clone())))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }));
+        }
+        drop(accepted_tx);
+        let main_local = listener.local_addr()?;
         let runtime = server.runtime.clone();
         let settings = runtime.manifest().server.clone();
         // Past the cap, connections wait in the kernel's backlog instead of
@@ -220,8 +261,14 @@ impl HttpServer {
                 permit = connections.clone().acquire_owned() => permit.expect("never closed"),
                 () = &mut shutdown => break,
             };
+            let next = async {
+                tokio::select! {
+                    accepted = listener.accept() => (accepted, main_local, None),
+                    Some(slot_accepted) = accepted_rx.recv() => slot_accepted,
+                }
+            };
             tokio::select! {
-                accepted = listener.accept() => {
+                (accepted, local, slot) = next => {
                     let (stream, peer) = match accepted {
                         Ok(c) => c,
                         Err(e) => {
@@ -234,9 +281,10 @@ impl HttpServer {
                     // Responses are small and written at once; Nagle would only add latency.
                     let _ = stream.set_nodelay(true);
                     let server = server.clone();
+                    let slot: Option<Arc<str>> = slot.map(Into::into);
                     let service = hyper::service::service_fn(move |req| {
-                        let server = server.clone();
-                        async move { Ok::<_, std::convert::Infallible>(server.handle(req, peer, local).await) }
+                        let (server, slot) = (server.clone(), slot.clone());
+                        async move { Ok::<_, std::convert::Infallible>(server.handle(req, peer, local, slot.as_deref()).await) }
                     });
                     let conn = protocols.serve_connection(TokioIo::new(stream), service).into_owned();
                     let conn = graceful.watch(conn);
@@ -251,6 +299,9 @@ impl HttpServer {
             }
         }
         drop(listener);
+        for acceptor in acceptors {
+            acceptor.abort();
+        }
         tracing::info!("shutting down: draining in-flight requests");
         if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
             .await
@@ -315,6 +366,7 @@ impl HttpServer {
         req: Request<Incoming>,
         peer: SocketAddr,
         local: SocketAddr,
+        listener_slot: Option<&str>,
     ) -> Response<Body> {
         let path = req.uri().path().to_owned();
         match (req.method().as_str(), path.as_str()) {
@@ -327,7 +379,12 @@ impl HttpServer {
             _ => {}
         }
         let routes = self.routes();
-        let (slot, cookie) = match choose_slot(&req, &routes) {
+        let chosen = match listener_slot {
+            Some(slot) if routes.slots.contains_key(slot) => Ok((slot.to_owned(), None)),
+            Some(slot) => Err(slot.to_owned()),
+            None => choose_slot(&req, &routes),
+        };
+        let (slot, cookie) = match chosen {
             Ok(chosen) => chosen,
             Err(unknown) => {
                 return error(
