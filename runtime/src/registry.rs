@@ -686,7 +686,7 @@ impl Inner {
         );
         self.metrics
             .loads
-            .with_label_values(&[function, source.as_str()])
+            .with_label_values(&[function_of(function), source.as_str()])
             .inc();
         self.insert(function, loaded.clone());
         if let Some(check) = unverified {
@@ -771,7 +771,7 @@ impl Inner {
                 inner
                     .metrics
                     .loads
-                    .with_label_values(&[name.as_str(), LoadSource::Compile.as_str()])
+                    .with_label_values(&[function_of(&name), LoadSource::Compile.as_str()])
                     .inc();
             }
         });
@@ -961,7 +961,7 @@ impl Inner {
             );
             self.metrics
                 .evictions
-                .with_label_values(&[function.as_str(), reason.as_str()])
+                .with_label_values(&[function_of(function), reason.as_str()])
                 .inc();
         }
     }
@@ -1032,6 +1032,12 @@ fn pop_lru(loaded: &mut Loaded, reason: EvictReason) -> (String, EvictReason) {
 /// component: a core module must import only WASI preview 1 functions the
 /// host provides and export `_start`; a component must import only WASI
 /// interfaces and export `wasi:http/incoming-handler`.
+/// The function a registry key belongs to (`name` or `name@version`):
+/// metrics are labelled by function, whatever version loaded.
+fn function_of(key: &str) -> &str {
+    key.split_once('@').map_or(key, |(function, _)| function)
+}
+
 /// Validates wasm never compiled here (compiling validates too, later).
 fn validate(engine: &wasmtime::Engine, kind: WasmKind, bytes: &[u8]) -> Result<(), String> {
     match kind {

@@ -348,6 +348,13 @@ async fn a_version_carries_its_configuration() {
     let message = err["error"].as_str().unwrap();
     assert!(message.contains("functions.toml:8:8"), "{message}");
     assert!(message.contains("auth"), "{message}");
+    // Metrics are labelled by function, whichever version loaded.
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("kelvin_function_loads_total{function=\"greet\",source=\"cache\"} 2"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("greet@"), "{metrics}");
     assert_eq!(
         call(&server, "/greet", Some("staging")).await.2,
         "Hey, world!\n"
