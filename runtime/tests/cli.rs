@@ -1215,3 +1215,87 @@ fn sigkill_during_uploads_and_swaps_leaves_one_state_or_the_other() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn the_deploy_commands_drive_a_running_server() {
+    let hello = |greeting: &str| {
+        format!(
+            "[functions.hello]\nsource = \"{{guests}}/hello.wasm\"\nenv = {{ GREETING = \"{greeting}\" }}\n\
+             [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nauth = \"anonymous\"\n"
+        )
+    };
+    let (dir, manifest) = app_with("", &hello("Hello"));
+    // The next release: another manifest beside it (same state dir).
+    let (next_dir, next_source) = app_with("", &hello("Next"));
+    let next = dir.path().join("next.toml");
+    std::fs::copy(&next_source, &next).unwrap();
+    drop(next_dir);
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    let url = format!("http://{addr}");
+    let cli = |args: &[&str]| {
+        let out = kelvin()
+            .args(args)
+            .args(["-f"])
+            .arg(&next)
+            .args(["--url", &url])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let get = || {
+        rt.block_on(async {
+            let r = reqwest::get(format!("{url}/hello/cli")).await.unwrap();
+            r.text().await.unwrap()
+        })
+    };
+    assert_eq!(get(), "Hello, cli!\n");
+
+    let (code, out, err) = cli(&["deploy", "--slot", "staging"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("deployed to staging"), "{out}");
+    let (_, out, _) = cli(&["deploy", "hello", "--slot", "staging"]);
+    assert!(out.contains("already in staging"), "{out}");
+    let (_, out, _) = cli(&["slots"]);
+    assert!(
+        out.contains("staging") && out.contains("production"),
+        "{out}"
+    );
+
+    let (code, _, err) = cli(&["swap", "staging"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(get(), "Next, cli!\n");
+    let (code, out, err) = cli(&["rollback", "hello"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("hello in production: now"), "{out}");
+    assert_eq!(get(), "Hello, cli!\n");
+
+    let (code, out, err) = cli(&["traffic", "production=90", "staging=10"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("split: 10% to staging"), "{out}");
+    let (_, out, _) = cli(&["traffic", "production=100"]);
+    assert!(!out.contains("split:"), "{out}");
+    let (_, out, _) = cli(&["versions", "hello"]);
+    assert_eq!(out.lines().count(), 3, "a header and two versions: {out}");
+
+    // Refusals come back with the server's reason.
+    let (code, _, err) = cli(&["swap", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("404") && err.contains("no slot named `nope`"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&["traffic", "production=90", "staging=20"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("adding up to 100"), "{err}");
+
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}

@@ -682,6 +682,18 @@ async fn only_the_newest_versions_and_those_in_slots_are_kept() {
         ids,
         [deployed[2].as_str(), deployed[1].as_str(), v1.as_str()]
     );
+    // Only what a slot serves stays loaded: each deploy to staging
+    // released the version it replaced.
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("kelvin_loaded_functions 2\n"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("loaded"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let (status, _) = admin
         .send(
             reqwest::Method::PUT,

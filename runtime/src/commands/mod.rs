@@ -11,6 +11,7 @@ mod bench;
 mod bill;
 mod build;
 mod check;
+mod deploy;
 mod invoke;
 mod keys;
 mod ledger;
@@ -20,6 +21,9 @@ pub use bench::BenchCommand;
 pub use bill::BillCommand;
 pub use build::BuildCommand;
 pub use check::CheckCommand;
+pub use deploy::{
+    DeployCommand, RollbackCommand, SlotsCommand, SwapCommand, TrafficCommand, VersionsCommand,
+};
 pub use invoke::InvokeCommand;
 pub use keys::KeysCommand;
 pub use ledger::LedgerCommand;
@@ -46,6 +50,12 @@ enum Command {
     Bill(BillCommand),
     Ledger(LedgerCommand),
     Bench(BenchCommand),
+    Deploy(DeployCommand),
+    Slots(SlotsCommand),
+    Swap(SwapCommand),
+    Rollback(RollbackCommand),
+    Traffic(TrafficCommand),
+    Versions(VersionsCommand),
 }
 
 impl Cli {
@@ -59,6 +69,12 @@ impl Cli {
             Command::Bill(c) => c.execute(),
             Command::Ledger(c) => c.execute(),
             Command::Bench(c) => c.execute(),
+            Command::Deploy(c) => c.execute(),
+            Command::Slots(c) => c.execute(),
+            Command::Swap(c) => c.execute(),
+            Command::Rollback(c) => c.execute(),
+            Command::Traffic(c) => c.execute(),
+            Command::Versions(c) => c.execute(),
         }
     }
 }

@@ -245,8 +245,26 @@ impl Deployer {
                 percent: s.percent,
                 affinity_header: s.affinity_header,
             });
-        self.runtime.replace_table(table);
+        self.install(table);
         Ok(())
+    }
+
+    /// Puts `table` into service in one step, then unloads the versions it
+    /// no longer serves: invocations under way hold their code, which is
+    /// released when the last of them ends.
+    fn install(&self, table: Table) {
+        let keys = |t: &Table| -> std::collections::HashSet<String> {
+            t.slots
+                .values()
+                .flat_map(|units| units.values().map(|u| u.key.clone()))
+                .collect()
+        };
+        let before = keys(&self.runtime.table());
+        let after = keys(&table);
+        self.runtime.replace_table(table);
+        for key in before.difference(&after) {
+            self.runtime.registry().unload(key, false);
+        }
     }
 
     /// `unit` as it serves in `slot`: with that slot's settings for its
@@ -540,7 +558,7 @@ impl Deployer {
         };
         self.stored(move |s| s.apply(&change)).await?;
         table.slots.insert(slot.to_owned(), entries);
-        self.runtime.replace_table(table);
+        self.install(table);
         tracing::info!(slot, function = unit.function, version = %unit.version, action, "slot updated");
         Ok(())
     }
@@ -658,7 +676,7 @@ impl Deployer {
         table
             .slots
             .insert(source.to_owned(), self.all_in_slot(source, &outgoing));
-        self.runtime.replace_table(table);
+        self.install(table);
         tracing::info!(source, target, "slots swapped");
         Ok(self.slots())
     }
@@ -759,7 +777,7 @@ impl Deployer {
         table
             .slots
             .insert(PRODUCTION.into(), self.all_in_slot(PRODUCTION, &units));
-        self.runtime.replace_table(table);
+        self.install(table);
         tracing::info!(manifest = %path.display(), who, "manifest applied to production");
         Ok(self.slots())
     }
@@ -825,7 +843,7 @@ impl Deployer {
             .get_mut(slot)
             .expect("found above")
             .insert(function.to_owned(), served);
-        self.runtime.replace_table(table);
+        self.install(table);
         Ok(SettingsInfo {
             env: env.into_iter().collect(),
         })
@@ -893,7 +911,7 @@ impl Deployer {
             percent: s.percent,
             affinity_header: s.affinity_header.map(|h| h.to_ascii_lowercase()),
         });
-        self.runtime.replace_table(table);
+        self.install(table);
         Ok(self.slots())
     }
 
