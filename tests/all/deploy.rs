@@ -177,78 +177,12 @@ async fn deploy_to_staging_swap_under_load_and_roll_back() {
     assert_eq!(call(&server, "/greet?ms=1", None).await.1, v1);
     assert_eq!(call(&server, "/greet?ms=1", Some("nope")).await.0, 404);
 
-    // Swap under load: four clients in a loop, one long request across it.
-    let stop = Arc::new(AtomicBool::new(false));
-    let base = server.url("");
-    let long = {
-        let (client, base) = (server.client.clone(), base.clone());
-        tokio::spawn(async move {
-            let r = client
-                .get(format!("{base}/greet?ms=1500&mode=sleep"))
-                .send()
-                .await
-                .unwrap();
-            let version = r.headers()["x-kelvin-version"].to_str().unwrap().to_owned();
-            (r.status().as_u16(), version)
-        })
-    };
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (client, base, stop) = (server.client.clone(), base.clone(), stop.clone());
-        clients.push(tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let sent = Instant::now();
-                let r = client
-                    .get(format!("{base}/greet?ms=1"))
-                    .send()
-                    .await
-                    .unwrap();
-                let version = r
-                    .headers()
-                    .get("x-kelvin-version")
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .unwrap_or_default();
-                seen.push((sent, Instant::now(), r.status().as_u16(), version));
-            }
-            seen
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let swap_sent = Instant::now();
-    let (status, slots) = admin.swap("staging").await;
-    let swap_done = Instant::now();
-    assert_eq!(status, 200, "{slots}");
-    assert_eq!(slots["slots"]["production"]["greet"], json!(v2));
-    assert_eq!(slots["slots"]["staging"]["greet"], json!(v1));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut before = 0;
-    let mut after = 0;
-    for client in clients {
-        for (sent, answered, status, version) in client.await.unwrap() {
-            assert_eq!(status, 200, "no request fails across a swap");
-            if answered < swap_sent {
-                assert_eq!(version, v1, "before the swap: the old version");
-                before += 1;
-            } else if sent > swap_done {
-                assert_eq!(version, v2, "after the swap: the new version");
-                after += 1;
-            } else {
-                assert!(version == v1 || version == v2);
-            }
-        }
-    }
-    assert!(before > 10 && after > 10, "{before} before, {after} after");
-    assert_eq!(
-        long.await.unwrap(),
-        (200, v1.clone()),
-        "a request under way finishes on the version it started on"
-    );
+    swap_under_load(&server, &admin, &v1, &v2).await;
 
-    // Rollback: swap back, or point production at any kept version.
-    assert_eq!(admin.swap("staging").await.0, 200);
+    // Rollback the same way: swapped back under load...
+    swap_under_load(&server, &admin, &v2, &v1).await;
     assert_eq!(call(&server, "/greet?ms=1", None).await.1, v1);
+    // ...or production pointed at any kept version.
     let (status, _) = admin
         .send(
             reqwest::Method::PUT,
@@ -894,4 +828,80 @@ async fn a_slot_can_have_an_address_of_its_own() {
     }
     assert_eq!(call(&server, "/greet", None).await.1, v1);
     server.stop().await;
+}
+
+/// Swaps staging into production under load from four clients in a loop,
+/// with a request across the swap (1.5 s long when `old` is the `spin`
+/// guest, which sleeps for `ms` with `mode=sleep`; `hello` ignores them):
+/// no request fails, each answer before the swap comes from `old` and each
+/// after from `new`, and the long request finishes on the version it
+/// started on.
+async fn swap_under_load(server: &TestServer, admin: &Admin<'_>, old: &str, new: &str) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let base = server.url("");
+    let long = {
+        let (client, base) = (server.client.clone(), base.clone());
+        tokio::spawn(async move {
+            let r = client
+                .get(format!("{base}/greet?ms=1500&mode=sleep"))
+                .send()
+                .await
+                .unwrap();
+            let version = r.headers()["x-kelvin-version"].to_str().unwrap().to_owned();
+            (r.status().as_u16(), version)
+        })
+    };
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (client, base, stop) = (server.client.clone(), base.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                let r = client
+                    .get(format!("{base}/greet?ms=1"))
+                    .send()
+                    .await
+                    .unwrap();
+                let version = r
+                    .headers()
+                    .get("x-kelvin-version")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                seen.push((sent, Instant::now(), r.status().as_u16(), version));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let swap_sent = Instant::now();
+    let (status, slots) = admin.swap("staging").await;
+    let swap_done = Instant::now();
+    assert_eq!(status, 200, "{slots}");
+    assert_eq!(slots["slots"]["production"]["greet"], json!(new));
+    assert_eq!(slots["slots"]["staging"]["greet"], json!(old));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut before = 0;
+    let mut after = 0;
+    for client in clients {
+        for (sent, answered, status, version) in client.await.unwrap() {
+            assert_eq!(status, 200, "no request fails across a swap");
+            if answered < swap_sent {
+                assert_eq!(version, old, "before the swap: the old version");
+                before += 1;
+            } else if sent > swap_done {
+                assert_eq!(version, new, "after the swap: the new version");
+                after += 1;
+            } else {
+                assert!(version == old || version == new);
+            }
+        }
+    }
+    assert!(before > 10 && after > 10, "{before} before, {after} after");
+    assert_eq!(
+        long.await.unwrap(),
+        (200, old.to_owned()),
+        "a request under way finishes on the version it started on"
+    );
 }
