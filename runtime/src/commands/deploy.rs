@@ -69,7 +69,7 @@ impl Admin {
             .method(method.clone())
             .uri(path)
             .header(hyper::header::HOST, &self.authority)
-            .header(crate::trigger::http::KEY_HEADER, &self.key)
+            .header(crate::trigger::headers::KEY_HEADER, &self.key)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))?;
         let response = sender.send_request(request).await?;

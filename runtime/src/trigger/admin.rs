@@ -90,8 +90,8 @@ async fn warm_up(to: &WarmUpTo<'_>, path: &str, slot: &str) -> Result<(), String
         tokio::spawn(conn);
         let request = hyper::Request::get(path)
             .header(hyper::header::HOST, to.local.to_string())
-            .header(super::http::SLOT_HEADER, slot)
-            .header(super::http::KEY_HEADER, to.key)
+            .header(super::headers::SLOT_HEADER, slot)
+            .header(super::headers::KEY_HEADER, to.key)
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
         let response = sender

@@ -32,14 +32,7 @@ use crate::router::{RouteMatch, Router};
 use crate::runtime::{Admit, HttpFailure, Runtime, Ticket};
 use crate::table::{PRODUCTION, Split, Table, Unit};
 
-pub const INVOCATION_ID_HEADER: &str = "x-kelvin-invocation-id";
-/// Where a client presents an access key (or in the `code` query parameter).
-pub const KEY_HEADER: &str = "x-kelvin-key";
-/// Which slot a request is for (or the `kelvin-slot` query parameter);
-/// production without it.
-pub const SLOT_HEADER: &str = "x-kelvin-slot";
-/// The version that served a response.
-pub const VERSION_HEADER: &str = "x-kelvin-version";
+pub use super::headers::{INVOCATION_ID_HEADER, KEY_HEADER, SLOT_HEADER, VERSION_HEADER};
 /// The cookie that keeps a client on the slot a traffic split chose.
 const SLOT_COOKIE: &str = "kelvin-slot";
 

@@ -1,0 +1,12 @@
+//! The headers Kelvin reads and sets on HTTP requests and responses (one
+//! place, for the server, the admin API and the CLI).
+
+/// Every response carries its invocation id.
+pub const INVOCATION_ID_HEADER: &str = "x-kelvin-invocation-id";
+/// Where a client presents an access key (or in the `code` query parameter).
+pub const KEY_HEADER: &str = "x-kelvin-key";
+/// Which slot a request is for (or the `kelvin-slot` query parameter);
+/// production without it.
+pub const SLOT_HEADER: &str = "x-kelvin-slot";
+/// The version that served a response.
+pub const VERSION_HEADER: &str = "x-kelvin-version";
