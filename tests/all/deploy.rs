@@ -46,7 +46,14 @@ struct Admin<'a> {
     key: String,
 }
 
-impl Admin<'_> {
+impl<'a> Admin<'a> {
+    fn of(server: &'a TestServer, app: &App) -> Admin<'a> {
+        Admin {
+            server,
+            key: master(app),
+        }
+    }
+
     async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut req = self
             .server
@@ -131,10 +138,7 @@ async fn deploy_to_staging_swap_under_load_and_roll_back() {
     let _cpu = crate::util::cpu_heavy().await;
     let app = app("");
     let server = TestServer::start(&app).await;
-    let admin = Admin {
-        server: &server,
-        key: master(&app),
-    };
+    let admin = Admin::of(&server, &app);
 
     let (status, v1, _) = call(&server, "/greet?ms=1", None).await;
     assert_eq!(status, 200);
@@ -234,10 +238,7 @@ async fn deploy_to_staging_swap_under_load_and_roll_back() {
 async fn a_version_carries_its_configuration() {
     let app = app("");
     let server = TestServer::start(&app).await;
-    let admin = Admin {
-        server: &server,
-        key: master(&app),
-    };
+    let admin = Admin::of(&server, &app);
     let manifest = |greeting: &str| {
         format!(
             "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
@@ -300,10 +301,7 @@ async fn a_version_carries_its_configuration() {
 async fn bad_deployments_change_nothing() {
     let app = app("max_upload = \"1MiB\"");
     let server = TestServer::start(&app).await;
-    let admin = Admin {
-        server: &server,
-        key: master(&app),
-    };
+    let admin = Admin::of(&server, &app);
     let (_, v1, _) = call(&server, "/greet?ms=1", None).await;
     use reqwest::Method as M;
 
@@ -412,10 +410,7 @@ async fn bad_deployments_change_nothing() {
 async fn traffic_split_lands_near_its_weight_with_affinity() {
     let app = app("");
     let server = TestServer::start(&app).await;
-    let admin = Admin {
-        server: &server,
-        key: master(&app),
-    };
+    let admin = Admin::of(&server, &app);
     let (_, v1, _) = call(&server, "/greet?ms=1", None).await;
     let (_, created) = admin.deploy("hello", json!({ "slot": "canary" })).await;
     let v2 = created["version"].as_str().unwrap().to_owned();
@@ -580,10 +575,7 @@ async fn the_admin_api_survives_an_openapi_fuzzer_and_keeps_to_its_schema() {
 async fn only_the_newest_versions_and_those_in_slots_are_kept() {
     let app = app("keep_versions = 2");
     let server = TestServer::start(&app).await;
-    let admin = Admin {
-        server: &server,
-        key: master(&app),
-    };
+    let admin = Admin::of(&server, &app);
     let (_, v1, _) = call(&server, "/greet?ms=1", None).await;
     let mut deployed = Vec::new();
     for greeting in ["One", "Two", "Three"] {
@@ -647,10 +639,7 @@ async fn only_the_newest_versions_and_those_in_slots_are_kept() {
 async fn slot_settings_stay_with_the_slot_through_a_swap() {
     let app = hello_app("", "anonymous");
     let server = TestServer::start(&app).await;
-    let admin = Admin {
-        server: &server,
-        key: master(&app),
-    };
+    let admin = Admin::of(&server, &app);
     let settings = |slot: &str, env: Value| {
         let path = format!("/admin/slots/{slot}/functions/greet/settings");
         let admin = &admin;
@@ -747,10 +736,7 @@ async fn a_swap_waits_for_its_warm_up_request_and_refuses_a_failed_one() {
         "function",
     );
     let server = TestServer::start(&app).await;
-    let admin = Admin {
-        server: &server,
-        key: master(&app),
-    };
+    let admin = Admin::of(&server, &app);
     let get = |slot: &'static str| {
         let req = server
             .client
@@ -796,10 +782,7 @@ async fn a_swap_waits_for_its_warm_up_request_and_refuses_a_failed_one() {
 async fn a_slot_can_have_an_address_of_its_own() {
     let app = hello_app("", "anonymous");
     let (server, slot_addrs) = TestServer::start_with_slots(&app, &["staging"]).await;
-    let admin = Admin {
-        server: &server,
-        key: master(&app),
-    };
+    let admin = Admin::of(&server, &app);
     let staging = format!("http://{}/greet", slot_addrs[0]);
     // No staging slot yet: its address says so.
     let r = server.client.get(&staging).send().await.unwrap();

@@ -249,6 +249,21 @@ impl Deployer {
         Ok(())
     }
 
+    /// Compiles (if it never was) and loads `unit`'s version, so its first
+    /// request is warm; why not, naming it.
+    async fn load(&self, unit: &Unit) -> Result<(), String> {
+        self.runtime
+            .registry()
+            .prepare(&unit.key)
+            .await
+            .map_err(|e| {
+                format!(
+                    "version {} of `{}` failed to load: {}",
+                    unit.version, unit.function, e.reason
+                )
+            })
+    }
+
     /// Puts `table` into service in one step, then unloads the versions it
     /// no longer serves: invocations under way hold their code, which is
     /// released when the last of them ends.
@@ -469,13 +484,8 @@ impl Deployer {
         };
         let spec = self.spec_from(function, &config, &path)?;
         let unit = self.register(spec, kind, hash)?;
-        self.runtime
-            .registry()
-            .prepare(&unit.key)
-            .await
-            .map_err(|e| {
-                DeployError::Invalid(format!("the version failed to load: {}", e.reason))
-            })?;
+        // A version that cannot load is the upload's fault: 400.
+        self.load(&unit).await.map_err(DeployError::Invalid)?;
         let row = VersionRow {
             id: unit.version.to_string(),
             function: function.to_owned(),
@@ -521,13 +531,8 @@ impl Deployer {
             let mut store = self.store.lock().expect("store lock");
             self.unit_from_store(&mut **store, &row.id)?
         };
-        self.runtime
-            .registry()
-            .prepare(&unit.key)
-            .await
-            .map_err(|e| {
-                DeployError::Conflict(format!("the version failed to load: {}", e.reason))
-            })?;
+        // A kept version that cannot load now: 409.
+        self.load(&unit).await.map_err(DeployError::Conflict)?;
         self.point_unlocked(slot, unit, "point", who).await?;
         Ok(self.slots())
     }
@@ -640,16 +645,9 @@ impl Deployer {
         }
         // Warm-up: every version that will serve the target is loaded.
         for unit in incoming.values() {
-            self.runtime
-                .registry()
-                .prepare(&unit.key)
+            self.load(unit)
                 .await
-                .map_err(|e| {
-                    DeployError::Conflict(format!(
-                        "warm-up of `{}` version {} failed: {}",
-                        unit.function, unit.version, e.reason
-                    ))
-                })?;
+                .map_err(|why| DeployError::Conflict(format!("warm-up failed: {why}")))?;
         }
         if let Some(warm_up) = warm_up {
             warm_up.await.map_err(|why| {
@@ -737,16 +735,7 @@ impl Deployer {
             spec.source = kept;
             spec.build = None;
             let unit = self.register(spec, kind, hash)?;
-            self.runtime
-                .registry()
-                .prepare(&unit.key)
-                .await
-                .map_err(|e| {
-                    DeployError::Invalid(format!(
-                        "function `{}` failed to load: {}",
-                        unit.function, e.reason
-                    ))
-                })?;
+            self.load(&unit).await.map_err(DeployError::Invalid)?;
             rows.push(VersionRow {
                 id: unit.version.to_string(),
                 function: unit.function.clone(),
