@@ -24,3 +24,15 @@ wait_ready() {
   echo "no answer from $1 within 10 s" >&2
   return 1
 }
+
+# build_predict: a release kelvin ($kelvin) and the Python guest built by
+# its functions.toml command ($wasm), for the benches of that large component.
+build_predict() {
+  scripts/toolchains.sh python
+  cargo build --quiet --release -p kelvin
+  kelvin=$PWD/target/release/kelvin
+  local build
+  build=$(sed -n '/^\[functions.predict\]/,/^\[\[/s/^build = "\(.*\)"$/\1/p' functions.toml)
+  sh -c "$build"
+  wasm=$PWD/target/guests/predict.wasm
+}

@@ -11,12 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${ROUNDS:-3}
 
-scripts/toolchains.sh python
-cargo build --quiet --release -p kelvin
-kelvin=$PWD/target/release/kelvin
-build=$(sed -n '/^\[functions.predict\]/,/^\[\[/s/^build = "\(.*\)"$/\1/p' functions.toml)
-sh -c "$build"
-wasm=$PWD/target/guests/predict.wasm
+. benches/common.sh
+build_predict
 state=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
 cat > "$state/functions.toml" <<TOML

@@ -30,12 +30,8 @@ if [ -z "$wasmtime" ] || ! [ -x "$wasmtime" ]; then
   exit 2
 fi
 
-scripts/toolchains.sh python
-cargo build --quiet --release -p kelvin
-kelvin=$PWD/target/release/kelvin
-build=$(sed -n '/^\[functions.predict\]/,/^\[\[/s/^build = "\(.*\)"$/\1/p' functions.toml)
-sh -c "$build"
-wasm=$PWD/target/guests/predict.wasm
+. benches/common.sh
+build_predict
 state=$(mktemp -d)
 trap 'rm -rf "$state"' EXIT
 port=$((20000 + RANDOM % 20000))

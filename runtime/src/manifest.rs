@@ -771,17 +771,11 @@ impl RawServer {
             }
             Some(s) => s.get_ref().0,
         };
-        let request_body_timeout = match self.request_body_timeout {
-            None => Duration::from_secs(30),
-            Some(s) if s.get_ref().0.is_zero() => {
-                return Err(field_error(
-                    s.span(),
-                    "server.request_body_timeout",
-                    "must be longer than zero, e.g. \"30s\"",
-                ));
-            }
-            Some(s) => s.get_ref().0,
-        };
+        let request_body_timeout = nonzero_duration(
+            self.request_body_timeout,
+            "server.request_body_timeout",
+            Duration::from_secs(30),
+        )?;
         Ok(ServerConfig {
             listen,
             slot_listen,
@@ -829,17 +823,11 @@ impl RawServer {
                 }
                 Some(s) => s.get_ref().0,
             },
-            header_read_timeout: match self.header_read_timeout {
-                None => Duration::from_secs(10),
-                Some(s) if s.get_ref().0.is_zero() => {
-                    return Err(field_error(
-                        s.span(),
-                        "server.header_read_timeout",
-                        "must be longer than zero, e.g. \"10s\"",
-                    ));
-                }
-                Some(s) => s.get_ref().0,
-            },
+            header_read_timeout: nonzero_duration(
+                self.header_read_timeout,
+                "server.header_read_timeout",
+                Duration::from_secs(10),
+            )?,
             max_connections: positive(self.max_connections, "server.max_connections", 1024)?,
             drain_timeout: self.drain_timeout.map_or(Duration::from_secs(30), |d| d.0),
             request_body_timeout,
@@ -855,6 +843,25 @@ fn nonzero_size(v: Option<Spanned<Size>>, field: &str, default: u64) -> Result<u
         Some(s) if s.get_ref().0 == 0 => {
             Err(field_error(s.span(), field, "must be larger than zero"))
         }
+        Some(s) => Ok(s.get_ref().0),
+    }
+}
+
+fn nonzero_duration(
+    v: Option<Spanned<HumanDuration>>,
+    field: &str,
+    default: Duration,
+) -> Result<Duration, FieldError> {
+    match v {
+        None => Ok(default),
+        Some(s) if s.get_ref().0.is_zero() => Err(field_error(
+            s.span(),
+            field,
+            format!(
+                "must be longer than zero, e.g. \"{}\"",
+                humantime::format_duration(default)
+            ),
+        )),
         Some(s) => Ok(s.get_ref().0),
     }
 }

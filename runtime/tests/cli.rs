@@ -994,14 +994,17 @@ fn shutdown_past_the_drain_timeout_answers_nothing_unrecorded() {
     assert_eq!(spun[0].outcome.as_str(), "abandoned", "{:?}", spun[0]);
 }
 
+/// `hello` at `/hello/{name}`, greeting with `greeting` (its app setting).
+fn hello_greeting(greeting: &str) -> String {
+    format!(
+        "[functions.hello]\nsource = \"{{guests}}/hello.wasm\"\nenv = {{ GREETING = \"{greeting}\" }}\n\
+         [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nauth = \"anonymous\"\n"
+    )
+}
+
 #[test]
 fn up_applies_an_edited_manifest_and_refuses_a_broken_one() {
-    let manifest_for = |greeting: &str| {
-        format!(
-            "[functions.hello]\nsource = \"{{guests}}/hello.wasm\"\nenv = {{ GREETING = \"{greeting}\" }}\n\
-             [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nauth = \"anonymous\"\n"
-        )
-    };
+    let manifest_for = hello_greeting;
     let (dir, manifest) = app_with("", &manifest_for("Hello"));
     let (mut child, addr, stderr) = up(&manifest);
     let logs = Logs::watch(stderr);
@@ -1218,12 +1221,7 @@ fn sigkill_during_uploads_and_swaps_leaves_one_state_or_the_other() {
 
 #[test]
 fn the_deploy_commands_drive_a_running_server() {
-    let hello = |greeting: &str| {
-        format!(
-            "[functions.hello]\nsource = \"{{guests}}/hello.wasm\"\nenv = {{ GREETING = \"{greeting}\" }}\n\
-             [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nauth = \"anonymous\"\n"
-        )
-    };
+    let hello = hello_greeting;
     let (dir, manifest) = app_with("", &hello("Hello"));
     // The next release: another manifest beside it (same state dir).
     let (next_dir, next_source) = app_with("", &hello("Next"));

@@ -33,6 +33,16 @@ fn hello_app(server: &str, auth: &str) -> App {
     )
 }
 
+/// A manifest to deploy `greet` with: its `GREETING` setting is `greeting`
+/// (the `source` is not used: the wasm comes from the upload).
+fn greeting_manifest(greeting: &str) -> String {
+    format!(
+        "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
+         env = {{ GREETING = \"{greeting}\" }}\n\
+         [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n"
+    )
+}
+
 fn master(app: &App) -> String {
     KeyStore::open(&app.state_dir(), &[])
         .unwrap()
@@ -239,17 +249,10 @@ async fn a_version_carries_its_configuration() {
     let app = app("");
     let server = TestServer::start(&app).await;
     let admin = Admin::of(&server, &app);
-    let manifest = |greeting: &str| {
-        format!(
-            "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
-             env = {{ GREETING = \"{greeting}\" }}\n\
-             [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n"
-        )
-    };
     let (status, hi) = admin
         .deploy(
             "hello",
-            json!({ "slot": "staging", "manifest": manifest("Hi") }),
+            json!({ "slot": "staging", "manifest": greeting_manifest("Hi") }),
         )
         .await;
     assert_eq!(status, 201, "{hi}");
@@ -262,7 +265,7 @@ async fn a_version_carries_its_configuration() {
     let (status, hey) = admin
         .deploy(
             "hello",
-            json!({ "slot": "staging", "manifest": manifest("Hey") }),
+            json!({ "slot": "staging", "manifest": greeting_manifest("Hey") }),
         )
         .await;
     assert_eq!(status, 201);
@@ -276,7 +279,7 @@ async fn a_version_carries_its_configuration() {
     let (status, err) = admin
         .deploy(
             "hello",
-            json!({ "slot": "staging", "manifest": manifest("Hey").replace("auth = \"anonymous\"", "auth = \"everyone\"") }),
+            json!({ "slot": "staging", "manifest": greeting_manifest("Hey").replace("auth = \"anonymous\"", "auth = \"everyone\"") }),
         )
         .await;
     assert_eq!(status, 400, "{err}");
@@ -579,11 +582,7 @@ async fn only_the_newest_versions_and_those_in_slots_are_kept() {
     let (_, v1, _) = call(&server, "/greet?ms=1", None).await;
     let mut deployed = Vec::new();
     for greeting in ["One", "Two", "Three"] {
-        let manifest = format!(
-            "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
-             env = {{ GREETING = \"{greeting}\" }}\n\
-             [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n"
-        );
+        let manifest = greeting_manifest(greeting);
         let (status, v) = admin
             .deploy("hello", json!({ "slot": "staging", "manifest": manifest }))
             .await;
@@ -661,9 +660,7 @@ async fn slot_settings_stay_with_the_slot_through_a_swap() {
         (200, v1.clone(), "Prod, world!\n".into())
     );
 
-    let manifest = "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
-                    env = { GREETING = \"Version\" }\n\
-                    [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n";
+    let manifest = greeting_manifest("Version");
     let (status, v2) = admin
         .deploy("hello", json!({ "slot": "staging", "manifest": manifest }))
         .await;
@@ -789,9 +786,7 @@ async fn a_slot_can_have_an_address_of_its_own() {
     assert_eq!(r.status(), 404);
 
     let (_, v1, _) = call(&server, "/greet", None).await;
-    let manifest = "version = 1\nname = \"test\"\n[functions.greet]\nsource = \"x.wasm\"\n\
-                    env = { GREETING = \"Staged\" }\n\
-                    [[functions.greet.http]]\nroute = \"/greet\"\nauth = \"anonymous\"\n";
+    let manifest = greeting_manifest("Staged");
     let (status, v2) = admin
         .deploy("hello", json!({ "slot": "staging", "manifest": manifest }))
         .await;
