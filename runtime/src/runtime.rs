@@ -310,6 +310,7 @@ impl Runtime {
                     function: f.name.to_string(),
                     version: VersionId::of(&hash, f),
                     key: f.name.to_string(),
+                    kind: registry.kind(f.name.as_str()).expect("checked at start"),
                     spec: registry.spec(f.name.as_str()).expect("checked at start"),
                 };
                 (f.name.to_string(), Arc::new(unit))
@@ -608,7 +609,7 @@ impl Runtime {
     /// Whether `unit` is a wasi:http component (given HTTP requests
     /// directly) rather than a preview-1 command (spoken to with CGI).
     pub fn is_component(&self, unit: &Unit) -> bool {
-        self.registry.kind(&unit.key) == Some(crate::cache::WasmKind::Component)
+        unit.kind == crate::cache::WasmKind::Component
     }
 
     /// Starts an admitted invocation of a wasi:http component for one HTTP
@@ -806,9 +807,9 @@ impl Runtime {
         record.fuel_consumed = exec.fuel_consumed;
         record.instantiate_us = micros(exec.instantiate);
         record.run_us = micros(exec.run);
-        let logs = match &self.registry.kind(&unit.key) {
+        let logs = match unit.kind {
             // A component's stdout is a log stream too.
-            Some(crate::cache::WasmKind::Component) => vec![&exec.stdout, &exec.stderr],
+            crate::cache::WasmKind::Component => vec![&exec.stdout, &exec.stderr],
             _ => vec![&exec.stderr],
         };
         for stream in logs {

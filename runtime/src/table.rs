@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::cache::WasmHash;
+use crate::cache::{WasmHash, WasmKind};
 use crate::manifest::FunctionSpec;
 use crate::trigger::TriggerConfig;
 
@@ -102,6 +102,9 @@ pub struct Unit {
     pub version: VersionId,
     /// The registry key its code is loaded under.
     pub key: String,
+    /// Module or component: known when the version was checked, so no
+    /// request asks the registry.
+    pub kind: WasmKind,
     pub spec: Arc<FunctionSpec>,
 }
 

@@ -306,6 +306,7 @@ impl Deployer {
             function: unit.function.clone(),
             version: unit.version.clone(),
             key: unit.key.clone(),
+            kind: unit.kind,
             spec,
         })
     }
@@ -385,6 +386,7 @@ impl Deployer {
             function: spec.name.to_string(),
             version,
             key,
+            kind,
             spec,
         }))
     }
