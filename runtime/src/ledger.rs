@@ -1,6 +1,8 @@
 //! The durable invocation ledger: every metering record in SQLite (WAL), by
-//! one writer thread that commits in groups, so the request path waits for
-//! a shared fsync, never for one of its own.
+//! one writer thread that commits in groups ([`crate::commit`]), so the
+//! request path waits for a shared fsync, never for one of its own. The same
+//! database holds the event stores' tables, so an invocation's record and
+//! its effects (a message deleted, outputs published) commit together.
 //!
 //! The ledger holds raw measurements only; prices are computed from it by a
 //! billing policy, so the same ledger can be re-priced.
@@ -21,24 +23,17 @@
 //! ledger closed is refused the same way.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
+
+use crate::commit::GroupCommit;
 
 use crate::billing::{DailyAggregate, Policy, Usage};
 use crate::metering::{ColdStart, Durable, InvocationRecord, LoadSource, Outcome, RecordSink};
 
-/// Records written in one transaction at most.
-const MAX_BATCH: usize = 4096;
-
-/// How long a failed batch is retried before its records are given up as
-/// not durable: longer than the busy timeout, so another process holding
-/// the database for a few seconds (a backup, a compaction) delays requests
-/// instead of failing them.
-pub const RETRY_FOR: Duration = Duration::from_secs(15);
+pub use crate::commit::RETRY_FOR;
 
 /// The writer's wait for a lock held by another connection, per attempt.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -102,13 +97,11 @@ CREATE TABLE IF NOT EXISTS daily (
 ) WITHOUT ROWID;
 ";
 
-type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
-
-/// The ledger as a sink: records go to the writer thread.
+/// The ledger as a sink: records go to the database's group-commit writer,
+/// which other stores of the same database share (see [`Ledger::writer`]).
 pub struct Ledger {
     path: PathBuf,
-    tx: Mutex<Option<mpsc::Sender<(InvocationRecord, Ack)>>>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: Arc<GroupCommit>,
 }
 
 impl Ledger {
@@ -122,140 +115,95 @@ impl Ledger {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let conn = Connection::open(path).map_err(open_err)?;
-        // WAL: readers (reports) run beside the writer. FULL: a commit is
-        // fsynced before it is acknowledged.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        let conn = open_for_writing(path).map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         migrate(&conn).map_err(open_err)?;
-
-        let (tx, rx) = mpsc::channel::<(InvocationRecord, Ack)>();
-        let writer = std::thread::Builder::new()
-            .name("kelvin-ledger".into())
-            .spawn(move || write_loop(conn, rx))
+        let writer = GroupCommit::start(conn, "kelvin-ledger")
             .map_err(|e| open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         Ok(Ledger {
             path: path.to_owned(),
-            tx: Mutex::new(Some(tx)),
-            writer: Mutex::new(Some(writer)),
+            writer: Arc::new(writer),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
 
-/// Takes what has queued up, writes it in one transaction (retrying a
-/// failed one for [`RETRY_FOR`]), acknowledges it.
-fn write_loop(mut conn: Connection, rx: mpsc::Receiver<(InvocationRecord, Ack)>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
-        let started = std::time::Instant::now();
-        let mut backoff = Duration::from_millis(20);
-        let result = loop {
-            match insert_batch(&mut conn, batch.iter().map(|(r, _)| r)) {
-                Ok(()) => break Ok(()),
-                Err(e) if started.elapsed() + backoff < RETRY_FOR => {
-                    tracing::warn!(error = %e, records = batch.len(), "failed to write invocation records to the ledger; retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, records = batch.len(), "failed to write invocation records to the ledger; giving them up as not durable");
-                    break Err(e.to_string());
-                }
-            }
-        };
-        for (_, ack) in batch {
-            let _ = ack.send(result.clone());
-        }
+    /// The database's writer: what commits with a record commits through it.
+    pub fn writer(&self) -> Arc<GroupCommit> {
+        self.writer.clone()
     }
 }
 
-fn insert_batch<'a>(
-    conn: &mut Connection,
-    records: impl Iterator<Item = &'a InvocationRecord>,
-) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO invocations VALUES
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
-        )?;
-        for r in records {
-            let started_unix_us = humantime::parse_rfc3339(&r.started_at)
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_micros() as i64);
-            insert.execute(params![
-                r.invocation_id,
-                r.function,
-                r.version,
-                r.trigger,
-                r.started_at,
-                started_unix_us,
-                r.outcome.as_str(),
-                r.reason,
-                r.wall_us as i64,
-                r.queued_us as i64,
-                r.cpu_us as i64,
-                r.peak_memory_bytes as i64,
-                r.memory_kib_us as i64,
-                r.fuel_consumed.map(|f| f as i64),
-                r.bytes_in as i64,
-                r.bytes_out as i64,
-                r.cold,
-                r.load.map(|l| l.source.as_str()),
-                r.load.map(|l| l.load_us as i64),
-                r.instantiate_us as i64,
-                r.run_us as i64,
-                r.exit_code,
-                r.memory_limit_bytes as i64,
-                r.slot,
-                r.version_id,
-            ])?;
-        }
+/// A connection to the database for its writer: WAL (readers, such as
+/// reports, run beside it), FULL (a commit is fsynced before it is
+/// acknowledged) and a busy timeout for other processes' locks.
+pub fn open_for_writing(path: &Path) -> rusqlite::Result<Connection> {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
     }
-    tx.commit()
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+/// Writes one record inside a transaction (at most once: the invocation id
+/// is the primary key).
+pub fn insert_record(tx: &Transaction<'_>, r: &InvocationRecord) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO invocations VALUES
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
+    )?;
+    let started_unix_us = humantime::parse_rfc3339(&r.started_at)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_micros() as i64);
+    insert.execute(params![
+        r.invocation_id,
+        r.function,
+        r.version,
+        r.trigger,
+        r.started_at,
+        started_unix_us,
+        r.outcome.as_str(),
+        r.reason,
+        r.wall_us as i64,
+        r.queued_us as i64,
+        r.cpu_us as i64,
+        r.peak_memory_bytes as i64,
+        r.memory_kib_us as i64,
+        r.fuel_consumed.map(|f| f as i64),
+        r.bytes_in as i64,
+        r.bytes_out as i64,
+        r.cold,
+        r.load.map(|l| l.source.as_str()),
+        r.load.map(|l| l.load_us as i64),
+        r.instantiate_us as i64,
+        r.run_us as i64,
+        r.exit_code,
+        r.memory_limit_bytes as i64,
+        r.slot,
+        r.version_id,
+    ])?;
+    Ok(())
 }
 
 impl RecordSink for Ledger {
     fn record(&self, record: &InvocationRecord) -> Durable {
-        let (ack, done) = tokio::sync::oneshot::channel();
-        match &*self.tx.lock().expect("ledger lock") {
-            Some(tx) if tx.send((record.clone(), ack)).is_ok() => Durable::pending(done),
-            // Never answered as if it were recorded: the caller answers 503.
-            _ => Durable::failed("the ledger is closed"),
-        }
+        let record = record.clone();
+        // Never answered as if it were recorded when the writer is closed:
+        // the caller answers 503.
+        self.writer
+            .submit(Box::new(move |tx| insert_record(tx, &record)))
     }
 
     fn flush(&self) {
-        // Each record is acknowledged after its commit; closing the channel
-        // and joining the writer commits whatever is still queued.
-        self.tx.lock().expect("ledger lock").take();
-        if let Some(w) = self.writer.lock().expect("ledger lock").take() {
-            let _ = w.join();
-        }
-    }
-}
-
-impl Drop for Ledger {
-    fn drop(&mut self) {
-        self.flush();
+        // Each record is acknowledged after its commit; closing the writer
+        // commits whatever is still queued.
+        self.writer.close();
     }
 }
 
@@ -686,10 +634,17 @@ fn parse_outcome(s: &str) -> Outcome {
 }
 
 #[cfg(test)]
+pub(crate) mod tests_support {
+    pub fn record(id: &str) -> crate::metering::InvocationRecord {
+        super::tests::record(id)
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    fn record(id: &str) -> InvocationRecord {
+    pub(super) fn record(id: &str) -> InvocationRecord {
         InvocationRecord {
             invocation_id: id.to_owned(),
             function: "f".into(),
@@ -947,8 +902,9 @@ mod tests {
                 while started.elapsed() < Duration::from_secs(2) {
                     let mut r = record(&format!("new{stored}"));
                     r.started_at = "2026-11-21T10:00:00.000000Z".into();
-                    insert_batch(&mut conn, std::iter::once(&r))
-                        .expect("the lock came within 100 ms");
+                    let tx = conn.transaction().unwrap();
+                    insert_record(&tx, &r).expect("the lock came within 100 ms");
+                    tx.commit().expect("the lock came within 100 ms");
                     stored += 1;
                     std::thread::sleep(Duration::from_millis(5));
                 }

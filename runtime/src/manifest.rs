@@ -19,7 +19,10 @@ use toml::Spanned;
 use crate::billing::{MemoryBasis, Policy};
 use crate::keys::AuthLevel;
 use crate::router::{Method, Route};
-use crate::trigger::config::{HttpTrigger, TriggerConfig};
+use crate::trigger::config::{
+    BlobPattern, BlobTrigger, HttpTrigger, OutputBinding, OutputTarget, QueueName, QueueTrigger,
+    Schedule, TimerTrigger, TriggerConfig,
+};
 
 /// The only manifest version this Kelvin understands.
 pub const MANIFEST_VERSION: u32 = 1;
@@ -29,6 +32,8 @@ pub const RESERVED_PATHS: &[&str] = &["/metrics", "/healthz", "/readyz", "/admin
 
 /// The deployment admin API: these paths and every path under them.
 pub const ADMIN_API: &[&str] = &[
+    "/admin/queues",
+    "/admin/blobs",
     "/admin/wasm",
     "/admin/functions",
     "/admin/slots",
@@ -106,6 +111,11 @@ pub struct ServerConfig {
     pub swap_warmup_path: Option<String>,
     /// The statuses that warm-up may answer (any below 500 if empty).
     pub swap_warmup_statuses: Vec<u16>,
+    /// Largest queue message (413 beyond; 64 KiB, as Azure Storage queues).
+    pub max_message: u64,
+    /// Largest blob the API takes (413 beyond) and a trigger hands to a
+    /// function (larger files dropped into a container are skipped).
+    pub max_blob: u64,
 }
 
 /// One function, with every default already applied.
@@ -125,6 +135,8 @@ pub struct FunctionSpec {
     pub concurrency: Concurrency,
     /// Where a wasi:http component may send requests; nowhere if empty.
     pub allowed_outbound_hosts: Vec<OutboundHost>,
+    /// What a successful invocation publishes (queue messages, blobs).
+    pub outputs: Vec<OutputBinding>,
 }
 
 /// A destination a component may call: `scheme://host[:port]`, where the
@@ -320,6 +332,45 @@ impl Manifest {
     }
 
     /// The function called `name`, if any.
+    /// Every queue the app names (triggers and outputs) and their poison
+    /// queues: the queues the API knows.
+    pub fn queues(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for f in &self.functions {
+            let triggers = f.triggers.iter().filter_map(|t| match t {
+                TriggerConfig::Queue(q) => Some(&q.queue),
+                _ => None,
+            });
+            let outputs = f.outputs.iter().filter_map(|o| match &o.target {
+                OutputTarget::Queue(q) => Some(q),
+                OutputTarget::Blob(_) => None,
+            });
+            for q in triggers.chain(outputs) {
+                out.insert(q.to_string());
+                out.insert(q.poison());
+            }
+        }
+        out
+    }
+
+    /// Every blob container the app names (triggers and outputs).
+    pub fn containers(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for f in &self.functions {
+            for t in &f.triggers {
+                if let TriggerConfig::Blob(b) = t {
+                    out.insert(b.path.container().to_owned());
+                }
+            }
+            for o in &f.outputs {
+                if let OutputTarget::Blob(p) = &o.target {
+                    out.insert(p.container().to_owned());
+                }
+            }
+        }
+        out
+    }
+
     pub fn function(&self, name: &str) -> Option<&FunctionSpec> {
         self.functions.iter().find(|f| f.name.as_str() == name)
     }
@@ -556,6 +607,8 @@ struct RawServer {
     keep_versions: Option<Spanned<u32>>,
     swap_warmup_path: Option<Spanned<String>>,
     swap_warmup_statuses: Option<Spanned<Vec<u16>>>,
+    max_message: Option<Spanned<Size>>,
+    max_blob: Option<Spanned<Size>>,
 }
 
 /// Settings every function inherits unless it sets its own
@@ -590,6 +643,51 @@ struct RawFunction {
     allowed_outbound_hosts: Vec<Spanned<String>>,
     #[serde(default)]
     http: Vec<RawHttpTrigger>,
+    #[serde(default)]
+    timer: Vec<RawTimerTrigger>,
+    #[serde(default)]
+    queue_trigger: Vec<RawQueueTrigger>,
+    #[serde(default)]
+    blob: Vec<RawBlobTrigger>,
+    #[serde(default)]
+    output: Vec<RawOutput>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimerTrigger {
+    schedule: Spanned<String>,
+    time_zone: Option<Spanned<String>>,
+    #[serde(default)]
+    run_on_startup: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueueTrigger {
+    name: Spanned<String>,
+    batch_size: Option<Spanned<u32>>,
+    new_batch_threshold: Option<u32>,
+    max_dequeue_count: Option<Spanned<u32>>,
+    lease: Option<Spanned<HumanDuration>>,
+    retry_delay: Option<HumanDuration>,
+    max_retry_delay: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBlobTrigger {
+    path: Spanned<String>,
+    max_attempts: Option<Spanned<u32>>,
+    retry_delay: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    name: Spanned<String>,
+    queue: Option<Spanned<String>>,
+    blob: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -691,7 +789,9 @@ fn check_routes(functions: &[FunctionSpec]) -> Result<(), FieldError> {
     let mut seen: Vec<(&HttpTrigger, &Name)> = Vec::new();
     for f in functions {
         for trigger in &f.triggers {
-            let TriggerConfig::Http(http) = trigger;
+            let Some(http) = trigger.http() else {
+                continue;
+            };
             let pattern = http.route.pattern();
             if RESERVED_PATHS.contains(&pattern) || admin_api_owns(pattern) {
                 return Err(field_error(
@@ -810,6 +910,8 @@ impl RawServer {
                 }
                 Some(s) => s.into_inner(),
             },
+            max_message: nonzero_size(self.max_message, "server.max_message", 64 << 10)?,
+            max_blob: nonzero_size(self.max_blob, "server.max_blob", 64 << 20)?,
             instance_slots: positive(self.instance_slots, "server.instance_slots", 256)?,
             max_header_size: match self.max_header_size {
                 None => 16 << 10,
@@ -989,6 +1091,16 @@ impl RawFunction {
         for raw in self.http {
             triggers.push(TriggerConfig::Http(raw.validate(&at("http"))?));
         }
+        for raw in self.timer {
+            triggers.push(TriggerConfig::Timer(Box::new(raw.validate(&at("timer"))?)));
+        }
+        for raw in self.queue_trigger {
+            triggers.push(TriggerConfig::Queue(raw.validate(&at("queue_trigger"))?));
+        }
+        for raw in self.blob {
+            triggers.push(TriggerConfig::Blob(raw.validate(&at("blob"))?));
+        }
+        let outputs = validate_outputs(self.output, &triggers, &at("output"))?;
 
         Ok(FunctionSpec {
             name,
@@ -1008,8 +1120,207 @@ impl RawFunction {
                 queue_timeout,
             },
             allowed_outbound_hosts,
+            outputs,
         })
     }
+}
+
+impl RawTimerTrigger {
+    fn validate(self, at: &str) -> Result<TimerTrigger, FieldError> {
+        let zone = self.time_zone.as_ref().map(|z| z.get_ref().as_str());
+        let schedule =
+            Schedule::parse(self.schedule.get_ref(), zone).map_err(|m| match &self.time_zone {
+                Some(z) if m.starts_with("unknown time zone") => {
+                    field_error(z.span(), format!("{at}.time_zone"), m)
+                }
+                _ => field_error(self.schedule.span(), format!("{at}.schedule"), m),
+            })?;
+        Ok(TimerTrigger {
+            schedule,
+            run_on_startup: self.run_on_startup,
+        })
+    }
+}
+
+impl RawQueueTrigger {
+    fn validate(self, at: &str) -> Result<QueueTrigger, FieldError> {
+        let queue = QueueName::parse(self.name.get_ref())
+            .map_err(|m| field_error(self.name.span(), format!("{at}.name"), m))?;
+        let batch_size = match self.batch_size {
+            None => 16,
+            Some(b) if (1..=32).contains(b.get_ref()) => *b.get_ref(),
+            Some(b) => {
+                return Err(field_error(
+                    b.span(),
+                    format!("{at}.batch_size"),
+                    "must be 1 to 32 (Azure's range; the default is 16)",
+                ));
+            }
+        };
+        let max_dequeue_count = match self.max_dequeue_count {
+            None => 5,
+            Some(m) if *m.get_ref() >= 1 => *m.get_ref(),
+            Some(m) => {
+                return Err(field_error(
+                    m.span(),
+                    format!("{at}.max_dequeue_count"),
+                    "must be at least 1 (the default is 5)",
+                ));
+            }
+        };
+        let lease = match self.lease {
+            None => Duration::from_secs(30),
+            Some(l) if l.get_ref().0 >= Duration::from_secs(1) => l.get_ref().0,
+            Some(l) => {
+                return Err(field_error(
+                    l.span(),
+                    format!("{at}.lease"),
+                    "must be at least 1s (it is renewed at half its length while the function runs)",
+                ));
+            }
+        };
+        let retry_delay = self.retry_delay.map_or(Duration::from_secs(1), |d| d.0);
+        let max_retry_delay = self
+            .max_retry_delay
+            .map_or(Duration::from_secs(60), |d| d.0)
+            .max(retry_delay);
+        Ok(QueueTrigger {
+            queue,
+            batch_size,
+            new_batch_threshold: self.new_batch_threshold.unwrap_or(batch_size / 2),
+            max_dequeue_count,
+            lease,
+            retry_delay,
+            max_retry_delay,
+        })
+    }
+}
+
+impl RawBlobTrigger {
+    fn validate(self, at: &str) -> Result<BlobTrigger, FieldError> {
+        let path = BlobPattern::parse(self.path.get_ref())
+            .map_err(|m| field_error(self.path.span(), format!("{at}.path"), m))?;
+        if path.params().next().is_none() {
+            return Err(field_error(
+                self.path.span(),
+                format!("{at}.path"),
+                format!(
+                    "{:?} has no parameter, so it matches one blob only; write e.g. \"{}/{{name}}\"",
+                    path.as_str(),
+                    path.container()
+                ),
+            ));
+        }
+        let max_attempts = match self.max_attempts {
+            None => 5,
+            Some(m) if *m.get_ref() >= 1 => *m.get_ref(),
+            Some(m) => {
+                return Err(field_error(
+                    m.span(),
+                    format!("{at}.max_attempts"),
+                    "must be at least 1 (the default is 5)",
+                ));
+            }
+        };
+        Ok(BlobTrigger {
+            path,
+            max_attempts,
+            retry_delay: self.retry_delay.map_or(Duration::from_secs(1), |d| d.0),
+        })
+    }
+}
+
+/// Parameters every output path may use, whatever the trigger.
+pub const OUTPUT_PARAMS: &[&str] = &["invocation_id"];
+
+fn validate_outputs(
+    raw: Vec<RawOutput>,
+    triggers: &[TriggerConfig],
+    at: &str,
+) -> Result<Vec<OutputBinding>, FieldError> {
+    let mut outputs: Vec<OutputBinding> = Vec::with_capacity(raw.len());
+    for o in raw {
+        let name = o.name.get_ref();
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            return Err(field_error(
+                o.name.span(),
+                format!("{at}.name"),
+                "an output's name uses letters, digits, `_` and `-`, e.g. \"processed\"",
+            ));
+        }
+        if outputs.iter().any(|b| b.name == *name) {
+            return Err(field_error(
+                o.name.span(),
+                format!("{at}.name"),
+                format!("two outputs are named {name:?}; names are the keys of `Outputs`"),
+            ));
+        }
+        let target = match (o.queue, o.blob) {
+            (Some(q), None) => OutputTarget::Queue(
+                QueueName::parse(q.get_ref())
+                    .map_err(|m| field_error(q.span(), format!("{at}.queue"), m))?,
+            ),
+            (None, Some(b)) => {
+                let pattern = BlobPattern::parse(b.get_ref())
+                    .map_err(|m| field_error(b.span(), format!("{at}.blob"), m))?;
+                // Parameters come from a blob trigger's path (and the few
+                // every invocation has); other triggers' values are only
+                // known at run time.
+                let blob_params: Vec<&str> = triggers
+                    .iter()
+                    .filter_map(|t| match t {
+                        TriggerConfig::Blob(b) => Some(b.path.params()),
+                        _ => None,
+                    })
+                    .flatten()
+                    .collect();
+                let only_blob = triggers.iter().all(|t| matches!(t, TriggerConfig::Blob(_)))
+                    && !triggers.is_empty();
+                if only_blob
+                    && let Some(p) = pattern
+                        .params()
+                        .find(|p| !blob_params.contains(p) && !OUTPUT_PARAMS.contains(p))
+                {
+                    return Err(field_error(
+                        b.span(),
+                        format!("{at}.blob"),
+                        format!(
+                            "{{{p}}} is not a parameter of the function's blob trigger (it has {}), nor one of {}",
+                            blob_params
+                                .iter()
+                                .map(|p| format!("{{{p}}}"))
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            OUTPUT_PARAMS
+                                .iter()
+                                .map(|p| format!("{{{p}}}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+                OutputTarget::Blob(pattern)
+            }
+            _ => {
+                return Err(field_error(
+                    o.name.span(),
+                    at,
+                    format!(
+                        "output {name:?} needs exactly one of `queue = \"name\"` or `blob = \"container/path\"`"
+                    ),
+                ));
+            }
+        };
+        outputs.push(OutputBinding {
+            name: name.clone(),
+            target,
+        });
+    }
+    Ok(outputs)
 }
 
 fn pick<'a, T>(

@@ -24,6 +24,77 @@ pub struct Metrics {
     pub guest_cpu_seconds: CounterVec,
     pub guest_memory_byte_seconds: CounterVec,
     pub log_lines_dropped: prometheus::IntCounter,
+    /// Event triggers' state (see [`EventGauges`]).
+    pub events: EventGauges,
+}
+
+/// Durable queues, timers and blob triggers.
+#[derive(Clone)]
+pub struct EventGauges {
+    pub queue_messages: IntGaugeVec,
+    pub queue_leased: IntGaugeVec,
+    pub queue_oldest_age: prometheus::GaugeVec,
+    pub queue_poison: IntGaugeVec,
+    pub timer_lateness: HistogramVec,
+    pub blob_backlog: IntGaugeVec,
+}
+
+impl EventGauges {
+    fn new() -> EventGauges {
+        let gauge = |name: &str, help: &str, label: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric")
+        };
+        EventGauges {
+            queue_messages: gauge(
+                "kelvin_event_queue_messages",
+                "Messages in a durable queue, leased or not (its depth)",
+                "queue",
+            ),
+            queue_leased: gauge(
+                "kelvin_event_queue_leased_messages",
+                "Messages of a durable queue leased by a running function",
+                "queue",
+            ),
+            queue_oldest_age: prometheus::GaugeVec::new(
+                Opts::new(
+                    "kelvin_event_queue_oldest_message_age_seconds",
+                    "Age of a durable queue's oldest message (0 when empty)",
+                ),
+                &["queue"],
+            )
+            .expect("valid metric"),
+            queue_poison: gauge(
+                "kelvin_event_queue_poison_messages",
+                "Messages in a queue's poison queue (<queue>-poison)",
+                "queue",
+            ),
+            timer_lateness: HistogramVec::new(
+                HistogramOpts::new(
+                    "kelvin_timer_lateness_seconds",
+                    "How long after its scheduled time a timer's run started",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["function"],
+            )
+            .expect("valid metric"),
+            blob_backlog: gauge(
+                "kelvin_blob_backlog",
+                "Blobs a blob-triggered function has yet to process (new versions, retries)",
+                "function",
+            ),
+        }
+    }
+
+    fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.queue_messages.clone()),
+            Box::new(self.queue_leased.clone()),
+            Box::new(self.queue_oldest_age.clone()),
+            Box::new(self.queue_poison.clone()),
+            Box::new(self.timer_lateness.clone()),
+            Box::new(self.blob_backlog.clone()),
+        ]
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -131,7 +202,12 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        let events = EventGauges::new();
+        for c in events.collectors() {
+            registry.register(c).expect("metric names are unique");
+        }
         Metrics {
+            events,
             registry,
             invocations,
             duration,

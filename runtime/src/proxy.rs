@@ -3,6 +3,11 @@
 //! instance from the pool, under the same limits and measurements as a
 //! preview-1 function.
 
+/// An event a component receives as a POST names its trigger (`timer`,
+/// `queue`, `blob`, ...) in this header, and its function in the next.
+pub const TRIGGER_HEADER: &str = "x-kelvin-trigger";
+pub const FUNCTION_HEADER: &str = "x-kelvin-function";
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;

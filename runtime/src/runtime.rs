@@ -424,7 +424,9 @@ impl Runtime {
                 });
             }
         };
-        let checked = self.run(ticket, event, Ok, || false).await;
+        let checked = self
+            .run(ticket, event, Ok, |_, _| Durable::now(), || false)
+            .await;
         Ok(Invocation {
             record: checked.record,
             stdout: checked.output.unwrap_or_default(),
@@ -495,11 +497,29 @@ impl Runtime {
         accept: impl FnOnce(Bytes) -> Result<T, String> + Send + 'static,
         hold: impl Send + 'static,
     ) -> Started<T> {
+        self.start_settled(ticket, event, accept, hold, |_, _| Durable::now())
+    }
+
+    /// As [`Runtime::start`], and `settle` commits what the invocation
+    /// changes besides its record (a trigger's effects: a message deleted,
+    /// outputs published), given the record and the accepted output. It is
+    /// called once the outcome is known, before the record goes to the
+    /// sink, and both must be durable before the result is handed back.
+    pub fn start_settled<T: Send + 'static>(
+        self: &Arc<Self>,
+        ticket: Ticket,
+        event: Event,
+        accept: impl FnOnce(Bytes) -> Result<T, String> + Send + 'static,
+        hold: impl Send + 'static,
+        settle: impl FnOnce(&InvocationRecord, Option<&T>) -> Durable + Send + 'static,
+    ) -> Started<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let runtime = self.clone();
         let flying = Flying::new(&self.in_flight);
         tokio::spawn(async move {
-            let checked = runtime.run(ticket, event, accept, || tx.is_closed()).await;
+            let checked = runtime
+                .run(ticket, event, accept, settle, || tx.is_closed())
+                .await;
             drop(hold);
             let _ = tx.send(checked);
             drop(flying);
@@ -512,6 +532,7 @@ impl Runtime {
         ticket: Ticket,
         event: Event,
         accept: impl FnOnce(Bytes) -> Result<T, String>,
+        settle: impl FnOnce(&InvocationRecord, Option<&T>) -> Durable,
         abandoned: impl Fn() -> bool,
     ) -> Checked<T> {
         let Ticket {
@@ -524,13 +545,16 @@ impl Runtime {
             if abandoned() {
                 mark_abandoned(&mut record);
             }
+            let settled = settle(&record, None);
             let (record, durable) = self.finish(record).await;
             let mut checked = Checked::failed(record);
-            checked.durable = durable;
+            checked.durable = durable && settled.wait().await.is_ok();
             return checked;
         };
         let invocation_id = record.invocation_id.clone();
         let max_output = usize::try_from(self.manifest.server.max_body).unwrap_or(usize::MAX);
+        // A component's answer to an event that is not a 2xx: a failure.
+        let refused_status = std::sync::Mutex::new(None::<u16>);
         let (exec, output) = match &loaded.prepared {
             Prepared::Module(pre) => {
                 let exec = invoke::execute(
@@ -546,8 +570,13 @@ impl Runtime {
                 (exec, stdout)
             }
             Prepared::Component(pre) => {
+                // An event is a POST of its JSON, with headers naming the
+                // trigger and the function.
                 let request = hyper::Request::post("http://localhost/")
                     .header(hyper::header::HOST, "localhost")
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .header(proxy::TRIGGER_HEADER, event.trigger)
+                    .header(proxy::FUNCTION_HEADER, unit.function.as_str())
                     .body(Full::new(event.input.clone()))
                     .expect("a static request is valid");
                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -560,6 +589,10 @@ impl Runtime {
                     let Ok(Ok(response)) = rx.await else {
                         return Bytes::new();
                     };
+                    let status = response.status();
+                    if !status.is_success() {
+                        *refused_status.lock().expect("lock") = Some(status.as_u16());
+                    }
                     let limited = http_body_util::Limited::new(response.into_body(), max_output);
                     limited
                         .collect()
@@ -584,6 +617,12 @@ impl Runtime {
         record.wall_us = micros(start.elapsed());
         record.bytes_out = output.len() as u64;
         self.record_execution(&mut record, &unit, &exec);
+        if let Some(status) = refused_status.into_inner().expect("lock")
+            && record.outcome == Outcome::Ok
+        {
+            record.outcome = Outcome::Error;
+            record.reason = Some(format!("the function answered status {status}"));
+        }
         let mut checked = Checked::failed(record);
         if checked.record.outcome == Outcome::Ok {
             match accept(output) {
@@ -600,9 +639,12 @@ impl Runtime {
             // says, besides how the run itself ended.
             mark_abandoned(&mut checked.record);
         }
+        // Submitted before the sink's copy of the record: the effects are
+        // committed with the record, never after it.
+        let settled = settle(&checked.record, checked.output.as_ref());
         let (record, durable) = self.finish(checked.record).await;
         checked.record = record;
-        checked.durable = durable;
+        checked.durable = durable && settled.wait().await.is_ok();
         checked
     }
 

@@ -66,7 +66,13 @@ fn fingerprint(spec: &FunctionSpec) -> String {
                     h.auth
                 );
             }
+            other => {
+                let _ = writeln!(s, "{other:?}");
+            }
         }
+    }
+    for o in &spec.outputs {
+        let _ = writeln!(s, "output {o:?}");
     }
     let l = &spec.limits;
     let _ = writeln!(

@@ -335,7 +335,7 @@ impl Served {
     async fn start(manifest: &Manifest, ledger: bool) -> Result<Served> {
         let runtime = Arc::new(Runtime::new(
             manifest.clone(),
-            record_sinks(manifest, ledger)?,
+            record_sinks(manifest, ledger)?.0,
         )?);
         runtime.registry().serve_tiered();
         let server = HttpServer::new(runtime.clone())?;

@@ -224,22 +224,46 @@ fn run_builds(manifest: &Manifest) -> Result<()> {
 }
 
 /// Where a serving process's records go: the JSON-lines log, and the ledger
-/// unless `ledger` is false.
+/// unless `ledger` is false. The ledger's database is opened either way: the
+/// event stores live in it.
 fn record_sinks(
     manifest: &Manifest,
     ledger: bool,
-) -> Result<std::sync::Arc<dyn crate::metering::RecordSink>> {
+) -> Result<(
+    std::sync::Arc<dyn crate::metering::RecordSink>,
+    std::sync::Arc<crate::ledger::Ledger>,
+)> {
     use crate::metering::{JsonLinesSink, RecordSink, Tee};
     use std::sync::Arc;
     let log = crate::runtime::Runtime::invocation_log_path(manifest);
     let json =
         JsonLinesSink::open(&log).with_context(|| format!("failed to open `{}`", log.display()))?;
     let mut sinks: Vec<Arc<dyn RecordSink>> = vec![Arc::new(json)];
+    let path = crate::ledger::Ledger::path_in(&manifest.server.state_dir);
+    let db = Arc::new(crate::ledger::Ledger::open(&path)?);
     if ledger {
-        let path = crate::ledger::Ledger::path_in(&manifest.server.state_dir);
-        sinks.push(Arc::new(crate::ledger::Ledger::open(&path)?));
+        sinks.push(db.clone());
     } else {
         tracing::warn!("invocations are not written to the ledger");
     }
-    Ok(Arc::new(Tee(sinks)))
+    Ok((Arc::new(Tee(sinks)), db))
+}
+
+/// The event triggers of a serving process, on the ledger's database and
+/// the state dir's blob folder (started by the caller).
+async fn open_events(
+    runtime: &std::sync::Arc<crate::runtime::Runtime>,
+    db: &crate::ledger::Ledger,
+    ledger: bool,
+) -> Result<std::sync::Arc<crate::trigger::events::Events>> {
+    use std::sync::Arc;
+    let store = crate::events::store::SqliteEvents::open(db.path(), db.writer(), ledger)
+        .await
+        .context("failed to open the event store")?;
+    let blobs = crate::events::blobs::FsBlobs::in_state_dir(&runtime.manifest().server.state_dir);
+    Ok(crate::trigger::events::Events::new(
+        runtime.clone(),
+        Arc::new(store),
+        Arc::new(blobs),
+    ))
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use super::{ManifestArgs, record_sinks, run_builds, tokio_runtime};
+use super::{ManifestArgs, open_events, record_sinks, run_builds, tokio_runtime};
 use crate::runtime::Runtime;
 
 /// Serve the functions in the manifest.
@@ -34,7 +34,7 @@ impl UpCommand {
             run_builds(&manifest)?;
         }
         let log = Runtime::invocation_log_path(&manifest);
-        let sink = record_sinks(&manifest, !self.no_ledger)?;
+        let (sink, db) = record_sinks(&manifest, !self.no_ledger)?;
         let listen = self.listen.unwrap_or(manifest.server.listen);
         // Everything is validated before the socket is bound: a broken
         // function stops start-up here, not at its first request.
@@ -42,6 +42,8 @@ impl UpCommand {
         let server = crate::trigger::http::HttpServer::new(runtime.clone())?;
         let rt = tokio_runtime()?;
         rt.block_on(async {
+            let events = open_events(&runtime, &db, !self.no_ledger).await?;
+            let server = server.with_events(events.clone());
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("failed to listen on {listen}"))?;
@@ -65,6 +67,11 @@ impl UpCommand {
             // for Cranelift is answered by Winch's code meanwhile.
             runtime.registry().serve_tiered();
             let precompile = runtime.registry().precompile_in_background();
+            // Timers, queue consumers and blob scanners (production only).
+            events
+                .start()
+                .await
+                .context("failed to start the event triggers")?;
             // The manifest is the app's declaration: edited (or on SIGHUP),
             // it is applied to production like a deploy.
             let watcher = tokio::spawn(crate::deploy::watch_manifest(server.deployer()));

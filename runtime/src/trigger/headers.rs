@@ -10,3 +10,5 @@ pub const KEY_HEADER: &str = "x-kelvin-key";
 pub const SLOT_HEADER: &str = "x-kelvin-slot";
 /// The version that served a response.
 pub const VERSION_HEADER: &str = "x-kelvin-version";
+/// An event's trigger and function, on the POST a component receives.
+pub use crate::proxy::{FUNCTION_HEADER, TRIGGER_HEADER};

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use super::config::{Http, HttpTrigger};
-use super::{Trigger, TriggerConfig, admin, cgi};
+use super::{Trigger, admin, cgi};
 use crate::billing::{self, GroupBy};
 use crate::deploy::{DeployError, Deployer};
 use crate::invoke::Event;
@@ -68,14 +68,17 @@ impl Routes {
                 let routes = units
                     .values()
                     .flat_map(|unit| {
-                        unit.spec.triggers.iter().map(move |t| {
-                            let TriggerConfig::Http(h) = t;
-                            let target = Target {
-                                unit: unit.clone(),
-                                auth: h.auth,
-                            };
-                            (h.route.clone(), h.methods, target)
-                        })
+                        unit.spec
+                            .triggers
+                            .iter()
+                            .filter_map(|t| t.http())
+                            .map(move |h| {
+                                let target = Target {
+                                    unit: unit.clone(),
+                                    auth: h.auth,
+                                };
+                                (h.route.clone(), h.methods, target)
+                            })
                     })
                     .collect();
                 (slot.clone(), Router::new(routes))
@@ -108,6 +111,9 @@ pub struct HttpServer {
     body_budget: Arc<Semaphore>,
     /// Functions only a key can call: hidden from anonymous `/metrics`.
     protected: std::collections::HashSet<String>,
+    /// The event triggers and their stores: the queue and blob API, and
+    /// HTTP functions' outputs (none in a server without them).
+    events: Option<Arc<super::events::Events>>,
 }
 
 impl HttpServer {
@@ -129,10 +135,10 @@ impl HttpServer {
             .functions
             .iter()
             .filter(|f| {
-                !f.triggers.iter().any(|t| {
-                    let TriggerConfig::Http(h) = t;
-                    h.auth == AuthLevel::Anonymous
-                })
+                !f.triggers
+                    .iter()
+                    .filter_map(|t| t.http())
+                    .any(|h| h.auth == AuthLevel::Anonymous)
             })
             .map(|f| f.name.to_string())
             .collect();
@@ -156,7 +162,16 @@ impl HttpServer {
             keys,
             body_budget,
             protected,
+            events: None,
         })
+    }
+
+    /// Serves the queue and blob API and HTTP functions' outputs with
+    /// `events` (whose triggers the caller starts), and stops its triggers
+    /// at shutdown.
+    pub fn with_events(mut self, events: Arc<super::events::Events>) -> HttpServer {
+        self.events = Some(events);
+        self
     }
 
     /// The function a request for `method` and `path` would reach, and the
@@ -295,6 +310,10 @@ impl HttpServer {
         for acceptor in acceptors {
             acceptor.abort();
         }
+        if let Some(events) = &server.events {
+            // No new events start; those under way are drained below.
+            events.stop();
+        }
         tracing::info!("shutting down: draining in-flight requests");
         if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
             .await
@@ -368,6 +387,7 @@ impl HttpServer {
             ("GET" | "HEAD", "/healthz" | "/readyz") => {
                 return plain(StatusCode::OK, "text/plain", "ok\n".into());
             }
+            _ if super::events_api::owns(&path) => return self.events_api(req).await,
             _ if admin::owns(&path) => return self.admin(req, local).await,
             _ => {}
         }
@@ -529,6 +549,13 @@ impl HttpServer {
         };
         let max_head =
             usize::try_from(self.runtime.manifest().server.max_header_size).unwrap_or(usize::MAX);
+        if !target.unit.spec.outputs.is_empty()
+            && let Some(events) = &self.events
+        {
+            return self
+                .cgi_with_outputs(events, function, ticket, event, params, budget, max_head)
+                .await;
+        }
         let accept = move |stdout| cgi::response(stdout, max_head, full).map_err(|e| e.to_string());
         // The invocation runs in its own task: a client that goes away
         // leaves it to finish and be recorded.
@@ -553,6 +580,149 @@ impl HttpServer {
             }
             None => failure(function, id, invocation.record.outcome),
         }
+    }
+
+    /// Runs a CGI function with output bindings: a 2xx answer's body is
+    /// the envelope, whose outputs commit with the record and whose
+    /// `ReturnValue` the client gets; any other answer passes as it is and
+    /// publishes nothing.
+    #[allow(clippy::too_many_arguments)]
+    async fn cgi_with_outputs(
+        &self,
+        events: &Arc<super::events::Events>,
+        function: &str,
+        ticket: Ticket,
+        event: Event,
+        params: Vec<(String, String)>,
+        budget: Option<OwnedSemaphorePermit>,
+        max_head: usize,
+    ) -> Response<Body> {
+        use crate::events::envelope;
+        let outputs = target_outputs(&ticket);
+        let limits = events.limits();
+        let mut values = params;
+        values.push(("invocation_id".into(), ticket.invocation_id().to_owned()));
+        let accept = move |stdout: Bytes| {
+            let response = cgi::response(stdout, max_head, |b| b).map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Ok((response.map(full), Vec::new()));
+            }
+            let (mut parts, body) = response.into_parts();
+            let answer = envelope::parse(&body)?;
+            let value = |name: &str| {
+                values
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            let publish = envelope::publish(&outputs, &answer, &value, &limits)?;
+            parts.headers.remove(hyper::header::CONTENT_LENGTH);
+            Ok((
+                Response::from_parts(parts, full(envelope::return_body(&answer))),
+                publish,
+            ))
+        };
+        let settled = Arc::new(std::sync::Mutex::new(None));
+        let flag = settled.clone();
+        let events_for_settle = events.clone();
+        let settle =
+            move |record: &crate::metering::InvocationRecord,
+                  output: Option<&(Response<Body>, Vec<crate::events::Publish>)>| {
+                let publish = output.map(|(_, p)| p.clone()).unwrap_or_default();
+                let (durable, published) = events_for_settle.settle_http(record, publish);
+                *flag.lock().expect("flag lock") = Some(published);
+                durable
+            };
+        let invocation = self
+            .runtime
+            .start_settled(ticket, event, accept, budget, settle)
+            .await;
+        let id = invocation.record.invocation_id.as_str();
+        if !invocation.durable {
+            return not_recorded(id);
+        }
+        if let Some(why) = &invocation.refused {
+            tracing::warn!(
+                function,
+                invocation_id = id,
+                why,
+                "function returned a malformed answer"
+            );
+            return malformed(function, id);
+        }
+        match invocation.output {
+            Some((mut r, publish)) => {
+                let was_published = settled
+                    .lock()
+                    .expect("flag lock")
+                    .take()
+                    .is_some_and(|p| p.load(std::sync::atomic::Ordering::SeqCst));
+                if was_published {
+                    events.published(&publish);
+                }
+                set_id(&mut r, id);
+                r
+            }
+            None => failure(function, id, invocation.record.outcome),
+        }
+    }
+
+    /// The queue and blob API (a host or master key).
+    async fn events_api(&self, req: Request<Incoming>) -> Response<Body> {
+        let Some(events) = &self.events else {
+            return error(
+                StatusCode::NOT_FOUND,
+                None,
+                "this server runs no event triggers".into(),
+            );
+        };
+        // A host key opens every function: it may produce events too.
+        if !self.keys.authorize(
+            AuthLevel::Function,
+            "",
+            presented_key(&req).value.as_deref(),
+        ) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                None,
+                "missing or invalid access key (the queue and blob API takes a host or master key)"
+                    .into(),
+            );
+        }
+        let limit = super::events_api::body_limit(events, req.method(), req.uri().path());
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit) {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, None, too_large(limit));
+        }
+        let (parts, body) = req.into_parts();
+        let (body, _budget) = match self.read_body(body, declared, limit).await {
+            Ok(read) => read,
+            Err(refusal) => return refusal,
+        };
+        let reply = super::events_api::handle(
+            events,
+            &parts.method,
+            parts.uri.path(),
+            parts.uri.query().unwrap_or(""),
+            body,
+        )
+        .await;
+        let mut r = Response::new(full(reply.body));
+        *r.status_mut() = reply.status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static(reply.content_type),
+        );
+        if reply.status == StatusCode::METHOD_NOT_ALLOWED {
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                HeaderValue::from_static("GET, PUT, POST, DELETE"),
+            );
+        }
+        r
     }
 
     /// Reads a request body whole: within `request_body_timeout` (408
@@ -1021,6 +1191,11 @@ fn strip_code(uri: &mut hyper::Uri) {
     if let Ok(new) = hyper::Uri::from_parts(parts) {
         *uri = new;
     }
+}
+
+/// The output bindings of the version a ticket runs.
+fn target_outputs(ticket: &Ticket) -> Vec<crate::trigger::config::OutputBinding> {
+    ticket.unit().spec.outputs.clone()
 }
 
 fn too_large(max: u64) -> String {

@@ -1,12 +1,18 @@
 //! Triggers: what starts an invocation. Each kind has its manifest table and
-//! validated config ([`config`]) and a way to run; HTTP is the first, timers,
-//! queues and blobs slot in beside it. The HTTP server also serves the
-//! deployment admin API ([`admin`]); [`headers`] names the headers of both.
+//! validated config ([`config`]) and a way to run: [`http`] serves HTTP,
+//! [`timer`], [`queue`] and [`blob`] run events, sharing [`events`]. The
+//! HTTP server also serves the deployment admin API ([`admin`]) and the
+//! queue and blob API ([`events_api`]); [`headers`] names their headers.
 
 pub mod admin;
+pub mod blob;
 pub mod cgi;
 pub mod config;
+pub mod events;
+pub mod events_api;
 pub mod headers;
 pub mod http;
+pub mod queue;
+pub mod timer;
 
 pub use config::{Trigger, TriggerConfig};

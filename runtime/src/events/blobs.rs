@@ -1,0 +1,269 @@
+//! Blobs: named bytes in containers, behind [`BlobStore`]. The embedded
+//! store is a folder per container under the state dir ([`FsBlobs`]), so
+//! files dropped there are blobs too; an S3-compatible store is another
+//! implementation of the same four calls.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::trigger::config::check_container;
+
+/// A validated blob path: a container and a name within it (which may
+/// hold `/`, never `.` or `..` segments, nor segments starting with `.`,
+/// which the store keeps for itself).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobPath {
+    container: String,
+    name: String,
+}
+
+/// The longest blob name (Azure's limit).
+pub const MAX_NAME: usize = 1024;
+
+impl BlobPath {
+    /// Parses `container/name`.
+    pub fn parse(path: &str) -> Result<BlobPath, String> {
+        let (container, name) = path
+            .split_once('/')
+            .ok_or_else(|| format!("{path:?} is not `container/name`"))?;
+        BlobPath::new(container, name)
+    }
+
+    pub fn new(container: &str, name: &str) -> Result<BlobPath, String> {
+        check_container(container)?;
+        if name.is_empty() || name.len() > MAX_NAME {
+            return Err(format!(
+                "a blob name is 1 to {MAX_NAME} bytes, e.g. \"cat.ppm\" or \"2026/cat.ppm\""
+            ));
+        }
+        for segment in name.split('/') {
+            if segment.is_empty() || segment.starts_with('.') {
+                return Err(format!(
+                    "invalid blob name {name:?}: no empty segments, and none starting with `.`"
+                ));
+            }
+            if segment.chars().any(|c| c.is_control() || c == '\\') {
+                return Err(format!(
+                    "invalid blob name {name:?}: no control characters or backslashes"
+                ));
+            }
+        }
+        Ok(BlobPath {
+            container: container.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn container(&self) -> &str {
+        &self.container
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Display for BlobPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.container, self.name)
+    }
+}
+
+/// A blob in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// The name within its container.
+    pub name: String,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+/// A blob's version: the blake3 hash of its bytes.
+pub fn etag(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex()[..32].to_owned()
+}
+
+#[async_trait::async_trait]
+pub trait BlobStore: Send + Sync {
+    /// Writes a blob whole and durably (readers see the old bytes or the
+    /// new, never a part); its etag.
+    async fn put(&self, path: &BlobPath, bytes: Bytes) -> std::io::Result<String>;
+    async fn get(&self, path: &BlobPath) -> std::io::Result<Option<Bytes>>;
+    /// Whether it was there.
+    async fn delete(&self, path: &BlobPath) -> std::io::Result<bool>;
+    /// The blobs of `container` whose names start with `prefix`, by name.
+    async fn list(&self, container: &str, prefix: &str) -> std::io::Result<Vec<BlobInfo>>;
+}
+
+/// Blobs as files: `<root>/<container>/<name>`.
+pub struct FsBlobs {
+    root: PathBuf,
+}
+
+impl FsBlobs {
+    pub fn new(root: PathBuf) -> FsBlobs {
+        FsBlobs { root }
+    }
+
+    pub fn in_state_dir(state_dir: &Path) -> FsBlobs {
+        FsBlobs::new(state_dir.join("blobs"))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn file(&self, path: &BlobPath) -> PathBuf {
+        self.root.join(&path.container).join(&path.name)
+    }
+}
+
+fn put_file(root: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    // Written beside, then renamed: a scan never sees half a blob. `.tmp`
+    // is no container name, so it is never scanned.
+    let tmp_dir = root.join(".tmp");
+    std::fs::create_dir_all(&tmp_dir)?;
+    let dir = file.parent().expect("a blob file has a folder");
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(file).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn list_dir(base: &Path, dir: &Path, prefix: &str, out: &mut Vec<BlobInfo>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            continue;
+        };
+        if file_name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            list_dir(base, &path, prefix, out)?;
+        } else if kind.is_file() {
+            let Ok(rel) = path.strip_prefix(base) else {
+                continue;
+            };
+            let Some(name) = rel.to_str() else { continue };
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            let meta = entry.metadata()?;
+            out.push(BlobInfo {
+                name: name.to_owned(),
+                size: meta.len(),
+                modified: meta.modified()?,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl BlobStore for FsBlobs {
+    async fn put(&self, path: &BlobPath, bytes: Bytes) -> std::io::Result<String> {
+        let (root, file) = (self.root.clone(), self.file(path));
+        tokio::task::spawn_blocking(move || {
+            put_file(&root, &file, &bytes)?;
+            Ok(etag(&bytes))
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    async fn get(&self, path: &BlobPath) -> std::io::Result<Option<Bytes>> {
+        match tokio::fs::read(self.file(path)).await {
+            Ok(b) => Ok(Some(Bytes::from(b))),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn delete(&self, path: &BlobPath) -> std::io::Result<bool> {
+        match tokio::fs::remove_file(self.file(path)).await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list(&self, container: &str, prefix: &str) -> std::io::Result<Vec<BlobInfo>> {
+        let base = self.root.join(container);
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            list_dir(&base, &base, &prefix, &mut out)?;
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_paths() {
+        let p = BlobPath::parse("images/2026/cat.ppm").unwrap();
+        assert_eq!((p.container(), p.name()), ("images", "2026/cat.ppm"));
+        for bad in [
+            "images",
+            "images/",
+            "images/../x",
+            "images/a//b",
+            "images/.hidden",
+            "Images/a",
+            "images/a\nb",
+        ] {
+            assert!(BlobPath::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn files_are_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobs::new(dir.path().to_owned());
+        let p = BlobPath::parse("images/a/cat.ppm").unwrap();
+        let tag = store.put(&p, Bytes::from("meow")).await.unwrap();
+        assert_eq!(tag, etag(b"meow"));
+        assert_eq!(store.get(&p).await.unwrap().unwrap(), Bytes::from("meow"));
+        std::fs::write(dir.path().join("images").join("dropped.txt"), "hi").unwrap();
+        let names: Vec<String> = store
+            .list("images", "")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|b| b.name)
+            .collect();
+        assert_eq!(names, vec!["a/cat.ppm", "dropped.txt"]);
+        assert_eq!(store.list("images", "a/").await.unwrap().len(), 1);
+        assert!(store.list("none", "").await.unwrap().is_empty());
+        assert!(store.delete(&p).await.unwrap());
+        assert!(!store.delete(&p).await.unwrap());
+        assert_eq!(store.get(&p).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,510 @@
+//! What the event triggers (timer, queue, blob) share: the stores, the
+//! wake-ups (a message enqueued starts its consumer at once, no polling),
+//! the blob outbox's writer, the gauges, and [`Events::invoke`], which runs
+//! one event and commits its effects with its record. Non-HTTP triggers
+//! fire for the production slot only.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::events::blobs::{BlobPath, BlobStore};
+use crate::events::envelope::{self, Limits};
+use crate::events::store::{EventStore, StoreError};
+use crate::events::{Effects, Publish, now_us};
+use crate::invoke::Event;
+use crate::metering::{InvocationRecord, Outcome};
+use crate::runtime::{Admit, Runtime};
+use crate::table::PRODUCTION;
+use crate::trigger::config::{POISON_SUFFIX, TriggerConfig};
+
+/// Why a producer's request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error(
+        "no queue named {0:?} in this app (queues are named by the manifest's triggers and outputs)"
+    )]
+    UnknownQueue(String),
+    #[error(
+        "no container named {0:?} in this app (containers are named by the manifest's blob triggers and outputs)"
+    )]
+    UnknownContainer(String),
+    #[error("{what} of {size} bytes is over the {limit}-byte limit ({setting})")]
+    TooLarge {
+        what: &'static str,
+        size: u64,
+        limit: u64,
+        setting: &'static str,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("blob store: {0}")]
+    Blob(#[from] std::io::Error),
+}
+
+/// One event to run: the function, its input, and what its success, its
+/// failure or its refusal by admission changes.
+pub(crate) struct Job {
+    pub function: String,
+    pub trigger: &'static str,
+    pub input: Bytes,
+    /// Values for output paths' parameters.
+    pub params: Vec<(String, String)>,
+    pub success: Effects,
+    pub failure: Effects,
+    pub rejected: Effects,
+}
+
+/// How a job ended.
+pub(crate) enum Ended {
+    /// Admission refused it (its effects: `rejected`).
+    Rejected,
+    /// It ran; its record.
+    Recorded(Box<InvocationRecord>),
+    /// Its record and effects could not be committed (nothing changed).
+    NotCommitted,
+}
+
+pub struct Events {
+    runtime: Arc<Runtime>,
+    store: Arc<dyn EventStore>,
+    blobs: Arc<dyn BlobStore>,
+    queues: BTreeSet<String>,
+    containers: BTreeSet<String>,
+    queue_wakers: Mutex<HashMap<String, Vec<Arc<Notify>>>>,
+    container_wakers: Mutex<HashMap<String, Vec<Arc<Notify>>>>,
+    outbox: Notify,
+    stopping: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Events {
+    pub fn new(
+        runtime: Arc<Runtime>,
+        store: Arc<dyn EventStore>,
+        blobs: Arc<dyn BlobStore>,
+    ) -> Arc<Events> {
+        let manifest = runtime.manifest();
+        let queues = manifest.queues();
+        let containers = manifest.containers();
+        Arc::new(Events {
+            runtime,
+            store,
+            blobs,
+            queues,
+            containers,
+            queue_wakers: Mutex::default(),
+            container_wakers: Mutex::default(),
+            outbox: Notify::new(),
+            stopping: watch::channel(false).0,
+            tasks: Mutex::default(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    pub fn blobs(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// The app's queues (with their poison queues), for the API.
+    pub fn queues(&self) -> &BTreeSet<String> {
+        &self.queues
+    }
+
+    pub fn containers(&self) -> &BTreeSet<String> {
+        &self.containers
+    }
+
+    /// Starts every timer, queue consumer and blob scanner of production,
+    /// after releasing the leases a previous process held (on one node,
+    /// nothing runs before this) and writing the blobs its outbox kept.
+    pub async fn start(self: &Arc<Self>) -> Result<(), StoreError> {
+        let released = self.store.release_all().await?;
+        if released > 0 {
+            tracing::info!(
+                messages = released,
+                "queue messages leased before the last stop are visible again"
+            );
+        }
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(self.clone().write_outbox()));
+        tasks.push(tokio::spawn(self.clone().refresh_gauges()));
+        for f in &self.runtime.manifest().functions {
+            let timers = f
+                .triggers
+                .iter()
+                .filter(|t| matches!(t, TriggerConfig::Timer(_)))
+                .count();
+            let mut timer_index = 0;
+            for t in &f.triggers {
+                let function = f.name.to_string();
+                match t {
+                    TriggerConfig::Http(_) => {}
+                    TriggerConfig::Timer(timer) => {
+                        // One status per timer: the function's name, with
+                        // `#n` when it has several.
+                        let key = if timers > 1 {
+                            format!("{function}#{timer_index}")
+                        } else {
+                            function.clone()
+                        };
+                        timer_index += 1;
+                        tasks.push(tokio::spawn(super::timer::run(
+                            self.clone(),
+                            function,
+                            key,
+                            (**timer).clone(),
+                        )));
+                    }
+                    TriggerConfig::Queue(queue) => {
+                        let wake = self.waker(&self.queue_wakers, queue.queue.as_str());
+                        tasks.push(tokio::spawn(super::queue::consume(
+                            self.clone(),
+                            function,
+                            queue.clone(),
+                            wake,
+                        )));
+                    }
+                    TriggerConfig::Blob(blob) => {
+                        let wake = self.waker(&self.container_wakers, blob.path.container());
+                        tasks.push(tokio::spawn(super::blob::scan(
+                            self.clone(),
+                            function,
+                            blob.clone(),
+                            wake,
+                        )));
+                    }
+                }
+            }
+        }
+        self.tasks.lock().expect("tasks lock").extend(tasks);
+        Ok(())
+    }
+
+    /// Stops starting events (at shutdown); those under way finish and are
+    /// recorded, like any invocation (the runtime drains them).
+    pub fn stop(&self) {
+        let _ = self.stopping.send(true);
+        for t in self.tasks.lock().expect("tasks lock").drain(..) {
+            t.abort();
+        }
+    }
+
+    /// Resolves once [`Events::stop`] was called.
+    pub(crate) async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    fn waker(&self, map: &Mutex<HashMap<String, Vec<Arc<Notify>>>>, name: &str) -> Arc<Notify> {
+        let n = Arc::new(Notify::new());
+        map.lock()
+            .expect("wakers lock")
+            .entry(name.to_owned())
+            .or_default()
+            .push(n.clone());
+        n
+    }
+
+    fn wake(map: &Mutex<HashMap<String, Vec<Arc<Notify>>>>, name: &str) {
+        if let Some(ws) = map.lock().expect("wakers lock").get(name) {
+            for w in ws {
+                // A permit is stored if the consumer is not waiting yet: a
+                // message enqueued while it leases is never missed.
+                w.notify_one();
+            }
+        }
+    }
+
+    pub fn wake_queue(&self, queue: &str) {
+        Events::wake(&self.queue_wakers, queue);
+    }
+
+    pub fn wake_container(&self, container: &str) {
+        Events::wake(&self.container_wakers, container);
+    }
+
+    /// Whether the API accepts messages for `queue`.
+    pub fn check_queue(&self, queue: &str) -> Result<(), EventError> {
+        if self.queues.contains(queue) {
+            Ok(())
+        } else {
+            Err(EventError::UnknownQueue(queue.to_owned()))
+        }
+    }
+
+    pub fn check_container(&self, container: &str) -> Result<(), EventError> {
+        if self.containers.contains(container) {
+            Ok(())
+        } else {
+            Err(EventError::UnknownContainer(container.to_owned()))
+        }
+    }
+
+    /// Enqueues one message (durably) and wakes the queue's consumers.
+    pub async fn send(&self, queue: &str, body: Bytes) -> Result<String, EventError> {
+        self.check_queue(queue)?;
+        let limit = self.runtime.manifest().server.max_message;
+        if body.len() as u64 > limit {
+            return Err(EventError::TooLarge {
+                what: "a message",
+                size: body.len() as u64,
+                limit,
+                setting: "server.max_message",
+            });
+        }
+        let id = self.store.enqueue(queue, vec![body]).await?.remove(0);
+        self.wake_queue(queue);
+        Ok(id)
+    }
+
+    /// Writes a blob (durably) and wakes the container's triggers; its etag.
+    pub async fn put_blob(&self, path: &BlobPath, body: Bytes) -> Result<String, EventError> {
+        self.check_container(path.container())?;
+        let limit = self.runtime.manifest().server.max_blob;
+        if body.len() as u64 > limit {
+            return Err(EventError::TooLarge {
+                what: "a blob",
+                size: body.len() as u64,
+                limit,
+                setting: "server.max_blob",
+            });
+        }
+        let etag = self.blobs.put(path, body).await?;
+        self.wake_container(path.container());
+        Ok(etag)
+    }
+
+    /// The limits outputs are held to.
+    pub(crate) fn limits(&self) -> Limits {
+        let s = &self.runtime.manifest().server;
+        Limits {
+            max_message: s.max_message,
+            max_blob: s.max_blob,
+        }
+    }
+
+    /// After a commit that published: wakes whoever consumes what it
+    /// published.
+    pub(crate) fn published(&self, publish: &[Publish]) {
+        let mut blobs = false;
+        for p in publish {
+            match p {
+                Publish::Message { queue, .. } => self.wake_queue(queue),
+                Publish::Blob { .. } => blobs = true,
+            }
+        }
+        if blobs {
+            self.outbox.notify_one();
+        }
+    }
+
+    /// Runs one event in production and commits its record with its
+    /// effects (the outputs only on success, and only once).
+    pub(crate) async fn invoke(self: &Arc<Self>, job: Job) -> Ended {
+        let Job {
+            function,
+            trigger,
+            input,
+            mut params,
+            success,
+            failure,
+            rejected,
+        } = job;
+        let ticket = match self.runtime.admit(&function, trigger).await {
+            Ok(Admit::Admitted(ticket)) => ticket,
+            Ok(Admit::Rejected(_)) => {
+                let (durable, _) = self.store.settle(None, rejected);
+                let _ = durable.wait().await;
+                return Ended::Rejected;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "an event trigger names a function that is not in production");
+                return Ended::NotCommitted;
+            }
+        };
+        params.push(("invocation_id".into(), ticket.invocation_id().to_owned()));
+        let outputs = ticket.unit().spec.outputs.clone();
+        let limits = self.limits();
+        let function_name = function.clone();
+        let accept = move |stdout: Bytes| -> Result<Vec<Publish>, String> {
+            if outputs.is_empty() {
+                return Ok(Vec::new());
+            }
+            let answer = envelope::parse(&stdout)?;
+            for line in &answer.logs {
+                tracing::info!(target: "kelvin::guest", function = function_name.as_str(), "{line}");
+            }
+            let value = |name: &str| {
+                params
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            envelope::publish(&outputs, &answer, &value, &limits)
+        };
+        let store = self.store.clone();
+        let published = Arc::new(Mutex::new(None));
+        let flag = published.clone();
+        let settle = move |record: &InvocationRecord, output: Option<&Vec<Publish>>| {
+            let mut effects = if succeeded(record) { success } else { failure };
+            if succeeded(record) {
+                effects.publish = output.cloned().unwrap_or_default();
+            }
+            let (durable, was_published) = store.settle(Some(record.clone()), effects);
+            *flag.lock().expect("flag lock") = Some(was_published);
+            durable
+        };
+        let event = Event {
+            trigger,
+            input,
+            env: Vec::new(),
+        };
+        let checked = self
+            .runtime
+            .start_settled(ticket, event, accept, (), settle)
+            .await;
+        if !checked.durable {
+            return Ended::NotCommitted;
+        }
+        let was_published = published
+            .lock()
+            .expect("flag lock")
+            .take()
+            .is_some_and(|p| p.load(std::sync::atomic::Ordering::SeqCst));
+        if was_published && let Some(publish) = &checked.output {
+            self.published(publish);
+        }
+        Ended::Recorded(Box::new(checked.record))
+    }
+
+    /// Writes the blobs committed as outputs, then forgets them: at least
+    /// once (again after a crash), and a blob written twice is the same
+    /// bytes.
+    async fn write_outbox(self: Arc<Self>) {
+        loop {
+            let pending = match self.store.outbox().await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to read the blob outbox");
+                    Vec::new()
+                }
+            };
+            let mut done = Vec::new();
+            for item in &pending {
+                let written = match BlobPath::parse(&item.path) {
+                    Ok(path) => match self.blobs.put(&path, item.body.clone()).await {
+                        Ok(_) => {
+                            self.wake_container(path.container());
+                            true
+                        }
+                        Err(e) => {
+                            tracing::error!(path = item.path.as_str(), error = %e, "failed to write an output blob; retrying");
+                            false
+                        }
+                    },
+                    // Checked before it was committed; never retried.
+                    Err(_) => true,
+                };
+                if written {
+                    done.push(item.id.clone());
+                }
+            }
+            let progressed = !done.is_empty();
+            if progressed && let Err(e) = self.store.outbox_done(done).await {
+                tracing::error!(error = %e, "failed to clear the blob outbox");
+            }
+            if progressed && pending.len() > 1 {
+                continue;
+            }
+            tokio::select! {
+                _ = self.outbox.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(if pending.is_empty() { 60 } else { 1 })) => {}
+            }
+        }
+    }
+
+    /// Keeps the queue gauges current (once a second).
+    async fn refresh_gauges(self: Arc<Self>) {
+        let gauges = self.runtime.metrics().events.clone();
+        for q in self.queues.iter().filter(|q| !q.ends_with(POISON_SUFFIX)) {
+            gauges.queue_messages.with_label_values(&[q]);
+            gauges.queue_poison.with_label_values(&[q]);
+            gauges.queue_leased.with_label_values(&[q]);
+            gauges.queue_oldest_age.with_label_values(&[q]);
+        }
+        loop {
+            if let Ok(stats) = self.store.stats().await {
+                let now = now_us();
+                for q in &self.queues {
+                    let s = stats.iter().find(|s| s.name == *q);
+                    let depth = s.map_or(0, |s| s.depth as i64);
+                    if let Some(original) = q.strip_suffix(POISON_SUFFIX)
+                        && self.queues.contains(original)
+                    {
+                        gauges
+                            .queue_poison
+                            .with_label_values(&[original])
+                            .set(depth);
+                        continue;
+                    }
+                    gauges.queue_messages.with_label_values(&[q]).set(depth);
+                    gauges
+                        .queue_leased
+                        .with_label_values(&[q])
+                        .set(s.map_or(0, |s| s.leased as i64));
+                    let age = s
+                        .and_then(|s| s.oldest_us)
+                        .map_or(0.0, |o| (now - o).max(0) as f64 / 1e6);
+                    gauges.queue_oldest_age.with_label_values(&[q]).set(age);
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Commits the outputs of an HTTP invocation with its record (the
+    /// HTTP trigger's outputs): durable when the `Durable` resolves; then
+    /// [`Events::published`] wakes their consumers if the flag is set.
+    pub fn settle_http(
+        &self,
+        record: &InvocationRecord,
+        publish: Vec<Publish>,
+    ) -> (crate::metering::Durable, crate::events::store::Published) {
+        let effects = Effects {
+            publish: if succeeded(record) {
+                publish
+            } else {
+                Vec::new()
+            },
+            ..Effects::default()
+        };
+        self.store.settle(Some(record.clone()), effects)
+    }
+}
+
+/// Whether an invocation succeeded (an abandoned one ran to a success;
+/// only its caller was gone).
+pub(crate) fn succeeded(record: &InvocationRecord) -> bool {
+    matches!(record.outcome, Outcome::Ok | Outcome::Abandoned)
+}
+
+/// The production slot's name (non-HTTP triggers fire for it only).
+pub const SLOT: &str = PRODUCTION;
