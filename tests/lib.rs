@@ -9,7 +9,20 @@ use std::sync::OnceLock;
 use std::time::SystemTime;
 
 /// Every preview-1 test guest.
-pub const GUESTS: &[&str] = &["hello", "echo", "spin", "alloc", "trap", "loop", "hostile"];
+pub const GUESTS: &[&str] = &[
+    "hello",
+    "echo",
+    "spin",
+    "alloc",
+    "trap",
+    "loop",
+    "hostile",
+    "events",
+    "cleanup",
+    "thumbnail",
+    "process-order",
+    "submit-order",
+];
 /// Every wasi:http component test guest.
 pub const COMPONENTS: &[&str] = &["hello-http", "stream-echo", "fetch", "hostile-http"];
 
@@ -78,7 +91,8 @@ pub fn guest_dir() -> &'static Path {
 
 /// The path of one built guest.
 pub fn guest(name: &str) -> PathBuf {
-    let path = guest_dir().join(format!("{name}.wasm"));
+    // A package `guest-a-b` builds the binary `a_b`.
+    let path = guest_dir().join(format!("{}.wasm", name.replace('-', "_")));
     assert!(
         path.exists(),
         "guest `{name}` was not built at {}",

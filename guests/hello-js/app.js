@@ -5,6 +5,8 @@
 //
 //   GET  /js/hello?name=you     {"message": "Hello, you!", ...}
 //   POST /js/hello              {"name": "you"} -> the same greeting
+//   an event (a queue message {"name": "you"}, a timer, a blob): Kelvin
+//   POSTs {"Data": ..., "Metadata": ...} with an x-kelvin-trigger header
 //
 // Built with (see docs/languages.md):
 //   componentize-js guests/hello-js/app.js --wit guests/hello-js/wit \
@@ -20,6 +22,15 @@ function json(status, value) {
 }
 
 async function handle(request) {
+  const trigger = request.headers.get('x-kelvin-trigger');
+  if (trigger) {
+    // An event: a 2xx is success (a queue message is then deleted).
+    const event = await request.json();
+    const data = event.Data || {};
+    const name = typeof data.name === 'string' ? data.name : 'world';
+    console.error(`${trigger} event: greeting ${name}`);
+    return json(200, { message: `Hello, ${name}!`, trigger });
+  }
   const url = new URL(request.url);
   let name = url.searchParams.get('name') || 'world';
   if (request.method === 'POST') {

@@ -1297,3 +1297,107 @@ fn the_deploy_commands_drive_a_running_server() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn the_queue_and_blob_commands_drive_a_running_server() {
+    let (dir, manifest) = app_with(
+        "",
+        "[functions.worker]\nsource = \"{guests}/events.wasm\"\n\
+         [[functions.worker.queue_trigger]]\nname = \"jobs\"\n\
+         [[functions.worker.output]]\nname = \"out\"\nqueue = \"done\"\n\
+         [functions.thumbs]\nsource = \"{guests}/events.wasm\"\n\
+         [[functions.thumbs.blob]]\npath = \"images/{name}\"\n",
+    );
+    let key = master_key(&manifest);
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    let url = format!("http://{addr}");
+    let cli = |args: &[&str]| {
+        let out = kelvin()
+            .args(args)
+            .arg("-f")
+            .arg(&manifest)
+            .args(["--url", &url, "--key", &key])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+
+    // A message in `jobs` comes out of `worker` into `done`.
+    let (code, out, err) = cli(&["queue", "send", "jobs", r#"{"n":1}"#]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        !out.trim().is_empty() && out.trim().lines().count() == 1,
+        "{out}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, out, err) = cli(&["queue", "peek", "done", "--json"]);
+        assert_eq!(code, Some(0), "{err}");
+        let peeked: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let messages = peeked["messages"].as_array().unwrap();
+        if messages.len() == 1 {
+            assert!(
+                messages[0]["body"].as_str().unwrap().contains(r#""n":1"#),
+                "{out}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing reached `done`: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, out, _) = cli(&["queue", "peek", "done"]);
+    assert!(out.contains(r#""n":1"#) && out.contains("BODY"), "{out}");
+    let (code, out, err) = cli(&["queue", "list"]);
+    assert_eq!(code, Some(0), "{err}");
+    let names: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        out.starts_with("NAME") && names.contains(&"jobs") && names.contains(&"done"),
+        "{out}"
+    );
+    let (code, out, _) = cli(&["queue", "requeue", "jobs"]);
+    assert_eq!(code, Some(0));
+    assert!(out.starts_with("0 messages moved"), "{out}");
+    let (code, _, err) = cli(&["queue", "send", "nosuch", "x"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("404") && err.contains("nosuch"), "{err}");
+
+    // Blobs: put, list, get, delete.
+    let file = dir.path().join("a.txt");
+    std::fs::write(&file, "hello, blob\n").unwrap();
+    let (code, out, err) = cli(&["blob", "put", "images/a.txt", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("images/a.txt") && out.contains("etag"),
+        "{out}"
+    );
+    let (code, out, err) = cli(&["blob", "ls", "images"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("a.txt ") && l.contains(" 12 ")),
+        "{out}"
+    );
+    let (code, out, err) = cli(&["blob", "get", "images/a.txt"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "hello, blob\n");
+    let (code, out, err) = cli(&["blob", "rm", "images/a.txt"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("deleted images/a.txt"), "{out}");
+    let (code, _, err) = cli(&["blob", "get", "images/a.txt"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("404") && err.contains("no blob images/a.txt"),
+        "{err}"
+    );
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -27,13 +27,13 @@ pub struct ServerArgs {
 }
 
 /// A connection to the admin API.
-struct Admin {
-    authority: String,
-    key: String,
+pub(super) struct Admin {
+    pub(super) authority: String,
+    pub(super) key: String,
 }
 
 impl ServerArgs {
-    fn admin(&self) -> Result<Admin> {
+    pub(super) fn admin(&self) -> Result<Admin> {
         let manifest = self.manifest.load()?;
         let url = self
             .url
@@ -58,7 +58,12 @@ impl ServerArgs {
 
 impl Admin {
     /// One request; the JSON answer of a 2xx, else the server's error.
-    async fn call(&self, method: hyper::Method, path: &str, body: Bytes) -> Result<Value> {
+    pub(super) async fn call(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Value> {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
             .with_context(|| format!("no server at {}: is `kelvin up` running?", self.authority))?;
@@ -83,7 +88,7 @@ impl Admin {
         Ok(value)
     }
 
-    async fn get(&self, path: &str) -> Result<Value> {
+    pub(super) async fn get(&self, path: &str) -> Result<Value> {
         self.call(hyper::Method::GET, path, Bytes::new()).await
     }
 
@@ -92,7 +97,7 @@ impl Admin {
     }
 }
 
-fn run<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+pub(super) fn run<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     tokio_runtime()?.block_on(f)
 }
 

@@ -12,6 +12,7 @@ mod bill;
 mod build;
 mod check;
 mod deploy;
+mod events;
 mod invoke;
 mod keys;
 mod ledger;
@@ -24,6 +25,7 @@ pub use check::CheckCommand;
 pub use deploy::{
     DeployCommand, RollbackCommand, SlotsCommand, SwapCommand, TrafficCommand, VersionsCommand,
 };
+pub use events::{BlobCommand, QueueCommand};
 pub use invoke::InvokeCommand;
 pub use keys::KeysCommand;
 pub use ledger::LedgerCommand;
@@ -56,6 +58,8 @@ enum Command {
     Rollback(RollbackCommand),
     Traffic(TrafficCommand),
     Versions(VersionsCommand),
+    Queue(QueueCommand),
+    Blob(BlobCommand),
 }
 
 impl Cli {
@@ -75,6 +79,8 @@ impl Cli {
             Command::Rollback(c) => c.execute(),
             Command::Traffic(c) => c.execute(),
             Command::Versions(c) => c.execute(),
+            Command::Queue(c) => c.execute(),
+            Command::Blob(c) => c.execute(),
         }
     }
 }
