@@ -14,7 +14,12 @@
 //! - [`manifest`]: `functions.toml`, parsed then validated.
 //! - [`trigger`]: what starts invocations: [`trigger::config`] as the
 //!   manifest declares them, [`trigger::http`] serves HTTP (with
-//!   [`trigger::cgi`] for preview-1 guests).
+//!   [`trigger::cgi`] for preview-1 guests), [`trigger::timer`],
+//!   [`trigger::queue`] and [`trigger::blob`] run events through
+//!   [`trigger::events`].
+//! - [`events`]: the event stores (queues, receipts, timer status, outbox;
+//!   blobs), the events' and answers' JSON, and what an invocation changes.
+//! - [`commit`]: the group-commit writer of the ledger's database.
 //! - [`table`]: what serves: each slot's function versions, replaced whole.
 //! - [`deploy`]: versions, slots, swaps, splits and their durable store;
 //!   the admin API over it is [`trigger::admin`].

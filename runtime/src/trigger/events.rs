@@ -1,6 +1,6 @@
 //! What the event triggers (timer, queue, blob) share: the stores, the
 //! wake-ups (a message enqueued starts its consumer at once, no polling),
-//! the blob outbox's writer, the gauges, and [`Events::invoke`], which runs
+//! the blob outbox's writer, the gauges, and `Events::invoke`, which runs
 //! one event and commits its effects with its record. Non-HTTP triggers
 //! fire for the production slot only.
 
@@ -482,7 +482,7 @@ impl Events {
 
     /// Commits the outputs of an HTTP invocation with its record (the
     /// HTTP trigger's outputs): durable when the `Durable` resolves; then
-    /// [`Events::published`] wakes their consumers if the flag is set.
+    /// `Events::published` wakes their consumers if the flag is set.
     pub fn settle_http(
         &self,
         record: &InvocationRecord,
