@@ -68,8 +68,7 @@ impl UpCommand {
             runtime.registry().serve_tiered();
             let precompile = runtime.registry().precompile_in_background();
             // Timers, queue consumers and blob scanners (production only).
-            events
-                .start()
+            crate::trigger::listen::start(&events)
                 .await
                 .context("failed to start the event triggers")?;
             // The manifest is the app's declaration: edited (or on SIGHUP),

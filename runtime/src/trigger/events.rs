@@ -20,7 +20,7 @@ use crate::invoke::Event;
 use crate::metering::{InvocationRecord, Outcome};
 use crate::runtime::{Admit, Runtime};
 use crate::table::PRODUCTION;
-use crate::trigger::config::{POISON_SUFFIX, TriggerConfig};
+use crate::trigger::config::POISON_SUFFIX;
 
 /// Why a producer's request was refused.
 #[derive(Debug, thiserror::Error)]
@@ -128,10 +128,11 @@ impl Events {
         &self.containers
     }
 
-    /// Starts every timer, queue consumer and blob scanner of production,
-    /// after releasing the leases a previous process held (on one node,
-    /// nothing runs before this) and writing the blobs its outbox kept.
-    pub async fn start(self: &Arc<Self>) -> Result<(), StoreError> {
+    /// Opens for business: releases the leases a previous process held
+    /// (on one node, nothing runs before this) and starts writing the
+    /// blobs its outbox kept. The triggers themselves are started by
+    /// [`super::listen::start`].
+    pub async fn open(self: &Arc<Self>) -> Result<(), StoreError> {
         let released = self.store.release_all().await?;
         if released > 0 {
             tracing::info!(
@@ -139,59 +140,24 @@ impl Events {
                 "queue messages leased before the last stop are visible again"
             );
         }
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(self.clone().write_outbox()));
-        tasks.push(tokio::spawn(self.clone().refresh_gauges()));
-        for f in &self.runtime.manifest().functions {
-            let timers = f
-                .triggers
-                .iter()
-                .filter(|t| matches!(t, TriggerConfig::Timer(_)))
-                .count();
-            let mut timer_index = 0;
-            for t in &f.triggers {
-                let function = f.name.to_string();
-                match t {
-                    TriggerConfig::Http(_) => {}
-                    TriggerConfig::Timer(timer) => {
-                        // One status per timer: the function's name, with
-                        // `#n` when it has several.
-                        let key = if timers > 1 {
-                            format!("{function}#{timer_index}")
-                        } else {
-                            function.clone()
-                        };
-                        timer_index += 1;
-                        tasks.push(tokio::spawn(super::timer::run(
-                            self.clone(),
-                            function,
-                            key,
-                            (**timer).clone(),
-                        )));
-                    }
-                    TriggerConfig::Queue(queue) => {
-                        let wake = self.waker(&self.queue_wakers, queue.queue.as_str());
-                        tasks.push(tokio::spawn(super::queue::consume(
-                            self.clone(),
-                            function,
-                            queue.clone(),
-                            wake,
-                        )));
-                    }
-                    TriggerConfig::Blob(blob) => {
-                        let wake = self.waker(&self.container_wakers, blob.path.container());
-                        tasks.push(tokio::spawn(super::blob::scan(
-                            self.clone(),
-                            function,
-                            blob.clone(),
-                            wake,
-                        )));
-                    }
-                }
-            }
-        }
-        self.tasks.lock().expect("tasks lock").extend(tasks);
+        self.keep(tokio::spawn(self.clone().write_outbox()));
+        self.keep(tokio::spawn(self.clone().refresh_gauges()));
         Ok(())
+    }
+
+    /// Keeps a trigger's task, to stop it with the rest.
+    pub(crate) fn keep(&self, task: JoinHandle<()>) {
+        self.tasks.lock().expect("tasks lock").push(task);
+    }
+
+    /// A wake-up for the consumers of `queue`.
+    pub(crate) fn queue_waker(&self, queue: &str) -> Arc<Notify> {
+        self.waker(&self.queue_wakers, queue)
+    }
+
+    /// A wake-up for the triggers on `container`.
+    pub(crate) fn container_waker(&self, container: &str) -> Arc<Notify> {
+        self.waker(&self.container_wakers, container)
     }
 
     /// Stops starting events (at shutdown); those under way finish and are

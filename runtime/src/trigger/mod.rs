@@ -1,6 +1,7 @@
 //! Triggers: what starts an invocation. Each kind has its manifest table and
 //! validated config ([`config`]) and a way to run: [`http`] serves HTTP,
-//! [`timer`], [`queue`] and [`blob`] run events, sharing [`events`]. The
+//! [`timer`], [`queue`] and [`blob`] run events, sharing [`events`], started
+//! by [`listen`]. The
 //! HTTP server also serves the deployment admin API ([`admin`]) and the
 //! queue and blob API ([`events_api`]); [`headers`] names their headers.
 
@@ -12,6 +13,7 @@ pub mod events;
 pub mod events_api;
 pub mod headers;
 pub mod http;
+pub mod listen;
 pub mod queue;
 pub mod timer;
 
