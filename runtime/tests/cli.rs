@@ -2,16 +2,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn kelvin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kelvin"));
-    cmd.env_remove("RUST_LOG")
-        .env_remove("KELVIN_MANIFEST")
-        .env_remove("KELVIN_LOG_FORMAT");
-    cmd
-}
+mod common;
+use common::{kelvin, master_key, up};
 
 /// A manifest in a temp dir wiring `hello` (and `trap`) to HTTP routes.
 fn app() -> (tempfile::TempDir, PathBuf) {
@@ -199,50 +194,6 @@ fn check_accepts_a_good_app_and_explains_a_bad_one() {
     // Invalid wasm fails the check (and would fail start-up).
     let broken = broken_app(dir.path(), b"\0asm\x01\0\0\0garbage");
     assert!(fails(&["check"], &broken).contains("function `b`"));
-}
-
-/// Starts `kelvin up` on port 0 and returns the child and its address, read
-/// from the JSON log line announcing it.
-fn up(
-    manifest: &Path,
-) -> (
-    std::process::Child,
-    String,
-    BufReader<std::process::ChildStderr>,
-) {
-    let mut child = kelvin()
-        .args([
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "-f",
-        ])
-        .arg(manifest)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut line = String::new();
-    while Instant::now() < deadline {
-        line.clear();
-        if stderr.read_line(&mut line).unwrap() == 0 {
-            break;
-        }
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["fields"]["message"] == "kelvin is serving" {
-            let addr = v["fields"]["address"].as_str().unwrap().to_owned();
-            return (child, addr, stderr);
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("kelvin up did not announce its address; last line: {line}");
 }
 
 #[test]
@@ -1083,20 +1034,6 @@ fn up_applies_an_edited_manifest_and_refuses_a_broken_one() {
 }
 
 /// The master key of an app whose state is in `dir/.kelvin`.
-fn master_key(manifest: &Path) -> String {
-    let out = kelvin()
-        .args(["keys", "list", "-f"])
-        .arg(manifest)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.first() == Some(&"master")).then(|| cols[2].to_owned())
-        })
-        .unwrap()
-}
 
 #[test]
 fn sigkill_during_uploads_and_swaps_leaves_one_state_or_the_other() {

@@ -4,20 +4,15 @@
 //! and guests of every toolchain started by events.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+mod common;
+use common::{kelvin, master_key, up};
 
-fn kelvin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kelvin"));
-    cmd.env_remove("RUST_LOG")
-        .env_remove("KELVIN_MANIFEST")
-        .env_remove("KELVIN_LOG_FORMAT");
-    cmd
-}
+use serde_json::Value;
 
 /// An app in a temp dir; `{guests}` names the built preview-1 guests.
 fn app(server: &str, functions: &str) -> (tempfile::TempDir, PathBuf) {
@@ -46,40 +41,12 @@ struct Server {
 
 impl Server {
     fn start(manifest: &Path) -> Server {
-        let mut child = kelvin()
-            .args([
-                "up",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "-f",
-            ])
-            .arg(manifest)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut line = String::new();
-        let base = loop {
-            line.clear();
-            if Instant::now() > deadline || stderr.read_line(&mut line).unwrap() == 0 {
-                let _ = child.kill();
-                panic!("kelvin up did not start; last line: {line}");
-            }
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
-                && v["fields"]["message"] == "kelvin is serving"
-            {
-                break format!("http://{}", v["fields"]["address"].as_str().unwrap());
-            }
-        };
+        let (child, addr, stderr) = up(manifest);
         // Keep draining its logs so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in stderr.lines() {});
         Server {
             child,
-            base,
+            base: format!("http://{addr}"),
             key: master_key(manifest),
             client: reqwest::Client::new(),
         }
@@ -151,21 +118,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn master_key(manifest: &Path) -> String {
-    let out = kelvin()
-        .args(["keys", "list", "-f"])
-        .arg(manifest)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.first() == Some(&"master")).then(|| cols[2].to_owned())
-        })
-        .unwrap()
 }
 
 async fn body_json(r: reqwest::Response) -> Value {

@@ -64,6 +64,17 @@ impl Admin {
         path: &str,
         body: Bytes,
     ) -> Result<Value> {
+        let bytes = self.exchange(method, path, body).await?;
+        Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// One request; the body of a 2xx, else the server's error.
+    pub(super) async fn exchange(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Bytes> {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
             .with_context(|| format!("no server at {}: is `kelvin up` running?", self.authority))?;
@@ -80,12 +91,12 @@ impl Admin {
         let response = sender.send_request(request).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();
-        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if !status.is_success() {
+            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let why = value["error"].as_str().unwrap_or("no reason given");
             bail!("{method} {path}: {status}: {why}");
         }
-        Ok(value)
+        Ok(bytes)
     }
 
     pub(super) async fn get(&self, path: &str) -> Result<Value> {

@@ -8,11 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use clap::Subcommand;
-use http_body_util::{BodyExt, Full};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 
-use super::deploy::{Admin, ServerArgs, run};
+use super::deploy::{ServerArgs, run};
 use crate::bench::table;
 
 /// Send, peek, list and requeue the messages of a running server's queues.
@@ -209,7 +208,7 @@ impl BlobCommand {
             }
             BlobAction::Get { path, output } => {
                 let url = blob_url(&path)?;
-                let bytes = run(admin.bytes(hyper::Method::GET, &url))?;
+                let bytes = run(admin.exchange(hyper::Method::GET, &url, Bytes::new()))?;
                 match output {
                     Some(file) if file != Path::new("-") => {
                         std::fs::write(&file, &bytes)
@@ -248,34 +247,6 @@ impl BlobCommand {
             }
         }
         Ok(())
-    }
-}
-
-impl Admin {
-    /// One request whose 2xx answer is bytes (a blob), not JSON; an error
-    /// reply becomes the server's reason, as with [`Admin::call`].
-    async fn bytes(&self, method: hyper::Method, path: &str) -> Result<Bytes> {
-        let stream = tokio::net::TcpStream::connect(&self.authority)
-            .await
-            .with_context(|| format!("no server at {}: is `kelvin up` running?", self.authority))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let request = hyper::Request::builder()
-            .method(method.clone())
-            .uri(path)
-            .header(hyper::header::HOST, &self.authority)
-            .header(crate::trigger::headers::KEY_HEADER, &self.key)
-            .body(Full::new(Bytes::new()))?;
-        let response = sender.send_request(request).await?;
-        let status = response.status();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        if !status.is_success() {
-            let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let why = value["error"].as_str().unwrap_or("no reason given");
-            bail!("{method} {path}: {status}: {why}");
-        }
-        Ok(bytes)
     }
 }
 

@@ -1,0 +1,76 @@
+//! What the binary's test files share: running `kelvin` as a user does.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn kelvin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kelvin"));
+    cmd.env_remove("RUST_LOG")
+        .env_remove("KELVIN_MANIFEST")
+        .env_remove("KELVIN_LOG_FORMAT");
+    cmd
+}
+
+/// Starts `kelvin up` on port 0 and returns the child and its address, read
+/// from the JSON log line announcing it.
+pub fn up(
+    manifest: &Path,
+) -> (
+    std::process::Child,
+    String,
+    BufReader<std::process::ChildStderr>,
+) {
+    let mut child = kelvin()
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "-f",
+        ])
+        .arg(manifest)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut line = String::new();
+    while Instant::now() < deadline {
+        line.clear();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["fields"]["message"] == "kelvin is serving" {
+            let addr = v["fields"]["address"].as_str().unwrap().to_owned();
+            return (child, addr, stderr);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("kelvin up did not announce its address; last line: {line}");
+}
+
+/// The master key of the app at `manifest`, as `kelvin keys list` prints it.
+pub fn master_key(manifest: &Path) -> String {
+    let out = kelvin()
+        .args(["keys", "list", "-f"])
+        .arg(manifest)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.first() == Some(&"master")).then(|| cols[2].to_owned())
+        })
+        .unwrap()
+}
