@@ -239,6 +239,29 @@ def threads(pid):
         out[tid] = (name, (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK"))
     return out
 
+def machine_busy():
+    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
+    f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+def own_cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+def watch():
+    """Starts watching CPU use; call the result to end it and get a summary."""
+    before, clock, busy0, own0 = threads(pid), time.monotonic(), machine_busy(), own_cpu()
+    def done():
+        wall = time.monotonic() - clock
+        split = cpu_split(before, threads(pid), wall)
+        server = sum(p for _, p in split)
+        client = (own_cpu() - own0) / wall * 100
+        others = (machine_busy() - busy0) / wall * 100 - server - client
+        return (f"{wall:.2f} s, 100% = one core of {os.cpu_count()}: server {server:.0f}% ("
+                + ", ".join(f"{n} {p:.0f}%" for n, p in split[:4] if p >= 0.5)
+                + f"), client {client:.0f}%, other processes {max(others, 0):.0f}%")
+    return done
+
 def cpu_split(before, after, wall):
     by = {}
     for tid, (name, t) in after.items():
@@ -275,10 +298,13 @@ def fill():
     row("fsync 4 KiB p50/p99/max", " / ".join(f"{pct(lat, p):.2f}" for p in (50, 99, 100)) + " ms",
         "the floor of one group commit")
 
+    cpu = watch()
     t0, l, ccpu = run_load(ENQUEUE, N)
+    cpu = cpu()
     secs = (l.last_ok_ns - t0) / 1e9
     row("enqueue only (no consumer)", f"{N / secs:,.0f} msg/s",
         f"{N} acked in {secs:.2f} s, client CPU {ccpu / secs * 100:.0f}%")
+    note(f"CPU over the enqueue-only run: {cpu}")
     if l.refused:
         note(f"enqueue only: {l.refused} refused and resent; first: {l.first_error!r}")
     assert depth() == N, (depth(), N)
@@ -286,12 +312,15 @@ def fill():
 def run():
     # ---- 1b. drain what the fill left (the server just started) ----
     end_ns = wait_depth0()
+    used = cpu_split({}, threads(pid), 100)  # seconds, not %
     recs = queue_records(0)
     assert len(recs) == N, (len(recs), N)
     first = recs[0][0]
     secs = (end_ns / 1e3 - first) / 1e6
     row("drain (pre-enqueued)", f"{N / secs:,.0f} msg/s", f"first start to depth 0: {secs:.2f} s")
     not_ok(recs, "drain")
+    note(f"CPU of the server from its start to the drained queue ({secs:.2f} s drain): "
+         + ", ".join(f"{n} {t:.2f} s" for n, t in used[:4] if t >= 0.005))
     busy_ticks = ticker(first, end_ns // 1000)
 
     # ---- 2. enqueue to start, idle: one message at a time ----
@@ -337,12 +366,11 @@ def run():
         f"{len(idle)} ticks; goal: within 50 ms")
 
     # ---- 1c. end to end: enqueued while the consumer runs ----
-    before, clock = threads(pid), time.monotonic()
+    cpu = watch()
     t0, l, ccpu = run_load(ENQUEUE, N)
     enq_secs = (l.last_ok_ns - t0) / 1e9
     end_ns = wait_depth0()
-    wall = time.monotonic() - clock
-    split = cpu_split(before, threads(pid), wall)
+    cpu = cpu()
     recs = queue_records(t0 // 1000)
     assert len(recs) == N, (len(recs), N)
     work = next(x for x in json.loads(http("GET", "/admin/queues"))["queues"] if x["name"] == "work")
@@ -360,9 +388,7 @@ def run():
     if busy:
         row("timer lateness loaded p50/max", f"{statistics.median(busy) / 1e3:.2f} / {max(busy) / 1e3:.2f} ms",
             f"{len(busy)} ticks during the drain and e2e runs")
-    note(f"server CPU over the e2e run ({wall:.2f} s; 100% = one core): "
-         + ", ".join(f"{n} {p:.0f}%" for n, p in split[:6])
-         + f"; total {sum(p for _, p in split):.0f}%")
+    note(f"CPU over the e2e run: {cpu}")
 
     # ---- the client's ceiling: the same client, GET /healthz, 2 s ----
     t0, l, ccpu = run_load(HEALTH, 1 << 40, b"200", seconds=2)
@@ -370,7 +396,8 @@ def run():
     row("client ceiling (GET /healthz)", f"{l.ok / secs:,.0f} req/s", f"client CPU {ccpu / secs * 100:.0f}%")
 
 def table():
-    print(f"\nevents: {N} messages, {CONNS} connections, {SAMPLES} samples, {os.cpu_count()} cores")
+    print(f"\nevents: {N} messages, {CONNS} connections, {SAMPLES} samples, {os.cpu_count()} cores, "
+          f"load average {open('/proc/loadavg').read().split()[0]}")
     print(f"{'measurement':<38} {'value':>24}   notes")
     notes = []
     for line in open(f"{state}/results.jsonl"):

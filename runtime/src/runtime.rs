@@ -42,6 +42,25 @@ pub enum StartError {
     Engine(String),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What a function of this kind cannot be configured to do: an HTTP-
+/// triggered component streams its response to the client as the guest
+/// writes it, so it cannot answer with an envelope of outputs.
+pub fn check_kind(
+    spec: &crate::manifest::FunctionSpec,
+    kind: crate::cache::WasmKind,
+) -> Result<(), String> {
+    let http = spec.triggers.iter().any(|t| t.http().is_some());
+    if kind == crate::cache::WasmKind::Component && http && !spec.outputs.is_empty() {
+        return Err(format!(
+            "function `{}`: a wasi:http component with an HTTP trigger cannot have outputs yet (its response streams to the client); use a preview-1 module, or move the outputs to a queue-triggered function",
+            spec.name
+        ));
+    }
+    Ok(())
 }
 
 /// An invocation of a function the manifest does not declare.
@@ -300,6 +319,10 @@ impl Runtime {
             })
             .collect();
         let pool_slots = Arc::new(Semaphore::new(manifest.server.instance_slots.get() as usize));
+        for f in &manifest.functions {
+            check_kind(f, registry.kind(f.name.as_str()).expect("checked at start"))
+                .map_err(StartError::Unsupported)?;
+        }
         // The manifest's functions serve production, under their names.
         let production = manifest
             .functions

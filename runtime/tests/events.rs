@@ -634,3 +634,54 @@ async fn guests_of_every_toolchain_run_from_a_queue() {
         }
     }
 }
+
+#[test]
+fn an_http_component_with_outputs_is_refused_at_start() {
+    let component = kelvin_tests::component_dir().join("hello_http.wasm");
+    let (_dir, manifest) = app(
+        "",
+        &format!(
+            "[functions.c]\nsource = \"{}\"\n[[functions.c.http]]\nroute = \"/c\"\n[[functions.c.output]]\nname = \"o\"\nqueue = \"q\"\n",
+            component.display()
+        ),
+    );
+    let out = kelvin()
+        .args(["check", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot have outputs yet"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_runs_on_startup_when_asked() {
+    let functions = r#"
+[functions.yearly]
+source = "{guests}/events.wasm"
+[[functions.yearly.timer]]
+schedule = "0 0 0 1 1 *"
+time_zone = "Europe/Paris"
+run_on_startup = true
+[[functions.yearly.output]]
+name = "out"
+queue = "ticks"
+"#;
+    let (_dir, manifest) = app("", functions);
+    let server = Server::start(&manifest);
+    until(Duration::from_secs(5), "the start-up run", || async {
+        server.queue("ticks").await["depth"] == 1
+    })
+    .await;
+    let tick = &server.published("ticks").await[0];
+    assert_eq!(tick["event"]["Data"]["IsPastDue"], false);
+    assert_eq!(tick["event"]["Data"]["Schedule"], "0 0 0 1 1 *");
+    assert!(
+        tick["event"]["Data"]["Next"]
+            .as_str()
+            .unwrap()
+            .ends_with("-12-31T23:00:00.000000Z"),
+        "midnight on 1 January in Paris: {tick}"
+    );
+}

@@ -378,6 +378,7 @@ impl Deployer {
         kind: WasmKind,
         hash: WasmHash,
     ) -> Result<Arc<Unit>, DeployError> {
+        crate::runtime::check_kind(&spec, kind).map_err(DeployError::Invalid)?;
         let version = VersionId::of(&hash, &spec);
         let key = format!("{}@{version}", spec.name);
         self.runtime.registry().add(&key, spec, kind, hash);
