@@ -1,10 +1,11 @@
 # Shared by benches/ab.sh and benches/compare.sh (sourced, not run).
 
 # scratch_app KELVIN: builds the example app's guests with KELVIN and writes
-# a copy of functions.toml into $state whose state (cache, keys, ledger)
-# lives there, so measurements never touch the app's own .kelvin.
+# a copy of functions.toml (or of $APP: an older binary may not read today's
+# manifest) into $state whose state (cache, keys, ledger) lives there, so
+# measurements never touch the app's own .kelvin.
 scratch_app() {
-  sed "s|^state_dir = .*|state_dir = \"$state\"|" functions.toml > "$state/functions.toml"
+  sed "s|^state_dir = .*|state_dir = \"$state\"|" "${APP:-functions.toml}" > "$state/functions.toml"
   sed -i "s|\"target/|\"$PWD/target/|" "$state/functions.toml"
   # Build commands run in the manifest's folder: send them back here.
   sed -i "s|^build = \"|build = \"cd '$PWD' \&\& |" "$state/functions.toml"
