@@ -385,6 +385,22 @@ impl Body for MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
+        if self.head && !self.inner.is_end_stream() {
+            // A HEAD response: hyper sends no body and drops it at once,
+            // while the guest (answering HEAD as the GET it stands for) may
+            // still be writing one. Its writes must not fail for that: the
+            // body is read to its end (within the function's timeout) and
+            // thrown away.
+            let mut inner = std::mem::take(&mut self.inner);
+            let deadline = tokio::time::Instant::from_std(self.deadline);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    use http_body_util::BodyExt;
+                    let drain = async { while let Some(Ok(_)) = inner.frame().await {} };
+                    let _ = tokio::time::timeout_at(deadline, drain).await;
+                });
+            }
+        }
         // A client that went away drops the body before its end.
         let whole = self.complete();
         self.finish(whole);

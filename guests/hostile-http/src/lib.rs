@@ -2,7 +2,8 @@
 //! to test that they cannot. `?kind=` picks: `switch` (status 101),
 //! `informational` (103), `status-999`, `loud` (1 MiB of logs on stdout and
 //! stderr through Rust's `println!`, then a normal answer), `poll` (100,000
-//! pollables and one poll over them).
+//! pollables and one poll over them), `late-body` (sets its response, then
+//! writes the body 200 ms later: a HEAD's dropped body must not fail it).
 #![cfg(target_arch = "wasm32")]
 
 use std::io::Write as _;
@@ -37,6 +38,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
                 }
                 200
             }
+            "late-body" => 200,
             "poll" => {
                 // 100,000 pollables, then one poll over them all.
                 let pollables: Vec<_> = (0..100_000)
@@ -55,6 +57,9 @@ impl wasip2::exports::http::incoming_handler::Guest for Hostile {
             .expect("a status in 100..=999");
         let body = response.body().expect("body once");
         ResponseOutparam::set(response_out, Ok(response));
+        if kind == "late-body" {
+            wasip2::clocks::monotonic_clock::subscribe_duration(200_000_000).block();
+        }
         let mut out = body.write().expect("stream once");
         out.write_all(format!("{kind}\n").as_bytes())
             .expect("write");
