@@ -21,18 +21,7 @@ fn app() -> (tempfile::TempDir, PathBuf) {
 /// A manifest in a temp dir: `server` lines, then `functions`, where
 /// `{guests}` is the folder of the built preview-1 guests.
 fn app_with(server: &str, functions: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let guests = kelvin_tests::guest_dir().display().to_string();
-    let manifest = dir.path().join("functions.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "version = 1\nname = \"cli\"\n[server]\ninstance_slots = 8\n{server}\n{}",
-            functions.replace("{guests}", &guests)
-        ),
-    )
-    .unwrap();
-    (dir, manifest)
+    common::app_in_temp_dir("cli", 8, server, functions)
 }
 
 /// Runs `kelvin ARGS -f MANIFEST`, which must fail with status 1, and

@@ -16,18 +16,7 @@ use serde_json::Value;
 
 /// An app in a temp dir; `{guests}` names the built preview-1 guests.
 fn app(server: &str, functions: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let guests = kelvin_tests::guest_dir().display().to_string();
-    let manifest = dir.path().join("functions.toml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "version = 1\nname = \"events\"\n[server]\ninstance_slots = 16\n{server}\n{}",
-            functions.replace("{guests}", &guests)
-        ),
-    )
-    .unwrap();
-    (dir, manifest)
+    common::app_in_temp_dir("events", 16, server, functions)
 }
 
 /// A running `kelvin up`: its address and master key. Killed (SIGKILL)

@@ -667,6 +667,42 @@ impl HttpServer {
         }
     }
 
+    /// The preamble of Kelvin's own APIs: the key must open `level`
+    /// (`denied` says what it takes otherwise), and the body is read whole
+    /// within `limit` (413 beyond) and the request body budget, whose permit
+    /// comes with it (held while the request is handled).
+    async fn api_request(
+        &self,
+        req: Request<Incoming>,
+        level: AuthLevel,
+        denied: &str,
+        limit: u64,
+    ) -> Result<
+        (
+            hyper::http::request::Parts,
+            Bytes,
+            Option<OwnedSemaphorePermit>,
+        ),
+        Response<Body>,
+    > {
+        if !self
+            .keys
+            .authorize(level, "", presented_key(&req).value.as_deref())
+        {
+            return Err(error(StatusCode::UNAUTHORIZED, None, denied.into()));
+        }
+        let declared = req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit) {
+            return Err(error(StatusCode::PAYLOAD_TOO_LARGE, None, too_large(limit)));
+        }
+        let (parts, body) = req.into_parts();
+        let (body, budget) = self.read_body(body, declared, limit).await?;
+        Ok((parts, body, budget))
+    }
+
     /// The queue and blob API (a host or master key).
     async fn events_api(&self, req: Request<Incoming>) -> Response<Body> {
         let Some(events) = &self.events else {
@@ -677,28 +713,16 @@ impl HttpServer {
             );
         };
         // A host key opens every function: it may produce events too.
-        if !self.keys.authorize(
-            AuthLevel::Function,
-            "",
-            presented_key(&req).value.as_deref(),
-        ) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                None,
-                "missing or invalid access key (the queue and blob API takes a host or master key)"
-                    .into(),
-            );
-        }
         let limit = super::events_api::body_limit(events, req.method(), req.uri().path());
-        let declared = req
-            .headers()
-            .get(hyper::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit) {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, None, too_large(limit));
-        }
-        let (parts, body) = req.into_parts();
-        let (body, _budget) = match self.read_body(body, declared, limit).await {
+        let (parts, body, _budget) = match self
+            .api_request(
+                req,
+                AuthLevel::Function,
+                "missing or invalid access key (the queue and blob API takes a host or master key)",
+                limit,
+            )
+            .await
+        {
             Ok(read) => read,
             Err(refusal) => return refusal,
         };
@@ -1015,31 +1039,21 @@ impl HttpServer {
     /// The deployment admin API, for the master key only.
     async fn admin(&self, req: Request<Incoming>, local: SocketAddr) -> Response<Body> {
         let key = presented_key(&req);
-        if !self
-            .keys
-            .authorize(AuthLevel::Admin, "", key.value.as_deref())
-        {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                None,
-                "missing or invalid access key".into(),
-            );
-        }
         let settings = &self.runtime.manifest().server;
         let limit = if admin::is_upload(req.method(), req.uri().path()) {
             settings.max_upload
         } else {
             admin::MAX_JSON
         };
-        let declared = req
-            .headers()
-            .get(hyper::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit) {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, None, too_large(limit));
-        }
-        let (parts, body) = req.into_parts();
-        let (body, _budget) = match self.read_body(body, declared, limit).await {
+        let (parts, body, _budget) = match self
+            .api_request(
+                req,
+                AuthLevel::Admin,
+                "missing or invalid access key",
+                limit,
+            )
+            .await
+        {
             Ok(read) => read,
             Err(refusal) => return refusal,
         };

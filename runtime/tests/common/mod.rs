@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -73,4 +73,27 @@ pub fn master_key(manifest: &Path) -> String {
             (cols.first() == Some(&"master")).then(|| cols[2].to_owned())
         })
         .unwrap()
+}
+
+/// An app named `name` in a temp dir: `[server]` with `instance_slots` and
+/// the `server` lines, then `functions`, where `{guests}` is the folder of
+/// the built preview-1 guests.
+pub fn app_in_temp_dir(
+    name: &str,
+    instance_slots: u32,
+    server: &str,
+    functions: &str,
+) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let guests = kelvin_tests::guest_dir().display().to_string();
+    let manifest = dir.path().join("functions.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "version = 1\nname = \"{name}\"\n[server]\ninstance_slots = {instance_slots}\n{server}\n{}",
+            functions.replace("{guests}", &guests)
+        ),
+    )
+    .unwrap();
+    (dir, manifest)
 }
