@@ -19,6 +19,8 @@
 //!   [`trigger::events`].
 //! - [`events`]: the event stores (queues, receipts, timer status, outbox;
 //!   blobs), the events' and answers' JSON, and what an invocation changes.
+//! - [`durable`]: durable functions' state and protocol: histories,
+//!   answers, the determinism check, and their store.
 //! - [`commit`]: the group-commit writer of the ledger's database.
 //! - [`table`]: what serves: each slot's function versions, replaced whole.
 //! - [`deploy`]: versions, slots, swaps, splits and their durable store;
@@ -47,6 +49,7 @@ pub mod cache;
 pub mod commands;
 pub mod commit;
 pub mod deploy;
+pub mod durable;
 pub mod engine;
 pub mod events;
 pub mod invoke;
