@@ -22,6 +22,7 @@ pub const GUESTS: &[&str] = &[
     "thumbnail",
     "process-order",
     "submit-order",
+    "durable",
 ];
 /// Every wasi:http component test guest.
 pub const COMPONENTS: &[&str] = &["hello-http", "stream-echo", "fetch", "hostile-http"];

@@ -16,7 +16,11 @@
 //! }
 //! ```
 //!
-//! Non-HTTP functions use [`run`]: bytes in, bytes out.
+//! Non-HTTP functions use [`run`]: bytes in, bytes out. Durable functions
+//! (orchestrators, activities and entities, `docs/durable.md`) use
+//! [`durable`]: orchestrators are async Rust, replayed deterministically.
+
+pub mod durable;
 
 use std::fmt::Display;
 use std::io::{Read, Write};
