@@ -351,6 +351,8 @@ pub enum GroupBy {
     /// The deployment version (`function@version`).
     Version,
     Slot,
+    /// The durable instance an invocation worked for (`-` for others).
+    Orchestration,
 }
 
 /// One day of a function's invocations (per trigger and outcome), rolled up
@@ -459,6 +461,8 @@ pub struct Usage {
     pub aggregates: Vec<DailyAggregate>,
     pub earlier_records: Vec<InvocationRecord>,
     pub earlier_aggregates: Vec<DailyAggregate>,
+    /// Invocation id to the durable instance it worked for.
+    pub instances: std::collections::HashMap<String, String>,
 }
 
 impl Usage {
@@ -556,6 +560,11 @@ pub fn report(policy: &Policy, usage: &Usage, by: GroupBy) -> Result<Report, Pri
             GroupBy::Outcome => r.outcome.as_str().to_owned(),
             GroupBy::Version => format!("{}@{}", r.function, or_unknown(&r.version_id)),
             GroupBy::Slot => or_unknown(&r.slot).to_owned(),
+            GroupBy::Orchestration => usage
+                .instances
+                .get(&r.invocation_id)
+                .map_or("-", String::as_str)
+                .to_owned(),
         };
         lines
             .entry(key.clone())
@@ -579,7 +588,7 @@ pub fn report(policy: &Policy, usage: &Usage, by: GroupBy) -> Result<Report, Pri
             GroupBy::Outcome => a.outcome.clone(),
             // Compacted days keep neither: they are their own line.
             GroupBy::Version => format!("{}@compacted", a.function),
-            GroupBy::Slot => "compacted".to_owned(),
+            GroupBy::Slot | GroupBy::Orchestration => "compacted".to_owned(),
         };
         lines
             .entry(key.clone())

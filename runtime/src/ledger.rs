@@ -95,6 +95,10 @@ CREATE TABLE IF NOT EXISTS daily (
     cpu_ms      TEXT NOT NULL,
     PRIMARY KEY (function, day, trigger, outcome, policy)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS invocation_instances (
+    invocation_id TEXT PRIMARY KEY,
+    instance_id   TEXT NOT NULL
+);
 ";
 
 /// The ledger as a sink: records go to the database's group-commit writer,
@@ -148,6 +152,20 @@ pub fn open_for_writing(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
+}
+
+/// Tags an invocation with the durable instance it worked for (an episode,
+/// an activity, an entity operation), for `kelvin bill --by orchestration`.
+pub fn tag_instance(
+    tx: &Transaction<'_>,
+    invocation_id: &str,
+    instance_id: &str,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO invocation_instances (invocation_id, instance_id) VALUES (?1, ?2)",
+    )?
+    .execute(rusqlite::params![invocation_id, instance_id])?;
+    Ok(())
 }
 
 /// Writes one record inside a transaction (at most once: the invocation id
@@ -333,6 +351,7 @@ impl LedgerReader {
             aggregates: aggregates_in(&tx, since_unix_us, until_unix_us)?,
             earlier_records: records_in(&tx, month, since_unix_us)?,
             earlier_aggregates: aggregates_in(&tx, month, since_unix_us)?,
+            instances: instances_in(&tx, since_unix_us, until_unix_us)?,
         };
         tx.commit()?;
         Ok(usage)
@@ -347,6 +366,32 @@ impl LedgerReader {
     ) -> Result<Vec<DailyAggregate>, LedgerError> {
         aggregates_in(&self.conn, since_unix_us, until_unix_us)
     }
+}
+
+/// Which durable instance each invocation in `[since, until)` worked for.
+fn instances_in(
+    conn: &Connection,
+    since_unix_us: i64,
+    until_unix_us: i64,
+) -> rusqlite::Result<std::collections::HashMap<String, String>> {
+    // A ledger from before durable functions has no such table.
+    let exists: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'invocation_instances'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !exists {
+        return Ok(Default::default());
+    }
+    let mut stmt = conn.prepare(
+        "SELECT t.invocation_id, t.instance_id FROM invocation_instances t
+         JOIN invocations i ON i.invocation_id = t.invocation_id
+         WHERE i.started_unix_us >= ?1 AND i.started_unix_us < ?2",
+    )?;
+    let rows = stmt.query_map([since_unix_us, until_unix_us], |row| {
+        Ok((row.get(0)?, row.get(1)?))
+    })?;
+    rows.collect()
 }
 
 fn decimal(row: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<rust_decimal::Decimal> {

@@ -20,8 +20,8 @@ use crate::billing::{MemoryBasis, Policy};
 use crate::keys::AuthLevel;
 use crate::router::{Method, Route};
 use crate::trigger::config::{
-    BlobPattern, BlobTrigger, HttpTrigger, OutputBinding, OutputTarget, QueueName, QueueTrigger,
-    Schedule, TimerTrigger, TriggerConfig,
+    BlobPattern, BlobTrigger, DurableRole, HttpTrigger, OutputBinding, OutputTarget, QueueName,
+    QueueTrigger, Schedule, TimerTrigger, TriggerConfig,
 };
 
 /// The only manifest version this Kelvin understands.
@@ -41,6 +41,7 @@ pub const ADMIN_API: &[&str] = &[
     "/admin/split",
     "/admin/history",
     "/admin/openapi.json",
+    "/runtime/webhooks/durabletask",
 ];
 
 /// Whether the deployment admin API owns `path`.
@@ -331,7 +332,19 @@ impl Manifest {
             .map_err(|e| located(Some(e.span), Some(e.field), e.message))
     }
 
-    /// The function called `name`, if any.
+    /// The app's durable functions and their roles.
+    pub fn durable_roles(&self) -> std::collections::BTreeMap<String, DurableRole> {
+        self.functions
+            .iter()
+            .filter_map(|f| {
+                f.triggers.iter().find_map(|t| match t {
+                    TriggerConfig::Durable(role) => Some((f.name.to_string(), *role)),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
     /// Every queue the app names (triggers and outputs) and their poison
     /// queues: the queues the API knows.
     pub fn queues(&self) -> std::collections::BTreeSet<String> {
@@ -651,6 +664,7 @@ struct RawFunction {
     blob: Vec<RawBlobTrigger>,
     #[serde(default)]
     output: Vec<RawOutput>,
+    durable: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1099,6 +1113,21 @@ impl RawFunction {
         }
         for raw in self.blob {
             triggers.push(TriggerConfig::Blob(raw.validate(&at("blob"))?));
+        }
+        if let Some(role) = &self.durable {
+            let parsed = DurableRole::parse(role.get_ref())
+                .map_err(|m| field_error(role.span(), at("durable"), m))?;
+            if !triggers.is_empty() || !self.output.is_empty() {
+                return Err(field_error(
+                    role.span(),
+                    at("durable"),
+                    format!(
+                        "a durable {} has no other trigger and no outputs: Kelvin alone invokes it (docs/durable.md)",
+                        parsed.as_str()
+                    ),
+                ));
+            }
+            triggers.push(TriggerConfig::Durable(parsed));
         }
         let outputs = validate_outputs(self.output, &triggers, &at("output"))?;
 

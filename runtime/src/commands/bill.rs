@@ -120,14 +120,22 @@ fn print_csv(r: &Report) {
 
 fn print_table(r: &Report) {
     let show = |d: Decimal, dp: u32| d.round_dp(dp).to_string();
+    // Instance ids (`--by orchestration`) are longer than function names.
+    let w = r
+        .lines
+        .iter()
+        .map(|l| l.key.len())
+        .max()
+        .unwrap_or(0)
+        .max(24);
     println!("policy: {}   grouped by {}", r.policy, by(r));
     println!(
-        "{:<24} {:>12} {:>8} {:>16} {:>12} {:>16}",
+        "{:<w$} {:>12} {:>8} {:>16} {:>12} {:>16}",
         "", "invocations", "cold", "GB-s", "CPU-s", "cost (USD)"
     );
     for l in r.lines.iter().chain(std::iter::once(&r.total)) {
         println!(
-            "{:<24} {:>12} {:>8} {:>16} {:>12} {:>16}",
+            "{:<w$} {:>12} {:>8} {:>16} {:>12} {:>16}",
             l.key,
             l.invocations,
             l.cold_starts,
@@ -137,9 +145,9 @@ fn print_table(r: &Report) {
         );
     }
     println!(
-        "{:<24} {:>83}",
+        "{:<w$} {:>83}",
         "free grant",
         format!("-{}", show(r.free_grant, 8))
     );
-    println!("{:<24} {:>83}", "due", show(r.due, 8));
+    println!("{:<w$} {:>83}", "due", show(r.due, 8));
 }

@@ -255,6 +255,22 @@ fn record_sinks(
     Ok((Arc::new(Tee(sinks)), db))
 }
 
+/// The durable functions of a serving process, on the ledger's database
+/// (started by the caller).
+async fn open_durable(
+    runtime: &std::sync::Arc<crate::runtime::Runtime>,
+    db: &crate::ledger::Ledger,
+    ledger: bool,
+) -> Result<std::sync::Arc<crate::trigger::durable::DurableFunctions>> {
+    let store = crate::durable::store::SqliteDurable::open(db.path(), db.writer(), ledger)
+        .await
+        .context("failed to open the durable store")?;
+    Ok(crate::trigger::durable::DurableFunctions::new(
+        runtime.clone(),
+        std::sync::Arc::new(store),
+    ))
+}
+
 /// The event triggers of a serving process, on the ledger's database and
 /// the state dir's blob folder (started by the caller).
 async fn open_events(

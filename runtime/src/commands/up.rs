@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use super::{ManifestArgs, open_events, record_sinks, run_builds, tokio_runtime};
+use super::{ManifestArgs, open_durable, open_events, record_sinks, run_builds, tokio_runtime};
 use crate::runtime::Runtime;
 
 /// Serve the functions in the manifest.
@@ -43,7 +43,10 @@ impl UpCommand {
         let rt = tokio_runtime()?;
         rt.block_on(async {
             let events = open_events(&runtime, &db, !self.no_ledger).await?;
-            let server = server.with_events(events.clone());
+            let durable = open_durable(&runtime, &db, !self.no_ledger).await?;
+            let server = server
+                .with_events(events.clone())
+                .with_durable(durable.clone());
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("failed to listen on {listen}"))?;
@@ -71,6 +74,12 @@ impl UpCommand {
             crate::trigger::listen::start(&events)
                 .await
                 .context("failed to start the event triggers")?;
+            // Orchestrations, activities and entities pending since the
+            // last stop resume.
+            durable
+                .start()
+                .await
+                .context("failed to start the durable functions")?;
             // The manifest is the app's declaration: edited (or on SIGHUP),
             // it is applied to production like a deploy.
             let watcher = tokio::spawn(crate::deploy::watch_manifest(server.deployer()));

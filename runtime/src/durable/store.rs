@@ -168,11 +168,6 @@ CREATE TABLE IF NOT EXISTS durable_entities (
     state      TEXT NOT NULL,
     updated_us INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS durable_invocations (
-    invocation_id TEXT PRIMARY KEY,
-    instance_id   TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS durable_invocations_instance ON durable_invocations (instance_id);
 ";
 
 /// The SQLite durable store, in the ledger's database.
@@ -668,10 +663,7 @@ impl DurableStore for SqliteDurable {
             if let Some(r) = &record {
                 crate::ledger::insert_record(tx, r)?;
                 if let Some(instance) = &commit.instance_of_record {
-                    tx.prepare_cached(
-                        "INSERT OR IGNORE INTO durable_invocations (invocation_id, instance_id) VALUES (?1, ?2)",
-                    )?
-                    .execute(params![r.invocation_id, instance])?;
+                    crate::ledger::tag_instance(tx, &r.invocation_id, instance)?;
                 }
             }
             apply(tx, &commit)

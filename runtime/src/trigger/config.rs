@@ -27,11 +27,15 @@ pub enum TriggerConfig {
     Timer(Box<TimerTrigger>),
     Queue(QueueTrigger),
     Blob(BlobTrigger),
+    /// An orchestrator, activity or entity: invoked by Kelvin's durable
+    /// functions alone.
+    Durable(DurableRole),
 }
 
 impl TriggerConfig {
     pub fn kind(&self) -> &'static str {
         match self {
+            TriggerConfig::Durable(role) => role.trigger(),
             TriggerConfig::Http(_) => Http::TYPE,
             TriggerConfig::Timer(_) => Timer::TYPE,
             TriggerConfig::Queue(_) => Queue::TYPE,
@@ -43,6 +47,44 @@ impl TriggerConfig {
         match self {
             TriggerConfig::Http(h) => Some(h),
             _ => None,
+        }
+    }
+}
+
+/// A durable function's role (`durable = "orchestrator"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DurableRole {
+    Orchestrator,
+    Activity,
+    Entity,
+}
+
+impl DurableRole {
+    pub fn parse(s: &str) -> Result<DurableRole, String> {
+        match s {
+            "orchestrator" => Ok(DurableRole::Orchestrator),
+            "activity" => Ok(DurableRole::Activity),
+            "entity" => Ok(DurableRole::Entity),
+            other => Err(format!(
+                "unknown durable role {other:?}; expected \"orchestrator\", \"activity\" or \"entity\""
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DurableRole::Orchestrator => "orchestrator",
+            DurableRole::Activity => "activity",
+            DurableRole::Entity => "entity",
+        }
+    }
+
+    /// The trigger name its invocations are recorded with.
+    pub fn trigger(self) -> &'static str {
+        match self {
+            DurableRole::Orchestrator => "orchestration",
+            DurableRole::Activity => "activity",
+            DurableRole::Entity => "entity",
         }
     }
 }

@@ -114,6 +114,7 @@ pub struct HttpServer {
     /// The event triggers and their stores: the queue and blob API, and
     /// HTTP functions' outputs (none in a server without them).
     events: Option<Arc<super::events::Events>>,
+    durable: Option<Arc<super::durable::DurableFunctions>>,
 }
 
 impl HttpServer {
@@ -163,6 +164,7 @@ impl HttpServer {
             body_budget,
             protected,
             events: None,
+            durable: None,
         })
     }
 
@@ -171,6 +173,11 @@ impl HttpServer {
     /// at shutdown.
     pub fn with_events(mut self, events: Arc<super::events::Events>) -> HttpServer {
         self.events = Some(events);
+        self
+    }
+
+    pub fn with_durable(mut self, durable: Arc<super::durable::DurableFunctions>) -> HttpServer {
+        self.durable = Some(durable);
         self
     }
 
@@ -314,6 +321,9 @@ impl HttpServer {
             // No new events start; those under way are drained below.
             events.stop();
         }
+        if let Some(durable) = &server.durable {
+            durable.stop();
+        }
         tracing::info!("shutting down: draining in-flight requests");
         if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
             .await
@@ -388,6 +398,7 @@ impl HttpServer {
                 return plain(StatusCode::OK, "text/plain", "ok\n".into());
             }
             _ if super::events_api::owns(&path) => return self.events_api(req).await,
+            _ if super::durable_api::owns(&path) => return self.durable_api(req).await,
             _ if admin::owns(&path) => return self.admin(req, local).await,
             _ => {}
         }
@@ -744,6 +755,68 @@ impl HttpServer {
             r.headers_mut().insert(
                 hyper::header::ALLOW,
                 HeaderValue::from_static("GET, PUT, POST, DELETE"),
+            );
+        }
+        r
+    }
+
+    /// The durable functions' management API (a host or master key).
+    async fn durable_api(&self, req: Request<Incoming>) -> Response<Body> {
+        let Some(durable) = &self.durable else {
+            return error(
+                StatusCode::NOT_FOUND,
+                None,
+                "this server runs no durable functions".into(),
+            );
+        };
+        let limit = self.runtime.manifest().server.max_message;
+        let host = req
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| {
+                h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c))
+            })
+            .map(str::to_owned);
+        let (parts, body, _budget) = match self
+            .api_request(
+                req,
+                AuthLevel::Function,
+                "missing or invalid access key (the durable management API takes a host or master key)",
+                limit,
+            )
+            .await
+        {
+            Ok(read) => read,
+            Err(refusal) => return refusal,
+        };
+        let base = format!(
+            "http://{}",
+            host.unwrap_or_else(|| self.runtime.manifest().server.listen.to_string())
+        );
+        let (reply, location) = super::durable_api::handle(
+            durable,
+            &parts.method,
+            parts.uri.path(),
+            parts.uri.query().unwrap_or(""),
+            body,
+            &base,
+        )
+        .await;
+        let mut r = Response::new(full(reply.body));
+        *r.status_mut() = reply.status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            HeaderValue::from_static(reply.content_type),
+        );
+        if let Some(location) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            r.headers_mut().insert(hyper::header::LOCATION, location);
+        }
+        if reply.status == StatusCode::METHOD_NOT_ALLOWED {
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                HeaderValue::from_static("GET, POST, DELETE"),
             );
         }
         r

@@ -21,7 +21,8 @@ pub async fn start(events: &Arc<Events>) -> Result<(), StoreError> {
         for t in &f.triggers {
             let function = f.name.to_string();
             let task = match t {
-                TriggerConfig::Http(_) => continue,
+                // Durable functions run from the durable store (`trigger::durable`).
+                TriggerConfig::Http(_) | TriggerConfig::Durable(_) => continue,
                 TriggerConfig::Timer(timer) => {
                     // One status per timer: the function's name, with `#n`
                     // when it has several.

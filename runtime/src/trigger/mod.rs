@@ -1,14 +1,17 @@
 //! Triggers: what starts an invocation. Each kind has its manifest table and
 //! validated config ([`config`]) and a way to run: [`http`] serves HTTP,
 //! [`timer`], [`queue`] and [`blob`] run events, sharing [`events`], started
-//! by [`listen`]. The
-//! HTTP server also serves the deployment admin API ([`admin`]) and the
-//! queue and blob API ([`events_api`]); [`headers`] names their headers.
+//! by [`listen`]; [`durable`] runs orchestrations, activities and entities.
+//! The HTTP server also serves the deployment admin API ([`admin`]), the
+//! queue and blob API ([`events_api`]) and the durable management API
+//! ([`durable_api`]); [`headers`] names their headers.
 
 pub mod admin;
 pub mod blob;
 pub mod cgi;
 pub mod config;
+pub mod durable;
+pub mod durable_api;
 pub mod events;
 pub mod events_api;
 pub mod headers;

@@ -1,0 +1,1120 @@
+//! The durable trigger: runs orchestration episodes, activities and entity
+//! operations from the durable store, and the client operations (start,
+//! raise, terminate, ...) the management API and bindings use. An instance
+//! or entity runs one step at a time; the messages that arrived while it
+//! ran or waited are handed over together in its next episode. Each step
+//! commits its record with its effects ([`DurableStore::commit`]), then
+//! what it made ready is scheduled here, in memory; what becomes ready
+//! later (timers, retries) is found by one loop that sleeps until then.
+//! One node: an instance's exclusivity is this process's.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::config::DurableRole;
+use crate::durable::episode::{self, Known, NewMessage};
+use crate::durable::store::{
+    Commit, DurableError, DurableStore, Filter, InstanceChange, NewInstance,
+};
+use crate::durable::{
+    Answer, EntityAnswer, EntityId, HistoryEvent, Instance, Message, RuntimeStatus, WorkItem,
+    now_us, parse_result, rfc3339,
+};
+use crate::invoke::Event;
+use crate::metering::{Durable as Committed, InvocationRecord};
+use crate::runtime::{Admit, Runtime, Ticket};
+use crate::table::{PRODUCTION, Unit};
+
+/// Episodes and entity steps running at once (each an invocation).
+const STEPS: usize = 64;
+/// How long a step refused by admission (its function's queue is full)
+/// waits before it is tried again.
+const REJECTED_RETRY: Duration = Duration::from_millis(20);
+
+/// Why a client operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no orchestrator function named {0:?} in this app")]
+    UnknownOrchestrator(String),
+    #[error("no entity function named {0:?} in this app")]
+    UnknownEntity(String),
+    #[error("no instance with id {0:?}")]
+    NotFound(String),
+    #[error("instance {0:?} has ended ({1})")]
+    Ended(String, &'static str),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] DurableError),
+}
+
+#[derive(Default)]
+struct Sched {
+    ready: VecDeque<String>,
+    queued: HashSet<String>,
+    running: HashSet<String>,
+    /// Scheduled again while it ran: queued once it finishes.
+    again: HashSet<String>,
+    /// Work items handed to the activity loop and not yet settled.
+    work: HashSet<String>,
+}
+
+pub struct DurableFunctions {
+    runtime: Arc<Runtime>,
+    store: Arc<dyn DurableStore>,
+    roles: BTreeMap<String, DurableRole>,
+    sched: Mutex<Sched>,
+    ready: Notify,
+    work_tx: mpsc::UnboundedSender<WorkItem>,
+    work_rx: Mutex<Option<mpsc::UnboundedReceiver<WorkItem>>>,
+    /// Per activity function: its concurrency, so a fan-out waits here and
+    /// never overflows the function's admission queue.
+    slots: HashMap<String, Arc<Semaphore>>,
+    /// Wakes the loop that finds what became due (a new timer or retry).
+    delayed: Notify,
+    /// Orchestrator versions instances are pinned to, beside production.
+    pinned: Mutex<HashMap<String, Arc<Unit>>>,
+    stopping: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+struct Roles<'a>(&'a BTreeMap<String, DurableRole>);
+
+impl Known for Roles<'_> {
+    fn activity(&self, name: &str) -> bool {
+        self.0.get(name) == Some(&DurableRole::Activity)
+    }
+    fn orchestrator(&self, name: &str) -> bool {
+        self.0.get(name) == Some(&DurableRole::Orchestrator)
+    }
+    fn entity(&self, name: &str) -> bool {
+        self.0.get(name) == Some(&DurableRole::Entity)
+    }
+}
+
+/// What a committed step made ready, to schedule once it is durable.
+#[derive(Default)]
+struct Next {
+    targets: Vec<String>,
+    work: Vec<WorkItem>,
+    delayed: bool,
+}
+
+impl Next {
+    fn of(commit: &Commit) -> Next {
+        let now = now_us();
+        let mut next = Next::default();
+        for m in &commit.messages {
+            if m.visible_us <= now {
+                next.targets.push(m.target.clone());
+            } else {
+                next.delayed = true;
+            }
+        }
+        next.targets
+            .extend(commit.create.iter().map(|c| c.id.clone()));
+        for w in &commit.work {
+            if w.visible_us <= now {
+                next.work.push(w.clone());
+            } else {
+                next.delayed = true;
+            }
+        }
+        next.delayed |= commit.work_retry.is_some();
+        next
+    }
+}
+
+impl DurableFunctions {
+    pub fn new(runtime: Arc<Runtime>, store: Arc<dyn DurableStore>) -> Arc<DurableFunctions> {
+        let manifest = runtime.manifest();
+        let roles = manifest.durable_roles();
+        let slots = manifest
+            .functions
+            .iter()
+            .filter(|f| roles.get(f.name.as_str()) == Some(&DurableRole::Activity))
+            .map(|f| {
+                (
+                    f.name.to_string(),
+                    Arc::new(Semaphore::new(f.concurrency.max.get() as usize)),
+                )
+            })
+            .collect();
+        let (work_tx, work_rx) = mpsc::unbounded_channel();
+        Arc::new(DurableFunctions {
+            runtime,
+            store,
+            roles,
+            sched: Mutex::default(),
+            ready: Notify::new(),
+            work_tx,
+            work_rx: Mutex::new(Some(work_rx)),
+            slots,
+            delayed: Notify::new(),
+            pinned: Mutex::default(),
+            stopping: watch::channel(false).0,
+            tasks: Mutex::default(),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn DurableStore> {
+        &self.store
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Whether the app has any durable function.
+    pub fn any(&self) -> bool {
+        !self.roles.is_empty()
+    }
+
+    /// Starts running: what was pending when the last process stopped
+    /// (every message and work item due; an activity that was running
+    /// then runs again), then the loops.
+    pub async fn start(self: &Arc<Self>) -> Result<(), DurableError> {
+        let now = now_us();
+        let (targets, work) = self.store.due(i64::MIN, now).await?;
+        if !targets.is_empty() || !work.is_empty() {
+            tracing::info!(
+                instances = targets.len(),
+                activities = work.len(),
+                "durable work pending since the last stop resumes"
+            );
+        }
+        for t in targets {
+            self.schedule(&t);
+        }
+        for w in work {
+            self.dispatch_work(w);
+        }
+        let rx = self
+            .work_rx
+            .lock()
+            .expect("work lock")
+            .take()
+            .expect("durable functions start once");
+        let mut tasks = self.tasks.lock().expect("tasks lock");
+        tasks.push(tokio::spawn(self.clone().run_steps()));
+        tasks.push(tokio::spawn(self.clone().run_activities(rx)));
+        tasks.push(tokio::spawn(self.clone().find_due(now)));
+        Ok(())
+    }
+
+    /// Stops starting steps (at shutdown); those under way finish and are
+    /// recorded, like any invocation.
+    pub fn stop(&self) {
+        let _ = self.stopping.send(true);
+        for t in self.tasks.lock().expect("tasks lock").drain(..) {
+            t.abort();
+        }
+    }
+
+    async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Queues `target` (an instance or entity id) for a step.
+    fn schedule(&self, target: &str) {
+        let mut s = self.sched.lock().expect("sched lock");
+        if s.running.contains(target) {
+            s.again.insert(target.to_owned());
+        } else if s.queued.insert(target.to_owned()) {
+            s.ready.push_back(target.to_owned());
+            drop(s);
+            self.ready.notify_one();
+        }
+    }
+
+    fn dispatch_work(&self, w: WorkItem) {
+        if self
+            .sched
+            .lock()
+            .expect("sched lock")
+            .work
+            .insert(w.id.clone())
+        {
+            let _ = self.work_tx.send(w);
+        }
+    }
+
+    fn next(&self, next: Next) {
+        for t in &next.targets {
+            self.schedule(t);
+        }
+        for w in next.work {
+            self.dispatch_work(w);
+        }
+        if next.delayed {
+            self.delayed.notify_one();
+        }
+    }
+
+    /// Schedules `target` again after `delay` (its step could not run).
+    fn later(self: &Arc<Self>, target: String, delay: Duration) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            me.schedule(&target);
+        });
+    }
+
+    async fn run_steps(self: Arc<Self>) {
+        let permits = Arc::new(Semaphore::new(STEPS));
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let target = loop {
+                let popped = {
+                    let mut s = self.sched.lock().expect("sched lock");
+                    let t = s.ready.pop_front();
+                    if let Some(t) = &t {
+                        s.queued.remove(t);
+                        s.running.insert(t.clone());
+                    }
+                    t
+                };
+                match popped {
+                    Some(t) => break t,
+                    None => tokio::select! {
+                        _ = self.ready.notified() => {}
+                        _ = self.stopped() => return,
+                    },
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let result = if EntityId::is_entity(&target) {
+                    me.entity_step(&target).await
+                } else {
+                    me.episode(&target).await
+                };
+                if let Err(e) = result {
+                    tracing::error!(target = target.as_str(), error = %e, "a durable step failed; retrying in 1 s");
+                    me.later(target.clone(), Duration::from_secs(1));
+                }
+                let again = {
+                    let mut s = me.sched.lock().expect("sched lock");
+                    s.running.remove(&target);
+                    s.again.remove(&target)
+                };
+                if again {
+                    me.schedule(&target);
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// The unit an instance runs: the version it is pinned to.
+    fn unit_of(&self, instance: &Instance) -> Result<Arc<Unit>, DurableError> {
+        let production = self
+            .runtime
+            .production(&instance.name)
+            .map_err(|e| DurableError::Failed(e.to_string()))?;
+        if production.version.as_str() == instance.version {
+            return Ok(production);
+        }
+        if let Some(unit) = self
+            .pinned
+            .lock()
+            .expect("pinned lock")
+            .get(&instance.version)
+        {
+            return Ok(unit.clone());
+        }
+        tracing::warn!(
+            instance = instance.id.as_str(),
+            pinned = instance.version.as_str(),
+            running = production.version.as_str(),
+            "the orchestrator version this instance started with is no longer loaded; it continues on the current one"
+        );
+        Ok(production)
+    }
+
+    /// Admits a step of `unit`; `None` if it was rejected (scheduled again).
+    async fn admit(
+        self: &Arc<Self>,
+        unit: &Arc<Unit>,
+        trigger: &'static str,
+        target: &str,
+    ) -> Result<Option<Ticket>, DurableError> {
+        match self.runtime.admit_unit(unit, PRODUCTION, trigger).await {
+            Ok(Admit::Admitted(ticket)) => Ok(Some(ticket)),
+            Ok(Admit::Rejected(_)) => {
+                self.later(target.to_owned(), REJECTED_RETRY);
+                Ok(None)
+            }
+            Err(e) => Err(DurableError::Failed(e.to_string())),
+        }
+    }
+
+    /// One orchestration episode: the messages waiting for `id`, handed to
+    /// its orchestrator with the history, and the answer committed.
+    async fn episode(self: &Arc<Self>, id: &str) -> Result<(), DurableError> {
+        let now = now_us();
+        let inbox = self.store.inbox(id, now).await?;
+        if inbox.is_empty() {
+            return Ok(());
+        }
+        let Some(instance) = self.store.instance(id).await? else {
+            // Messages for an instance purged meanwhile.
+            let commit = Commit {
+                consumed: inbox.into_iter().map(|m| m.id).collect(),
+                ..Commit::default()
+            };
+            self.store.commit(None, commit).wait().await?;
+            return Ok(());
+        };
+        let mut consumed = Vec::new();
+        let mut new = Vec::new();
+        let mut host_only = false;
+        let mut runs = false;
+        let mut status = instance.status;
+        let mut terminated = None;
+        for item in inbox {
+            let Message::Event { event } = item.message else {
+                consumed.push(item.id);
+                continue;
+            };
+            let stale = item.generation.is_some_and(|g| g != instance.generation);
+            if status.ended() || stale || terminated.is_some() {
+                consumed.push(item.id);
+                continue;
+            }
+            match event {
+                HistoryEvent::ExecutionTerminated { reason } => {
+                    consumed.push(item.id);
+                    terminated = Some(reason);
+                }
+                HistoryEvent::ExecutionSuspended { reason } => {
+                    consumed.push(item.id);
+                    if status != RuntimeStatus::Suspended {
+                        status = RuntimeStatus::Suspended;
+                        new.push(HistoryEvent::ExecutionSuspended { reason });
+                        host_only = true;
+                    }
+                }
+                HistoryEvent::ExecutionResumed { reason } => {
+                    consumed.push(item.id);
+                    if status == RuntimeStatus::Suspended {
+                        status = RuntimeStatus::Running;
+                        new.push(HistoryEvent::ExecutionResumed { reason });
+                        host_only = true;
+                    }
+                }
+                // Kept until it resumes.
+                _ if status == RuntimeStatus::Suspended => {}
+                event => {
+                    consumed.push(item.id);
+                    new.push(event);
+                    runs = true;
+                }
+            }
+        }
+        if !(runs || host_only || terminated.is_some()) {
+            // Only dropped messages: nothing to append.
+            let commit = Commit {
+                consumed,
+                ..Commit::default()
+            };
+            self.store.commit(None, commit).wait().await?;
+            return Ok(());
+        }
+        let history = self.store.history(id).await?;
+        let from_seq = history.len() as u64;
+
+        if let Some(reason) = terminated {
+            new.push(HistoryEvent::ExecutionTerminated {
+                reason: reason.clone(),
+            });
+            let commit = Commit {
+                consumed,
+                instance: Some(InstanceChange {
+                    id: id.to_owned(),
+                    status: RuntimeStatus::Terminated,
+                    output: Some(Value::String(reason.clone())),
+                    custom_status: None,
+                    append: new,
+                    from_seq,
+                    restart: None,
+                }),
+                messages: episode::to_parent(
+                    &instance,
+                    Err(format!("the sub-orchestration was terminated: {reason}")),
+                    now,
+                ),
+                ..Commit::default()
+            };
+            return self.commit_step(None, commit).await;
+        }
+        if !runs || status == RuntimeStatus::Suspended {
+            let commit = Commit {
+                consumed,
+                instance: Some(InstanceChange {
+                    id: id.to_owned(),
+                    status,
+                    output: None,
+                    custom_status: None,
+                    append: new,
+                    from_seq,
+                    restart: None,
+                }),
+                ..Commit::default()
+            };
+            return self.commit_step(None, commit).await;
+        }
+
+        // Run the orchestrator: an OrchestratorStarted first gives it the
+        // time; the events it never sees are left out of its request.
+        new.insert(
+            0,
+            HistoryEvent::OrchestratorStarted {
+                timestamp: rfc3339(now),
+            },
+        );
+        let unit = self.unit_of(&instance)?;
+        let Some(ticket) = self
+            .admit(&unit, DurableRole::Orchestrator.trigger(), id)
+            .await?
+        else {
+            return Ok(());
+        };
+        let seen: Vec<&HistoryEvent> = history
+            .iter()
+            .chain(new.iter())
+            .filter(|e| {
+                !matches!(
+                    e,
+                    HistoryEvent::ExecutionSuspended { .. }
+                        | HistoryEvent::ExecutionResumed { .. }
+                        | HistoryEvent::ExecutionTerminated { .. }
+                        | HistoryEvent::ExecutionCompleted { .. }
+                )
+            })
+            .collect();
+        let request = json!({
+            "instance_id": instance.id,
+            "name": instance.name,
+            "input": instance.input,
+            "history": seen,
+        });
+        let input = Bytes::from(serde_json::to_vec(&request).expect("a request serialises"));
+        let me = self.clone();
+        let next = Arc::new(Mutex::new(Next::default()));
+        let slot = next.clone();
+        let settle = move |record: &InvocationRecord, answer: Option<&Answer>| -> Committed {
+            let answer = answer.cloned().ok_or_else(|| failure_reason(record));
+            let decided = episode::decide(&instance, &history, new, answer, &Roles(&me.roles), now);
+            let mut messages = decided.messages;
+            let restart = decided.restart.map(|input| {
+                let generation = instance.generation + 1;
+                messages.push(NewMessage {
+                    target: instance.id.clone(),
+                    generation: Some(generation),
+                    message: Message::Event {
+                        event: HistoryEvent::ExecutionStarted {
+                            name: instance.name.clone(),
+                            input: input.clone(),
+                            parent: instance.parent.clone(),
+                        },
+                    },
+                    visible_us: now,
+                });
+                (generation, input)
+            });
+            let create = decided
+                .children
+                .into_iter()
+                .map(|c| NewInstance {
+                    version: me.version_of(&c.name),
+                    id: c.id,
+                    name: c.name,
+                    input: c.input,
+                    parent: Some(c.parent),
+                })
+                .collect();
+            let commit = Commit {
+                consumed,
+                instance: Some(InstanceChange {
+                    id: instance.id.clone(),
+                    status: decided.status,
+                    output: decided.output,
+                    custom_status: decided.custom_status,
+                    append: decided.append,
+                    from_seq,
+                    restart,
+                }),
+                create,
+                messages,
+                work: decided.work,
+                instance_of_record: Some(instance.id.clone()),
+                ..Commit::default()
+            };
+            *slot.lock().expect("next lock") = Next::of(&commit);
+            me.store.commit(Some(record.clone()), commit)
+        };
+        let event = Event {
+            trigger: DurableRole::Orchestrator.trigger(),
+            input,
+            env: vec![("KELVIN_INSTANCE_ID".into(), id.to_owned())],
+        };
+        let checked = self
+            .runtime
+            .start_settled(ticket, event, |out| Answer::parse(&out), (), settle)
+            .await;
+        if !checked.durable {
+            return Err(DurableError::Failed(
+                "an episode's decisions could not be committed".into(),
+            ));
+        }
+        let next = std::mem::take(&mut *next.lock().expect("next lock"));
+        self.next(next);
+        Ok(())
+    }
+
+    /// Commits a step that ran no function, then schedules what it made
+    /// ready.
+    async fn commit_step(
+        &self,
+        record: Option<InvocationRecord>,
+        commit: Commit,
+    ) -> Result<(), DurableError> {
+        let next = Next::of(&commit);
+        self.store.commit(record, commit).wait().await?;
+        self.next(next);
+        Ok(())
+    }
+
+    /// The production version of orchestrator `name` (what a new instance
+    /// is pinned to); it stays loadable while instances use it.
+    fn version_of(&self, name: &str) -> String {
+        match self.runtime.production(name) {
+            Ok(unit) => {
+                let version = unit.version.to_string();
+                self.pinned
+                    .lock()
+                    .expect("pinned lock")
+                    .entry(version.clone())
+                    .or_insert(unit);
+                version
+            }
+            Err(_) => String::new(),
+        }
+    }
+
+    /// Runs work items as activity slots free up.
+    async fn run_activities(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<WorkItem>) {
+        while let Some(item) = rx.recv().await {
+            let Some(slots) = self.slots.get(&item.name).cloned() else {
+                // Its function is gone from the app: the call fails.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let reason = format!("no activity function named {:?} in this app", item.name);
+                    me.settle_activity(&item, None, Err(reason)).await;
+                });
+                continue;
+            };
+            let Ok(permit) = slots.acquire_owned().await else {
+                return;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                me.activity(item).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// One attempt of an activity.
+    async fn activity(self: &Arc<Self>, item: WorkItem) {
+        let unit = match self.runtime.production(&item.name) {
+            Ok(unit) => unit,
+            Err(e) => {
+                self.settle_activity(&item, None, Err(e.to_string())).await;
+                return;
+            }
+        };
+        let ticket = match self
+            .runtime
+            .admit_unit(&unit, PRODUCTION, DurableRole::Activity.trigger())
+            .await
+        {
+            Ok(Admit::Admitted(t)) => t,
+            _ => {
+                // Not run: again shortly, not counted as an attempt.
+                let me = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(REJECTED_RETRY).await;
+                    let _ = me.work_tx.send(item);
+                });
+                return;
+            }
+        };
+        let request = json!({
+            "instance_id": item.instance_id,
+            "name": item.name,
+            "input": item.input,
+            "attempt": item.attempts + 1,
+        });
+        let event = Event {
+            trigger: DurableRole::Activity.trigger(),
+            input: Bytes::from(serde_json::to_vec(&request).expect("a request serialises")),
+            env: vec![("KELVIN_INSTANCE_ID".into(), item.instance_id.clone())],
+        };
+        let me = self.clone();
+        let settled = item.clone();
+        let next = Arc::new(Mutex::new(Next::default()));
+        let slot = next.clone();
+        let settle = move |record: &InvocationRecord, result: Option<&Value>| -> Committed {
+            let result = result.cloned().ok_or_else(|| failure_reason(record));
+            let commit = activity_commit(&settled, result, Some(record));
+            *slot.lock().expect("next lock") = Next::of(&commit);
+            me.store.commit(Some(record.clone()), commit)
+        };
+        let checked = self
+            .runtime
+            .start_settled(ticket, event, |out| parse_result(&out), (), settle)
+            .await;
+        if checked.durable {
+            let next = std::mem::take(&mut *next.lock().expect("next lock"));
+            self.work_settled(&item.id);
+            self.next(next);
+        } else {
+            tracing::error!(
+                activity = item.name.as_str(),
+                "an activity's result could not be committed; it runs again in 1 s"
+            );
+            let me = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = me.work_tx.send(item);
+            });
+        }
+    }
+
+    /// Settles a work item that could not run at all.
+    async fn settle_activity(
+        &self,
+        item: &WorkItem,
+        record: Option<InvocationRecord>,
+        result: Result<Value, String>,
+    ) {
+        let mut item = item.clone();
+        // No attempts left: a missing function does not come back by itself.
+        item.retry.max_attempts = 0;
+        let commit = activity_commit(&item, result, record.as_ref());
+        if let Err(e) = self.commit_step(record, commit).await {
+            tracing::error!(error = %e, "failed to settle an activity");
+        }
+        self.work_settled(&item.id);
+    }
+
+    fn work_settled(&self, id: &str) {
+        self.sched.lock().expect("sched lock").work.remove(id);
+    }
+
+    /// One entity's waiting operations, one at a time, each committed with
+    /// the state it leaves.
+    async fn entity_step(self: &Arc<Self>, target: &str) -> Result<(), DurableError> {
+        let inbox = self.store.inbox(target, now_us()).await?;
+        if inbox.is_empty() {
+            return Ok(());
+        }
+        let entity = EntityId::parse(target)
+            .map_err(DurableError::Failed)
+            .and_then(|id| {
+                if Roles(&self.roles).entity(&id.name) {
+                    Ok(id)
+                } else {
+                    Err(DurableError::Failed(format!(
+                        "no entity function named {:?} in this app",
+                        id.name
+                    )))
+                }
+            });
+        let entity = match entity {
+            Ok(e) => e,
+            Err(e) => {
+                // Nobody can run these: callers are answered, signals dropped.
+                let mut commit = Commit::default();
+                for item in inbox {
+                    if let Message::Operation {
+                        reply_to: Some(r), ..
+                    } = &item.message
+                    {
+                        commit.messages.push(reply(r, Err(e.to_string())));
+                    }
+                    commit.consumed.push(item.id);
+                }
+                return self.commit_step(None, commit).await;
+            }
+        };
+        let mut state = self.store.entity(target).await?;
+        for item in inbox {
+            let Message::Operation {
+                operation,
+                input,
+                reply_to,
+            } = item.message
+            else {
+                self.commit_step(
+                    None,
+                    Commit {
+                        consumed: vec![item.id],
+                        ..Commit::default()
+                    },
+                )
+                .await?;
+                continue;
+            };
+            let unit = self
+                .runtime
+                .production(&entity.name)
+                .map_err(|e| DurableError::Failed(e.to_string()))?;
+            let Some(ticket) = self
+                .admit(&unit, DurableRole::Entity.trigger(), target)
+                .await?
+            else {
+                return Ok(());
+            };
+            let request = json!({
+                "entity": target,
+                "name": entity.name,
+                "key": entity.key,
+                "operation": operation,
+                "input": input,
+                "state": state,
+            });
+            let event = Event {
+                trigger: DurableRole::Entity.trigger(),
+                input: Bytes::from(serde_json::to_vec(&request).expect("a request serialises")),
+                env: vec![("KELVIN_INSTANCE_ID".into(), target.to_owned())],
+            };
+            let me = self.clone();
+            let target_owned = target.to_owned();
+            let kept = Arc::new(Mutex::new((Next::default(), state.clone())));
+            let slot = kept.clone();
+            let before = state.clone();
+            let settle = move |record: &InvocationRecord, answer: Option<&EntityAnswer>| {
+                let (entity, result) = match answer {
+                    Some(a) => (
+                        Some((target_owned.clone(), a.new_state())),
+                        Ok(a.result.clone()),
+                    ),
+                    None => (None, Err(failure_reason(record))),
+                };
+                let after = entity.as_ref().map_or(before, |(_, s)| s.clone());
+                let commit = Commit {
+                    consumed: vec![item.id],
+                    entity,
+                    messages: reply_to.iter().map(|r| reply(r, result.clone())).collect(),
+                    instance_of_record: Some(
+                        reply_to
+                            .as_ref()
+                            .map_or(target_owned.clone(), |r| r.instance_id.clone()),
+                    ),
+                    ..Commit::default()
+                };
+                *slot.lock().expect("kept lock") = (Next::of(&commit), after);
+                me.store.commit(Some(record.clone()), commit)
+            };
+            let checked = self
+                .runtime
+                .start_settled(ticket, event, |out| EntityAnswer::parse(&out), (), settle)
+                .await;
+            if !checked.durable {
+                return Err(DurableError::Failed(
+                    "an entity operation could not be committed".into(),
+                ));
+            }
+            let (next, after) = std::mem::take(&mut *kept.lock().expect("kept lock"));
+            state = after;
+            self.next(next);
+        }
+        Ok(())
+    }
+
+    /// Finds what became due (timers fired, retries' backoffs over) and
+    /// schedules it; sleeps until the next one, or until a step makes an
+    /// earlier one.
+    async fn find_due(self: Arc<Self>, mut watermark: i64) {
+        loop {
+            let next = match self.store.next_due(watermark).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to read when durable work is due; retrying in 1 s");
+                    Some(now_us() + 1_000_000)
+                }
+            };
+            let wait = next.map_or(Duration::from_secs(60), |at| {
+                Duration::from_micros(u64::try_from(at - now_us()).unwrap_or(0))
+                    .min(Duration::from_secs(60))
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.delayed.notified() => continue,
+                _ = self.stopped() => return,
+            }
+            let now = now_us();
+            match self.store.due(watermark, now).await {
+                Ok((targets, work)) => {
+                    watermark = now;
+                    for t in targets {
+                        self.schedule(&t);
+                    }
+                    for w in work {
+                        self.dispatch_work(w);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "failed to read due durable work; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    // The client operations (the management API, bindings, the CLI).
+
+    /// Starts an orchestration; its instance id.
+    pub async fn start_new(
+        &self,
+        name: &str,
+        instance_id: Option<String>,
+        input: Value,
+    ) -> Result<String, ClientError> {
+        if !Roles(&self.roles).orchestrator(name) {
+            return Err(ClientError::UnknownOrchestrator(name.to_owned()));
+        }
+        let id = instance_id.unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
+        valid_instance_id(&id)?;
+        self.store
+            .create(NewInstance {
+                id: id.clone(),
+                name: name.to_owned(),
+                version: self.version_of(name),
+                input,
+                parent: None,
+            })
+            .await?;
+        self.schedule(&id);
+        Ok(id)
+    }
+
+    /// An instance that has not ended, for a command to it.
+    async fn live(&self, id: &str) -> Result<Instance, ClientError> {
+        let instance = self
+            .store
+            .instance(id)
+            .await?
+            .ok_or_else(|| ClientError::NotFound(id.to_owned()))?;
+        if instance.status.ended() {
+            return Err(ClientError::Ended(id.to_owned(), instance.status.as_str()));
+        }
+        Ok(instance)
+    }
+
+    async fn command(&self, id: &str, event: HistoryEvent) -> Result<(), ClientError> {
+        self.live(id).await?;
+        self.store
+            .send(vec![NewMessage {
+                target: id.to_owned(),
+                generation: None,
+                message: Message::Event { event },
+                visible_us: now_us(),
+            }])
+            .await?;
+        self.schedule(id);
+        Ok(())
+    }
+
+    pub async fn raise_event(&self, id: &str, name: &str, input: Value) -> Result<(), ClientError> {
+        self.command(
+            id,
+            HistoryEvent::EventRaised {
+                name: name.to_owned(),
+                input,
+            },
+        )
+        .await
+    }
+
+    pub async fn terminate(&self, id: &str, reason: &str) -> Result<(), ClientError> {
+        self.command(
+            id,
+            HistoryEvent::ExecutionTerminated {
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    pub async fn suspend(&self, id: &str, reason: &str) -> Result<(), ClientError> {
+        self.command(
+            id,
+            HistoryEvent::ExecutionSuspended {
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    pub async fn resume(&self, id: &str, reason: &str) -> Result<(), ClientError> {
+        self.command(
+            id,
+            HistoryEvent::ExecutionResumed {
+                reason: reason.to_owned(),
+            },
+        )
+        .await
+    }
+
+    pub async fn status(&self, id: &str) -> Result<Option<Instance>, ClientError> {
+        Ok(self.store.instance(id).await?)
+    }
+
+    pub async fn history(&self, id: &str) -> Result<Vec<HistoryEvent>, ClientError> {
+        Ok(self.store.history(id).await?)
+    }
+
+    pub async fn list(&self, filter: Filter) -> Result<Vec<Instance>, ClientError> {
+        Ok(self.store.list(filter).await?)
+    }
+
+    pub async fn purge(&self, id: Option<String>, filter: Filter) -> Result<u64, ClientError> {
+        Ok(self.store.purge(id, filter).await?)
+    }
+
+    /// Signals an entity (one-way).
+    pub async fn signal_entity(
+        &self,
+        entity: &EntityId,
+        operation: &str,
+        input: Value,
+    ) -> Result<(), ClientError> {
+        if !Roles(&self.roles).entity(&entity.name) {
+            return Err(ClientError::UnknownEntity(entity.name.clone()));
+        }
+        if operation.is_empty() {
+            return Err(ClientError::Invalid("an operation needs a name".into()));
+        }
+        let target = entity.to_string();
+        self.store
+            .send(vec![NewMessage {
+                target: target.clone(),
+                generation: None,
+                message: Message::Operation {
+                    operation: operation.to_owned(),
+                    input,
+                    reply_to: None,
+                },
+                visible_us: now_us(),
+            }])
+            .await?;
+        self.schedule(&target);
+        Ok(())
+    }
+
+    pub async fn entity_state(&self, entity: &EntityId) -> Result<Option<Value>, ClientError> {
+        if !Roles(&self.roles).entity(&entity.name) {
+            return Err(ClientError::UnknownEntity(entity.name.clone()));
+        }
+        Ok(self.store.entity(&entity.to_string()).await?)
+    }
+}
+
+/// Instance ids go in URLs and logs: printable, no `/`, not too long.
+fn valid_instance_id(id: &str) -> Result<(), ClientError> {
+    let ok = !id.is_empty()
+        && id.len() <= 256
+        && !id.starts_with('@')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !matches!(c, '/' | '?' | '#' | '%'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ClientError::Invalid(format!(
+            "instance id {id:?} must be 1-256 printable ASCII characters without '/', '?', '#', '%' or a leading '@'"
+        )))
+    }
+}
+
+/// Why an invocation failed, for a `TaskFailed` or an instance's error.
+fn failure_reason(record: &InvocationRecord) -> String {
+    record
+        .reason
+        .clone()
+        .unwrap_or_else(|| format!("the invocation ended {:?}", record.outcome))
+}
+
+/// The message answering an entity call.
+fn reply(to: &crate::durable::ReplyTo, result: Result<Value, String>) -> NewMessage {
+    let event = match result {
+        Ok(result) => HistoryEvent::EntityResponded {
+            task_id: to.task_id,
+            result,
+        },
+        Err(error) => HistoryEvent::EntityFailed {
+            task_id: to.task_id,
+            error,
+        },
+    };
+    NewMessage {
+        target: to.instance_id.clone(),
+        generation: Some(to.generation),
+        message: Message::Event { event },
+        visible_us: now_us(),
+    }
+}
+
+/// What an activity attempt's result commits: the result to its instance,
+/// or a retry after the backoff its call asked for, or the last failure.
+fn activity_commit(
+    item: &WorkItem,
+    result: Result<Value, String>,
+    record: Option<&InvocationRecord>,
+) -> Commit {
+    let attempts = item.attempts + 1;
+    let now = now_us();
+    let event = match result {
+        Ok(result) => HistoryEvent::TaskCompleted {
+            task_id: item.task_id,
+            result,
+        },
+        Err(error) if attempts < item.retry.max_attempts => {
+            tracing::info!(activity = item.name.as_str(), attempt = attempts, %error, "an activity failed; it is retried");
+            let delay = i64::try_from(item.retry.delay_ms(attempts)).unwrap_or(i64::MAX / 2);
+            return Commit {
+                work_retry: Some((item.id.clone(), attempts, now + delay * 1000)),
+                instance_of_record: record.map(|_| item.instance_id.clone()),
+                ..Commit::default()
+            };
+        }
+        Err(error) => HistoryEvent::TaskFailed {
+            task_id: item.task_id,
+            error,
+        },
+    };
+    Commit {
+        work_done: Some(item.id.clone()),
+        messages: vec![NewMessage {
+            target: item.instance_id.clone(),
+            generation: Some(item.generation),
+            message: Message::Event { event },
+            visible_us: now,
+        }],
+        instance_of_record: Some(item.instance_id.clone()),
+        ..Commit::default()
+    }
+}

@@ -1,0 +1,666 @@
+//! Durable functions against the real binary: every pattern end to end
+//! (chaining, fan-out/fan-in over 1,000 activities, a monitor, human
+//! interaction as an event racing a timer, sub-orchestrations,
+//! continue-as-new, an entity counter, activity retries), the management
+//! API and its refusals, a determinism error naming its step, and 100
+//! orchestrations through SIGKILLs.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{master_key, up};
+
+use serde_json::{Value, json};
+
+const API: &str = "/runtime/webhooks/durabletask";
+
+/// The test app: every durable guest in its role.
+const APP: &str = r#"
+[functions.hello-cities]
+source = "{guests}/hello_cities.wasm"
+durable = "orchestrator"
+[functions.fan-out]
+source = "{guests}/fan_out.wasm"
+durable = "orchestrator"
+[functions.monitor]
+source = "{guests}/monitor.wasm"
+durable = "orchestrator"
+[functions.approval]
+source = "{guests}/approval.wasm"
+durable = "orchestrator"
+[functions.parent]
+source = "{guests}/parent.wasm"
+durable = "orchestrator"
+[functions.countdown]
+source = "{guests}/countdown.wasm"
+durable = "orchestrator"
+[functions.entity-user]
+source = "{guests}/entity_user.wasm"
+durable = "orchestrator"
+[functions.retrying]
+source = "{guests}/retrying.wasm"
+durable = "orchestrator"
+[functions.nondeterministic]
+source = "{guests}/nondeterministic.wasm"
+durable = "orchestrator"
+[functions.say-hello]
+source = "{guests}/say_hello.wasm"
+durable = "activity"
+[functions.work]
+source = "{guests}/work.wasm"
+durable = "activity"
+max_concurrency = 32
+[functions.counter]
+source = "{guests}/counter.wasm"
+durable = "entity"
+"#;
+
+fn app() -> (tempfile::TempDir, PathBuf) {
+    common::app_in_temp_dir("durable", 64, "", APP)
+}
+
+/// A running `kelvin up`, SIGKILLed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    key: String,
+    client: reqwest::Client,
+}
+
+impl Server {
+    fn start(manifest: &Path) -> Server {
+        let (child, addr, stderr) = up(manifest);
+        std::thread::spawn(move || for _ in stderr.lines() {});
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            key: master_key(manifest),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("x-kelvin-key", &self.key);
+        if let Some(b) = body {
+            r = r.body(b.to_string());
+        }
+        let r = r.send().await.unwrap();
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await.unwrap();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, v)
+    }
+
+    /// Starts `name` with `input`; its id.
+    async fn start_orchestration(&self, name: &str, id: Option<&str>, input: Value) -> String {
+        let path = match id {
+            Some(id) => format!("{API}/orchestrators/{name}/{id}"),
+            None => format!("{API}/orchestrators/{name}"),
+        };
+        let (status, v) = self.call(reqwest::Method::POST, &path, Some(input)).await;
+        assert_eq!(status, 202, "start {name}: {v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn status(&self, id: &str) -> Value {
+        let (status, v) = self
+            .call(reqwest::Method::GET, &format!("{API}/instances/{id}"), None)
+            .await;
+        assert!(status == 200 || status == 202, "status {id}: {status} {v}");
+        v
+    }
+
+    /// Waits until `id` has ended; its status.
+    async fn ended(&self, id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.status(id).await;
+            if ["Completed", "Failed", "Terminated"].contains(&s["runtimeStatus"].as_str().unwrap())
+            {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} did not end within {within:?}: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn output(&self, id: &str) -> Value {
+        let s = self.ended(id, Duration::from_secs(60)).await;
+        assert_eq!(s["runtimeStatus"], "Completed", "{s}");
+        s["output"].clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pattern_runs_end_to_end() {
+    let (_dir, manifest) = app();
+    let s = Server::start(&manifest);
+
+    // Chaining (the HelloCities shape).
+    let chain = s
+        .start_orchestration("hello-cities", None, Value::Null)
+        .await;
+    // Fan-out/fan-in over 1,000 activities.
+    let started = Instant::now();
+    let fan = s
+        .start_orchestration("fan-out", None, json!({"n": 1000}))
+        .await;
+    assert_eq!(s.output(&fan).await, json!(999_000));
+    eprintln!("a 1,000-activity fan-out took {:?}", started.elapsed());
+    assert_eq!(
+        s.output(&chain).await,
+        json!([
+            "Hello, Tokyo!",
+            "Hello, Seattle!",
+            "Hello, London!",
+            "Hello, Cairo!",
+            "Hello, Lima!"
+        ])
+    );
+    let history = s
+        .call(
+            reqwest::Method::GET,
+            &format!("{API}/instances/{fan}?showHistory=true"),
+            None,
+        )
+        .await
+        .1;
+    let events = history["historyEvents"].as_array().unwrap();
+    let episodes = events
+        .iter()
+        .filter(|e| e["type"] == "OrchestratorStarted")
+        .count();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["type"] == "TaskCompleted")
+            .count(),
+        1000
+    );
+    // Completions are batched into episodes: far fewer than one per result.
+    assert!(episodes < 500, "{episodes} episodes for 1,000 results");
+
+    // A monitor: a loop with durable timers.
+    let monitor = s
+        .start_orchestration("monitor", None, json!({"polls": 3, "interval_ms": 100}))
+        .await;
+    // Human interaction: the approval arrives before the timeout...
+    let approved = s
+        .start_orchestration("approval", None, json!({"timeout_ms": 60_000}))
+        .await;
+    // ...or the timer wins.
+    let timed_out = s
+        .start_orchestration("approval", None, json!({"timeout_ms": 200}))
+        .await;
+    // Sub-orchestrations.
+    let parent = s
+        .start_orchestration("parent", None, json!({"cities": ["Oslo", "Rome", "Quito"]}))
+        .await;
+    // Continue-as-new.
+    let countdown = s
+        .start_orchestration("countdown", None, json!({"n": 3}))
+        .await;
+    // An entity counter: signals and calls, one operation at a time.
+    let entity_user = s
+        .start_orchestration("entity-user", None, json!({"key": "user-42"}))
+        .await;
+    // Activity retries: fails twice, succeeds on the third attempt; and a
+    // call that fails on every attempt reaches the orchestrator.
+    let retrying = s.start_orchestration("retrying", None, Value::Null).await;
+
+    // The approval waits (custom status) until its event is raised.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = s.status(&approved).await;
+        if st["customStatus"] == "waiting for approval" {
+            assert_eq!(st["runtimeStatus"], "Running");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, _) = s
+        .call(
+            reqwest::Method::POST,
+            &format!("{API}/instances/{approved}/raiseEvent/approval"),
+            Some(json!({"by": "ana"})),
+        )
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        s.output(&approved).await,
+        json!({"approved": {"by": "ana"}})
+    );
+    assert_eq!(s.output(&timed_out).await, json!({"timed_out": true}));
+    assert_eq!(s.output(&monitor).await, json!({"polls": 3, "last": 6}));
+    assert_eq!(
+        s.output(&parent).await,
+        json!(["Hello, Oslo!", "Hello, Rome!", "Hello, Quito!"])
+    );
+    assert_eq!(s.output(&countdown).await, json!({"total": 12}));
+    assert_eq!(
+        s.output(&entity_user).await,
+        json!({"after_add": 13, "get": 13})
+    );
+    assert_eq!(
+        s.output(&retrying).await,
+        json!({"value": 14, "error": true})
+    );
+
+    // The entity's state, and a signal through the API.
+    let (status, state) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("{API}/entities/counter/user-42"),
+            None,
+        )
+        .await;
+    assert_eq!((status, state), (200, json!(13)));
+    let (status, _) = s
+        .call(
+            reqwest::Method::POST,
+            &format!("{API}/entities/counter/user-42?op=add"),
+            Some(json!(5)),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, state) = s
+            .call(
+                reqwest::Method::GET,
+                &format!("{API}/entities/counter/user-42"),
+                None,
+            )
+            .await;
+        if state == json!(18) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the signal was not applied: {state}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A decision that changed on replay fails the instance, naming the step.
+    let broken = s
+        .start_orchestration("nondeterministic", None, Value::Null)
+        .await;
+    let st = s.ended(&broken, Duration::from_secs(30)).await;
+    assert_eq!(st["runtimeStatus"], "Failed", "{st}");
+    let error = st["output"].as_str().unwrap();
+    assert!(
+        error.contains("non-deterministic orchestrator: step 0 was CallActivity \"say-hello\""),
+        "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
+    let (_dir, manifest) = app();
+    let s = Server::start(&manifest);
+
+    // Start with a chosen id: 202, the management URLs and Location.
+    let r = s
+        .client
+        .post(format!("{}{API}/orchestrators/approval/order-7", s.base))
+        .header("x-kelvin-key", &s.key)
+        .body(r#"{"timeout_ms": 600000}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let urls: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(urls["id"], "order-7");
+    assert_eq!(urls["statusQueryGetUri"], location);
+    assert!(location.ends_with(&format!("{API}/instances/order-7")));
+    for key in [
+        "sendEventPostUri",
+        "terminatePostUri",
+        "suspendPostUri",
+        "resumePostUri",
+        "purgeHistoryDeleteUri",
+    ] {
+        assert!(
+            urls[key].as_str().unwrap().contains("/instances/order-7"),
+            "{key}"
+        );
+    }
+    // The same id again while it runs: 409.
+    let (status, v) = s
+        .call(
+            reqwest::Method::POST,
+            &format!("{API}/orchestrators/approval/order-7"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{v}");
+
+    // Status: 202 while it runs, with Azure's fields.
+    let (status, st) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("{API}/instances/order-7"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202);
+    for key in [
+        "name",
+        "instanceId",
+        "runtimeStatus",
+        "input",
+        "customStatus",
+        "output",
+        "createdTime",
+        "lastUpdatedTime",
+    ] {
+        assert!(st.get(key).is_some(), "{key} missing from {st}");
+    }
+    assert_eq!(st["input"], json!({"timeout_ms": 600000}));
+
+    // Suspend, resume, terminate; then 410 for commands to it, 200 status.
+    let post = |path: String| {
+        let s = &s;
+        async move { s.call(reqwest::Method::POST, &path, None).await.0 }
+    };
+    let wait_for = |want: &'static str| {
+        let s = &s;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let st = s.status("order-7").await;
+                if st["runtimeStatus"] == want {
+                    return st;
+                }
+                assert!(Instant::now() < deadline, "never {want}: {st}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait_for("Running").await;
+    assert_eq!(
+        post(format!("{API}/instances/order-7/suspend?reason=lunch")).await,
+        202
+    );
+    wait_for("Suspended").await;
+    // An event raised while suspended is kept until it resumes.
+    assert_eq!(
+        s.call(
+            reqwest::Method::POST,
+            &format!("{API}/instances/order-7/raiseEvent/approval"),
+            Some(json!("yes"))
+        )
+        .await
+        .0,
+        202
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.status("order-7").await["runtimeStatus"], "Suspended");
+    assert_eq!(post(format!("{API}/instances/order-7/resume")).await, 202);
+    assert_eq!(s.output("order-7").await, json!({"approved": "yes"}));
+
+    let waiting = s
+        .start_orchestration("approval", Some("order-8"), json!({"timeout_ms": 600000}))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        post(format!(
+            "{API}/instances/{waiting}/terminate?reason=cancelled%20by%20ops"
+        ))
+        .await,
+        202
+    );
+    let st = s.ended(&waiting, Duration::from_secs(10)).await;
+    assert_eq!(st["runtimeStatus"], "Terminated");
+    assert_eq!(st["output"], "cancelled by ops");
+    assert_eq!(
+        post(format!("{API}/instances/{waiting}/terminate")).await,
+        410
+    );
+    assert_eq!(
+        post(format!("{API}/instances/{waiting}/raiseEvent/x")).await,
+        410
+    );
+
+    // History on request.
+    let (_, h) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("{API}/instances/order-7?showHistory=true"),
+            None,
+        )
+        .await;
+    let types: Vec<&str> = h["historyEvents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    for t in [
+        "ExecutionStarted",
+        "TimerCreated",
+        "ExecutionSuspended",
+        "ExecutionResumed",
+        "EventRaised",
+        "ExecutionCompleted",
+    ] {
+        assert!(types.contains(&t), "{t} missing from {types:?}");
+    }
+
+    // Lists filter by status and prefix.
+    let (status, list) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("{API}/instances?runtimeStatus=Completed,Terminated&instanceIdPrefix=order-"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instanceId"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["order-7", "order-8"]);
+    let (status, _) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("{API}/instances?runtimeStatus=Sleeping"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400);
+
+    // Purge: one, then 404.
+    let (status, v) = s
+        .call(
+            reqwest::Method::DELETE,
+            &format!("{API}/instances/order-7"),
+            None,
+        )
+        .await;
+    assert_eq!((status, v), (200, json!({"instancesDeleted": 1})));
+    let (status, _) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("{API}/instances/order-7"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // Refusals: unknown orchestrator, unknown entity, bad input, no key.
+    let (status, v) = s
+        .call(
+            reqwest::Method::POST,
+            &format!("{API}/orchestrators/nope"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("nope"));
+    let (status, _) = s
+        .call(
+            reqwest::Method::POST,
+            &format!("{API}/entities/nope/k?op=add"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let r = s
+        .client
+        .post(format!("{}{API}/orchestrators/hello-cities", s.base))
+        .header("x-kelvin-key", &s.key)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = s
+        .client
+        .post(format!("{}{API}/orchestrators/hello-cities", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = s
+        .client
+        .get(format!("{}{API}/instances", s.base))
+        .header("x-kelvin-key", "wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let (status, _) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("{API}/instances/missing"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+}
+
+/// Every instance's history, from the API: no decision twice, every result
+/// once.
+async fn check_history(s: &Server, id: &str) {
+    let (_, h) = s
+        .call(
+            reqwest::Method::GET,
+            &format!("{API}/instances/{id}?showHistory=true"),
+            None,
+        )
+        .await;
+    let mut scheduled = BTreeMap::new();
+    let mut completed = BTreeMap::new();
+    for e in h["historyEvents"].as_array().unwrap() {
+        match e["type"].as_str().unwrap() {
+            "TaskScheduled" => *scheduled.entry(e["task_id"].as_u64().unwrap()).or_insert(0) += 1,
+            "TaskCompleted" => *completed.entry(e["task_id"].as_u64().unwrap()).or_insert(0) += 1,
+            "TaskFailed" => panic!("{id}: a task failed: {e}"),
+            _ => {}
+        }
+    }
+    assert!(
+        scheduled.values().all(|n| *n == 1),
+        "{id}: a decision applied twice: {scheduled:?}"
+    );
+    assert!(
+        completed.values().all(|n| *n == 1),
+        "{id}: a result recorded twice: {completed:?}"
+    );
+    assert_eq!(
+        scheduled.keys().collect::<Vec<_>>(),
+        (0..scheduled.len() as u64)
+            .collect::<Vec<_>>()
+            .iter()
+            .collect::<Vec<_>>(),
+        "{id}: task ids not contiguous"
+    );
+    assert_eq!(scheduled.len(), completed.len(), "{id}: a result lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_orchestrations_survive_sigkills() {
+    let (dir, manifest) = app();
+    let mut s = Server::start(&manifest);
+    let mut chains = Vec::new();
+    let mut fans = Vec::new();
+    for i in 0..50 {
+        let cities: Vec<String> = (0..5).map(|c| format!("c{i}-{c}")).collect();
+        chains.push((
+            s.start_orchestration("hello-cities", Some(&format!("chain-{i}")), json!(cities))
+                .await,
+            cities,
+        ));
+        fans.push(
+            s.start_orchestration("fan-out", Some(&format!("fan-{i}")), json!({"n": 20}))
+                .await,
+        );
+    }
+    // Kill it at moments spread over the run, three times, restarting each
+    // time.
+    let mut seed = std::process::id() as u64;
+    for _ in 0..3 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let ms = 20 + (seed >> 33) % 300;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        s.kill();
+        s = Server::start(&manifest);
+    }
+    for (id, cities) in &chains {
+        let want: Vec<String> = cities.iter().map(|c| format!("Hello, {c}!")).collect();
+        assert_eq!(s.output(id).await, json!(want), "{id}");
+        check_history(&s, id).await;
+    }
+    for id in &fans {
+        assert_eq!(s.output(id).await, json!(380), "{id}");
+        check_history(&s, id).await;
+    }
+    // The ledger has every episode and activity, tagged with its instance.
+    let out = common::kelvin()
+        .args(["bill", "--by", "orchestration", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("chain-0") && text.contains("fan-49"),
+        "{text}"
+    );
+    drop(dir);
+}
