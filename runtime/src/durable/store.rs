@@ -136,6 +136,7 @@ CREATE TABLE IF NOT EXISTS durable_instances (
     parent        TEXT
 );
 CREATE INDEX IF NOT EXISTS durable_instances_created ON durable_instances (created_us);
+CREATE INDEX IF NOT EXISTS durable_instances_status ON durable_instances (status, created_us);
 CREATE TABLE IF NOT EXISTS durable_history (
     instance_id TEXT NOT NULL,
     seq         INTEGER NOT NULL,
@@ -173,7 +174,8 @@ CREATE TABLE IF NOT EXISTS durable_entities (
 /// The SQLite durable store, in the ledger's database.
 pub struct SqliteDurable {
     writer: Arc<GroupCommit>,
-    reader: Mutex<Connection>,
+    /// One per core: steps read their inbox concurrently.
+    readers: Vec<Mutex<Connection>>,
     /// Whether `commit` writes the record too (not with `--no-ledger`).
     records: bool,
 }
@@ -187,14 +189,22 @@ impl SqliteDurable {
         records: bool,
     ) -> Result<SqliteDurable, DurableError> {
         writer.run(|tx| tx.execute_batch(SCHEMA)).await?;
-        let reader = Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        reader.busy_timeout(Duration::from_secs(5))?;
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8));
+        let mut readers = Vec::with_capacity(cores);
+        for _ in 0..cores {
+            let reader = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            reader.busy_timeout(Duration::from_secs(5))?;
+            // Pages mapped, not read(): every commit of the writer would
+            // otherwise send the next read back to the kernel for pages.
+            reader.pragma_update(None, "mmap_size", 256i64 << 20)?;
+            readers.push(Mutex::new(reader));
+        }
         Ok(SqliteDurable {
             writer,
-            reader: Mutex::new(reader),
+            readers,
             records,
         })
     }
@@ -203,13 +213,16 @@ impl SqliteDurable {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, DurableError> {
-        // Reads are short: a blocking section on the one reader is cheaper
-        // than a pool (as the event store does).
-        let conn = &self.reader;
-        tokio::task::block_in_place(|| {
-            let conn = conn.lock().expect("reader lock");
-            f(&conn).map_err(DurableError::from)
-        })
+        // A step's reads are a few indexed rows (tens of microseconds):
+        // done in place on a free reader, cheaper than handing the thread's
+        // other tasks away (`block_in_place`) or a hop to a pool.
+        for r in &self.readers {
+            if let Ok(conn) = r.try_lock() {
+                return f(&conn).map_err(DurableError::from);
+            }
+        }
+        let conn = self.readers[0].lock().expect("reader lock");
+        f(&conn).map_err(DurableError::from)
     }
 }
 
@@ -347,6 +360,17 @@ fn create(tx: &Transaction<'_>, new: &NewInstance, now: i64) -> rusqlite::Result
 
 fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
     let now = now_us();
+    // An activity's result counts only if its work item is still there: a
+    // second run of it (at least once) or a run whose decision was never
+    // committed finds none, and its result is dropped.
+    if let Some(id) = &c.work_done
+        && tx
+            .prepare_cached("DELETE FROM durable_work WHERE id = ?1")?
+            .execute([id])?
+            == 0
+    {
+        return Ok(());
+    }
     for id in &c.consumed {
         tx.prepare_cached("DELETE FROM durable_inbox WHERE id = ?1")?
             .execute([id])?;
@@ -427,10 +451,6 @@ fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
             serde_json::to_string(&w.retry).expect("retry options serialise"),
             w.visible_us,
         ])?;
-    }
-    if let Some(id) = &c.work_done {
-        tx.prepare_cached("DELETE FROM durable_work WHERE id = ?1")?
-            .execute([id])?;
     }
     if let Some((id, attempts, at)) = &c.work_retry {
         tx.prepare_cached("UPDATE durable_work SET attempts = ?2, visible_us = ?3 WHERE id = ?1")?

@@ -78,11 +78,23 @@ pub struct DurableFunctions {
     slots: HashMap<String, Arc<Semaphore>>,
     /// Wakes the loop that finds what became due (a new timer or retry).
     delayed: Notify,
+    /// Instances' state and history as the last step left them: an episode
+    /// reads only its inbox from the store.
+    cache: Mutex<lru::LruCache<String, Arc<Loaded>>>,
     /// Orchestrator versions instances are pinned to, beside production.
     pinned: Mutex<HashMap<String, Arc<Unit>>>,
     stopping: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
+
+/// An instance as its last step left it.
+struct Loaded {
+    instance: Instance,
+    history: Arc<Vec<HistoryEvent>>,
+}
+
+/// Instances whose state is kept in memory between steps.
+const CACHED: usize = 10_000;
 
 struct Roles<'a>(&'a BTreeMap<String, DurableRole>);
 
@@ -157,6 +169,9 @@ impl DurableFunctions {
             work_rx: Mutex::new(Some(work_rx)),
             slots,
             delayed: Notify::new(),
+            cache: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(CACHED).expect("non-zero"),
+            )),
             pinned: Mutex::default(),
             stopping: watch::channel(false).0,
             tasks: Mutex::default(),
@@ -366,7 +381,12 @@ impl DurableFunctions {
         if inbox.is_empty() {
             return Ok(());
         }
-        let Some(instance) = self.store.instance(id).await? else {
+        let cached = self.cache.lock().expect("cache lock").get(id).cloned();
+        let instance = match &cached {
+            Some(c) => Some(c.instance.clone()),
+            None => self.store.instance(id).await?,
+        };
+        let Some(instance) = instance else {
             // Messages for an instance purged meanwhile.
             let commit = Commit {
                 consumed: inbox.into_iter().map(|m| m.id).collect(),
@@ -381,6 +401,7 @@ impl DurableFunctions {
         let mut runs = false;
         let mut status = instance.status;
         let mut terminated = None;
+        let mut kept = false;
         for item in inbox {
             let Message::Event { event } = item.message else {
                 consumed.push(item.id);
@@ -413,13 +434,18 @@ impl DurableFunctions {
                     }
                 }
                 // Kept until it resumes.
-                _ if status == RuntimeStatus::Suspended => {}
+                _ if status == RuntimeStatus::Suspended => kept = true,
                 event => {
                     consumed.push(item.id);
                     new.push(event);
                     runs = true;
                 }
             }
+        }
+        // Events kept while it was suspended, and then it resumed: they
+        // are the next episode's.
+        if kept && status != RuntimeStatus::Suspended {
+            self.schedule(id);
         }
         if !(runs || host_only || terminated.is_some()) {
             // Only dropped messages: nothing to append.
@@ -430,8 +456,13 @@ impl DurableFunctions {
             self.store.commit(None, commit).wait().await?;
             return Ok(());
         }
-        let history = self.store.history(id).await?;
+        let history = match cached {
+            Some(c) => c.history.clone(),
+            None => Arc::new(self.store.history(id).await?),
+        };
         let from_seq = history.len() as u64;
+        // Until this step is committed, the cached state is not the truth.
+        self.cache.lock().expect("cache lock").pop(id);
 
         if let Some(reason) = terminated {
             new.push(HistoryEvent::ExecutionTerminated {
@@ -512,6 +543,8 @@ impl DurableFunctions {
         let me = self.clone();
         let next = Arc::new(Mutex::new(Next::default()));
         let slot = next.clone();
+        let state = Arc::new(Mutex::new(None));
+        let state_slot = state.clone();
         let settle = move |record: &InvocationRecord, answer: Option<&Answer>| -> Committed {
             let answer = answer.cloned().ok_or_else(|| failure_reason(record));
             let decided = episode::decide(&instance, &history, new, answer, &Roles(&me.roles), now);
@@ -532,6 +565,10 @@ impl DurableFunctions {
                 });
                 (generation, input)
             });
+            for c in &decided.children {
+                // A child replacing an ended instance of the same id.
+                me.cache.lock().expect("cache lock").pop(&c.id);
+            }
             let create = decided
                 .children
                 .into_iter()
@@ -543,6 +580,28 @@ impl DurableFunctions {
                     parent: Some(c.parent),
                 })
                 .collect();
+            // The state after this step, kept for the next one.
+            let mut after = instance.clone();
+            after.status = decided.status;
+            if let Some(o) = &decided.output {
+                after.output = o.clone();
+            }
+            if let Some(c) = &decided.custom_status {
+                after.custom_status = c.clone();
+            }
+            let after_history = match &restart {
+                Some((generation, input)) => {
+                    after.generation = *generation;
+                    after.input = input.clone();
+                    after.output = Value::Null;
+                    Vec::new()
+                }
+                None => history.iter().chain(&decided.append).cloned().collect(),
+            };
+            *state_slot.lock().expect("state lock") = Some(Arc::new(Loaded {
+                instance: after,
+                history: Arc::new(after_history),
+            }));
             let commit = Commit {
                 consumed,
                 instance: Some(InstanceChange {
@@ -560,8 +619,18 @@ impl DurableFunctions {
                 instance_of_record: Some(instance.id.clone()),
                 ..Commit::default()
             };
-            *slot.lock().expect("next lock") = Next::of(&commit);
-            me.store.commit(Some(record.clone()), commit)
+            let mut after = Next::of(&commit);
+            let durable = me.store.commit(Some(record.clone()), commit);
+            // Activities start now, beside the commit: one submitted after
+            // it commits after it (one writer, in order), and a result
+            // whose decision never committed finds no work item and is
+            // dropped (the episode runs again and decides again). Running
+            // before the decision is durable is at-least-once either way.
+            for w in std::mem::take(&mut after.work) {
+                me.dispatch_work(w);
+            }
+            *slot.lock().expect("next lock") = after;
+            durable
         };
         let event = Event {
             trigger: DurableRole::Orchestrator.trigger(),
@@ -576,6 +645,12 @@ impl DurableFunctions {
             return Err(DurableError::Failed(
                 "an episode's decisions could not be committed".into(),
             ));
+        }
+        if let Some(state) = state.lock().expect("state lock").take() {
+            self.cache
+                .lock()
+                .expect("cache lock")
+                .put(id.to_owned(), state);
         }
         let next = std::mem::take(&mut *next.lock().expect("next lock"));
         self.next(next);
@@ -907,6 +982,8 @@ impl DurableFunctions {
                 parent: None,
             })
             .await?;
+        // An ended instance with this id was replaced.
+        self.cache.lock().expect("cache lock").pop(&id);
         self.schedule(&id);
         Ok(id)
     }
@@ -992,7 +1069,10 @@ impl DurableFunctions {
     }
 
     pub async fn purge(&self, id: Option<String>, filter: Filter) -> Result<u64, ClientError> {
-        Ok(self.store.purge(id, filter).await?)
+        let purged = self.store.purge(id, filter).await?;
+        // Only ended instances go; their state is of no use to a step.
+        self.cache.lock().expect("cache lock").clear();
+        Ok(purged)
     }
 
     /// Signals an entity (one-way).
