@@ -20,8 +20,8 @@ use crate::billing::{MemoryBasis, Policy};
 use crate::keys::AuthLevel;
 use crate::router::{Method, Route};
 use crate::trigger::config::{
-    BlobPattern, BlobTrigger, DurableRole, HttpTrigger, OutputBinding, OutputTarget, QueueName,
-    QueueTrigger, Schedule, TimerTrigger, TriggerConfig,
+    BlobPattern, BlobTrigger, DurableName, DurableRole, HttpTrigger, InputBinding, OutputBinding,
+    OutputTarget, QueueName, QueueTrigger, Schedule, TimerTrigger, TriggerConfig,
 };
 
 /// The only manifest version this Kelvin understands.
@@ -136,8 +136,11 @@ pub struct FunctionSpec {
     pub concurrency: Concurrency,
     /// Where a wasi:http component may send requests; nowhere if empty.
     pub allowed_outbound_hosts: Vec<OutboundHost>,
-    /// What a successful invocation publishes (queue messages, blobs).
+    /// What a successful invocation publishes (queue messages, blobs,
+    /// orchestrations started, events raised, entities signalled).
     pub outputs: Vec<OutputBinding>,
+    /// What an HTTP invocation gets besides its request.
+    pub inputs: Vec<InputBinding>,
 }
 
 /// A destination a component may call: `scheme://host[:port]`, where the
@@ -356,7 +359,7 @@ impl Manifest {
             });
             let outputs = f.outputs.iter().filter_map(|o| match &o.target {
                 OutputTarget::Queue(q) => Some(q),
-                OutputTarget::Blob(_) => None,
+                _ => None,
             });
             for q in triggers.chain(outputs) {
                 out.insert(q.to_string());
@@ -664,6 +667,8 @@ struct RawFunction {
     blob: Vec<RawBlobTrigger>,
     #[serde(default)]
     output: Vec<RawOutput>,
+    #[serde(default)]
+    input: Vec<RawInput>,
     durable: Option<Spanned<String>>,
 }
 
@@ -702,6 +707,16 @@ struct RawOutput {
     name: Spanned<String>,
     queue: Option<Spanned<String>>,
     blob: Option<Spanned<String>>,
+    orchestration: Option<Spanned<String>>,
+    raise_event: Option<Spanned<String>>,
+    entity: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInput {
+    name: Spanned<String>,
+    instance: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -787,6 +802,7 @@ impl RawManifest {
             functions.push(raw.validate(key, &defaults, dir)?);
         }
         check_routes(&functions)?;
+        check_durable_outputs(&functions)?;
         let billing = self.billing.validate()?;
         Ok(Manifest {
             billing,
@@ -799,6 +815,94 @@ impl RawManifest {
 }
 
 /// Route conflicts are checked on validated routes, which keep their spans.
+/// Outputs that start orchestrations or signal entities name durable
+/// functions of the app in that role.
+fn check_durable_outputs(functions: &[FunctionSpec]) -> Result<(), FieldError> {
+    let role = |name: &str| {
+        functions
+            .iter()
+            .find(|f| f.name.as_str() == name)
+            .and_then(|f| {
+                f.triggers.iter().find_map(|t| match t {
+                    TriggerConfig::Durable(r) => Some(*r),
+                    _ => None,
+                })
+            })
+    };
+    for f in functions {
+        for o in &f.outputs {
+            let (target, want, field) = match &o.target {
+                OutputTarget::Orchestration(n) => (n, DurableRole::Orchestrator, "orchestration"),
+                OutputTarget::Entity(n) => (n, DurableRole::Entity, "entity"),
+                _ => continue,
+            };
+            if role(&target.name) != Some(want) {
+                return Err(field_error(
+                    target.span.clone(),
+                    format!("functions.{}.output.{field}", f.name),
+                    format!(
+                        "no function {:?} with `durable = \"{}\"` in this app",
+                        target.name,
+                        want.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Input bindings: an instance's status by a route parameter, for HTTP
+/// functions.
+fn validate_inputs(
+    raw: Vec<RawInput>,
+    triggers: &[TriggerConfig],
+    at: &str,
+) -> Result<Vec<InputBinding>, FieldError> {
+    let mut inputs: Vec<InputBinding> = Vec::with_capacity(raw.len());
+    for i in raw {
+        let name = i.name.get_ref();
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid || inputs.iter().any(|b| b.name == *name) {
+            return Err(field_error(
+                i.name.span(),
+                format!("{at}.name"),
+                "an input's name uses letters, digits, `_` and `-`, and is unique",
+            ));
+        }
+        let routes: Vec<&HttpTrigger> = triggers.iter().filter_map(TriggerConfig::http).collect();
+        if routes.is_empty() {
+            return Err(field_error(
+                i.name.span(),
+                at,
+                "inputs are for HTTP functions: the instance id comes from a route parameter",
+            ));
+        }
+        let instance = BlobPattern::parse(&format!("x/{}", i.instance.get_ref()))
+            .map_err(|m| field_error(i.instance.span(), format!("{at}.instance"), m))?;
+        for p in instance.params() {
+            if let Some(r) = routes.iter().find(|r| !r.route.params().any(|rp| rp == p)) {
+                return Err(field_error(
+                    i.instance.span(),
+                    format!("{at}.instance"),
+                    format!(
+                        "{{{p}}} is not a parameter of the route {:?}",
+                        r.route.pattern()
+                    ),
+                ));
+            }
+        }
+        inputs.push(InputBinding {
+            name: name.clone(),
+            instance,
+        });
+    }
+    Ok(inputs)
+}
+
 fn check_routes(functions: &[FunctionSpec]) -> Result<(), FieldError> {
     let mut seen: Vec<(&HttpTrigger, &Name)> = Vec::new();
     for f in functions {
@@ -1130,6 +1234,7 @@ impl RawFunction {
             triggers.push(TriggerConfig::Durable(parsed));
         }
         let outputs = validate_outputs(self.output, &triggers, &at("output"))?;
+        let inputs = validate_inputs(self.input, &triggers, &at("input"))?;
 
         Ok(FunctionSpec {
             name,
@@ -1150,6 +1255,7 @@ impl RawFunction {
             },
             allowed_outbound_hosts,
             outputs,
+            inputs,
         })
     }
 }
@@ -1288,6 +1394,51 @@ fn validate_outputs(
                 format!("two outputs are named {name:?}; names are the keys of `Outputs`"),
             ));
         }
+        let durable = [&o.orchestration, &o.raise_event, &o.entity]
+            .iter()
+            .filter(|t| t.is_some())
+            .count();
+        if durable > 1 || (durable == 1 && (o.queue.is_some() || o.blob.is_some())) {
+            return Err(field_error(
+                o.name.span(),
+                at,
+                format!(
+                    "output {name:?} needs exactly one of `queue`, `blob`, `orchestration`, `raise_event` or `entity`"
+                ),
+            ));
+        }
+        let durable_name = |n: &Spanned<String>| DurableName {
+            name: n.get_ref().clone(),
+            span: n.span(),
+        };
+        if let Some(n) = &o.orchestration {
+            outputs.push(OutputBinding {
+                name: name.clone(),
+                target: OutputTarget::Orchestration(durable_name(n)),
+            });
+            continue;
+        }
+        if let Some(n) = &o.entity {
+            outputs.push(OutputBinding {
+                name: name.clone(),
+                target: OutputTarget::Entity(durable_name(n)),
+            });
+            continue;
+        }
+        if let Some(e) = &o.raise_event {
+            if e.get_ref().is_empty() || e.get_ref().contains('/') {
+                return Err(field_error(
+                    e.span(),
+                    format!("{at}.raise_event"),
+                    "an event name is not empty and has no `/`",
+                ));
+            }
+            outputs.push(OutputBinding {
+                name: name.clone(),
+                target: OutputTarget::RaiseEvent(e.get_ref().clone()),
+            });
+            continue;
+        }
         let target = match (o.queue, o.blob) {
             (Some(q), None) => OutputTarget::Queue(
                 QueueName::parse(q.get_ref())
@@ -1339,7 +1490,7 @@ fn validate_outputs(
                     o.name.span(),
                     at,
                     format!(
-                        "output {name:?} needs exactly one of `queue = \"name\"` or `blob = \"container/path\"`"
+                        "output {name:?} needs exactly one of `queue = \"name\"`, `blob = \"container/path\"`, `orchestration`, `raise_event` or `entity`"
                     ),
                 ));
             }

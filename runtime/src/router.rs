@@ -178,6 +178,14 @@ impl Route {
         })
     }
 
+    /// Its parameters' names, in order.
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Param(n) => Some(n.as_str()),
+            _ => None,
+        })
+    }
+
     pub fn pattern(&self) -> &str {
         &self.pattern
     }

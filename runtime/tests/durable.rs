@@ -664,3 +664,125 @@ async fn a_hundred_orchestrations_survive_sigkills() {
     );
     drop(dir);
 }
+
+/// The seed article's scenario, as the example app wires it: `submit`
+/// validates and starts the JavaScript `job` orchestration through an
+/// output binding, `status` reads it through an input binding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_apps_async_http_api_works_end_to_end() {
+    let job = kelvin_tests::example_guest("job");
+    let guests = kelvin_tests::guest_dir();
+    let functions = format!(
+        r#"
+[functions.submit]
+source = "{guests}/submit.wasm"
+[[functions.submit.http]]
+route = "/job"
+methods = ["POST"]
+auth = "anonymous"
+[[functions.submit.output]]
+name = "start"
+orchestration = "job"
+[functions.status]
+source = "{guests}/status.wasm"
+[[functions.status.http]]
+route = "/job/status/{{id}}"
+methods = ["GET"]
+auth = "anonymous"
+[[functions.status.input]]
+name = "instance"
+instance = "{{id}}"
+[functions.job]
+source = "{job}"
+durable = "orchestrator"
+[functions.job-step]
+source = "{guests}/job_step.wasm"
+durable = "activity"
+"#,
+        guests = guests.display(),
+        job = job.display()
+    );
+    let (_dir, manifest) = common::app_in_temp_dir("example", 16, "", &functions);
+    let s = Server::start(&manifest);
+    let client = reqwest::Client::new();
+
+    // The client function validates its query like the article's: 400.
+    for (query, error) in [
+        ("", "steps is required"),
+        ("?steps=x", "steps must be an integer from 1 to 20"),
+        ("?steps=21", "steps must be an integer from 1 to 20"),
+        (
+            "?steps=2&step_ms=-1",
+            "step_ms must be an integer from 0 to 60000",
+        ),
+    ] {
+        let r = client
+            .post(format!("{}/job{query}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{query}");
+        let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(v, json!({"error": error}), "{query}");
+    }
+    // Nothing started.
+    let (_, list) = s
+        .call(reqwest::Method::GET, &format!("{API}/instances"), None)
+        .await;
+    assert_eq!(list, json!([]));
+
+    // A valid job: 202, its id and status URL (and Location).
+    let r = client
+        .post(format!("{}/job?steps=4&step_ms=150", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let v: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(v["status"], format!("/job/status/{id}"));
+    assert_eq!(location, format!("/job/status/{id}"));
+
+    // The status endpoint shows only id, status and result: Running...
+    let get = |path: String| {
+        let client = client.clone();
+        let base = s.base.clone();
+        async move {
+            let r = client.get(format!("{base}{path}")).send().await.unwrap();
+            let status = r.status().as_u16();
+            (
+                status,
+                serde_json::from_slice::<Value>(&r.bytes().await.unwrap()).unwrap(),
+            )
+        }
+    };
+    let (status, first) = get(location.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(first["id"], id.as_str());
+    assert!(
+        ["Pending", "Running"].contains(&first["status"].as_str().unwrap()),
+        "{first}"
+    );
+    assert_eq!(first["result"], Value::Null);
+    assert_eq!(first.as_object().unwrap().len(), 3, "{first}");
+    // ...then Completed with the sum of squares 1..4.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, st) = get(location.clone()).await;
+        if st["status"] == "Completed" {
+            assert_eq!(st, json!({"id": id, "status": "Completed", "result": 30}));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The management API agrees, with the JavaScript orchestrator's
+    // custom status.
+    let full = s.status(&id).await;
+    assert_eq!(full["name"], "job");
+    assert_eq!(full["customStatus"], json!({"done": 3, "of": 4}));
+    // An unknown job: 404 from the function.
+    let (status, v) = get("/job/status/nope".into()).await;
+    assert_eq!((status, v), (404, json!({"error": "no such job"})));
+}

@@ -44,6 +44,8 @@ impl UpCommand {
         rt.block_on(async {
             let events = open_events(&runtime, &db, !self.no_ledger).await?;
             let durable = open_durable(&runtime, &db, !self.no_ledger).await?;
+            let waker = durable.clone();
+            events.on_durable(Box::new(move |target| waker.wake(target)));
             let server = server
                 .with_events(events.clone())
                 .with_durable(durable.clone());

@@ -510,6 +510,42 @@ pub struct WorkItem {
     pub visible_us: i64,
 }
 
+/// What a function's durable output binding does once it succeeded
+/// (committed with its record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DurableOutput {
+    /// Starts an orchestration (unless an instance with this id runs).
+    Start {
+        orchestration: String,
+        instance_id: String,
+        input: Value,
+    },
+    /// Raises an event to a running instance.
+    Raise {
+        instance_id: String,
+        event: String,
+        input: Value,
+    },
+    /// Signals an entity.
+    Signal {
+        entity: String,
+        operation: String,
+        input: Value,
+    },
+}
+
+impl DurableOutput {
+    /// The instance or entity it wakes.
+    pub fn target(&self) -> &str {
+        match self {
+            DurableOutput::Start { instance_id, .. } | DurableOutput::Raise { instance_id, .. } => {
+                instance_id
+            }
+            DurableOutput::Signal { entity, .. } => entity,
+        }
+    }
+}
+
 /// Parses an RFC 3339 time into UNIX microseconds.
 pub fn parse_time(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s)

@@ -63,6 +63,9 @@ pub struct InstanceChange {
     /// Continue as new: the history is dropped, and this is the new
     /// generation and input.
     pub restart: Option<(u32, Value)>,
+    /// The version it is pinned to, for an instance started without one
+    /// (by an output binding): its first episode's.
+    pub pin: Option<String>,
 }
 
 /// Everything one step of durable work changes, in one transaction.
@@ -358,6 +361,88 @@ fn create(tx: &Transaction<'_>, new: &NewInstance, now: i64) -> rusqlite::Result
     Ok(true)
 }
 
+/// Applies a function's durable output inside `tx` (another store's
+/// transaction in the same database: the SQLite event store's). An
+/// orchestration whose id runs already, or an event for an instance that
+/// is gone or ended, is dropped with a warning: the function succeeded.
+pub fn apply_output(
+    tx: &Transaction<'_>,
+    o: &super::DurableOutput,
+    now: i64,
+) -> rusqlite::Result<()> {
+    use super::DurableOutput;
+    match o {
+        DurableOutput::Start {
+            orchestration,
+            instance_id,
+            input,
+        } => {
+            let new = NewInstance {
+                id: instance_id.clone(),
+                name: orchestration.clone(),
+                // Pinned by its first episode to the production version.
+                version: String::new(),
+                input: input.clone(),
+                parent: None,
+            };
+            if !create(tx, &new, now)? {
+                tracing::warn!(
+                    instance = instance_id.as_str(),
+                    "an output's orchestration was not started: an instance with its id runs"
+                );
+            }
+        }
+        DurableOutput::Raise {
+            instance_id,
+            event,
+            input,
+        } => {
+            if is_ended(tx, instance_id)? != Some(false) {
+                tracing::warn!(
+                    instance = instance_id.as_str(),
+                    event = event.as_str(),
+                    "an output's event is dropped: no running instance has its id"
+                );
+                return Ok(());
+            }
+            insert_message(
+                tx,
+                &NewMessage {
+                    target: instance_id.clone(),
+                    generation: None,
+                    message: Message::Event {
+                        event: HistoryEvent::EventRaised {
+                            name: event.clone(),
+                            input: input.clone(),
+                        },
+                    },
+                    visible_us: now,
+                },
+                now,
+            )?;
+        }
+        DurableOutput::Signal {
+            entity,
+            operation,
+            input,
+        } => insert_message(
+            tx,
+            &NewMessage {
+                target: entity.clone(),
+                generation: None,
+                message: Message::Operation {
+                    operation: operation.clone(),
+                    input: input.clone(),
+                    reply_to: None,
+                },
+                visible_us: now,
+            },
+            now,
+        )?,
+    }
+    Ok(())
+}
+
 fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
     let now = now_us();
     // An activity's result counts only if its work item is still there: a
@@ -401,7 +486,8 @@ fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
         let _ = seq;
         tx.prepare_cached(
             "UPDATE durable_instances SET status = ?2, updated_us = ?3,
-             output = COALESCE(?4, output), custom_status = COALESCE(?5, custom_status)
+             output = COALESCE(?4, output), custom_status = COALESCE(?5, custom_status),
+             version = COALESCE(?6, version)
              WHERE id = ?1",
         )?
         .execute(params![
@@ -410,6 +496,7 @@ fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
             now,
             i.output.as_ref().map(text),
             i.custom_status.as_ref().map(text),
+            i.pin,
         ])?;
     }
     for new in &c.create {
@@ -757,6 +844,7 @@ pub async fn conformance(store: &dyn DurableStore) {
             ],
             from_seq: 0,
             restart: None,
+            pin: None,
         }),
         messages: vec![NewMessage {
             target: "a".into(),
@@ -846,6 +934,7 @@ pub async fn conformance(store: &dyn DurableStore) {
                     append: vec![],
                     from_seq: 2,
                     restart: None,
+                    pin: None,
                 }),
                 ..Commit::default()
             },
@@ -899,6 +988,7 @@ pub async fn conformance(store: &dyn DurableStore) {
                     append: vec![],
                     from_seq: 0,
                     restart: Some((1, json!({"n": 2}))),
+                    pin: None,
                 }),
                 ..Commit::default()
             },

@@ -226,9 +226,76 @@ pub fn publish(
                     body: Bytes::from(body),
                 });
             }
+            OutputTarget::Orchestration(_)
+            | OutputTarget::RaiseEvent(_)
+            | OutputTarget::Entity(_) => {
+                let items: Vec<&Value> = match value {
+                    Value::Array(items) => items.iter().collect(),
+                    one => vec![one],
+                };
+                for item in items {
+                    out.push(Publish::Durable(durable_output(
+                        name,
+                        &binding.target,
+                        item,
+                        limits,
+                    )?));
+                }
+            }
         }
     }
     Ok(out)
+}
+
+/// One value of a durable output binding, checked.
+fn durable_output(
+    name: &str,
+    target: &OutputTarget,
+    item: &Value,
+    limits: &Limits,
+) -> Result<crate::durable::DurableOutput, String> {
+    use crate::durable::DurableOutput;
+    let size = item.to_string().len() as u64;
+    if size > limits.max_message {
+        return Err(format!(
+            "output {name:?}: a value of {size} bytes is over the {}-byte limit (server.max_message)",
+            limits.max_message
+        ));
+    }
+    let Value::Object(o) = item else {
+        return Err(format!(
+            "output {name:?}: each value is a JSON object (docs/durable.md, bindings)"
+        ));
+    };
+    let text = |key: &str, required: bool| -> Result<Option<String>, String> {
+        match o.get(key) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            None | Some(Value::Null) if !required => Ok(None),
+            _ => Err(format!(
+                "output {name:?}: `{key}` must be a non-empty string"
+            )),
+        }
+    };
+    let input = o.get("input").cloned().unwrap_or(Value::Null);
+    Ok(match target {
+        OutputTarget::Orchestration(n) => DurableOutput::Start {
+            orchestration: n.name.clone(),
+            instance_id: text("instance_id", false)?
+                .unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string()),
+            input,
+        },
+        OutputTarget::RaiseEvent(event) => DurableOutput::Raise {
+            instance_id: text("instance_id", true)?.expect("required"),
+            event: event.clone(),
+            input,
+        },
+        OutputTarget::Entity(n) => DurableOutput::Signal {
+            entity: format!("@{}@{}", n.name, text("key", true)?.expect("required")),
+            operation: text("operation", true)?.expect("required"),
+            input,
+        },
+        OutputTarget::Queue(_) | OutputTarget::Blob(_) => unreachable!("not a durable output"),
+    })
 }
 
 /// What an HTTP function with outputs sends its client: the envelope's

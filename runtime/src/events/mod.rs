@@ -145,6 +145,8 @@ pub enum Publish {
         path: String,
         body: Bytes,
     },
+    /// An orchestration started, an event raised, an entity signalled.
+    Durable(crate::durable::DurableOutput),
 }
 
 /// Everything an invocation changes in the event stores, committed in one

@@ -249,6 +249,9 @@ fn apply(tx: &Transaction<'_>, effects: &Effects) -> rusqlite::Result<bool> {
                     )?
                     .execute(params![new_id(), path, body.as_ref(), now])?;
                 }
+                // The same database: the durable store's own statements,
+                // so the start (event, signal) commits with the record.
+                Publish::Durable(o) => crate::durable::store::apply_output(tx, o, now)?,
             }
         }
     }

@@ -473,6 +473,41 @@ pub enum OutputTarget {
     Queue(QueueName),
     /// The value is written to this blob path (parameters from the trigger).
     Blob(BlobPattern),
+    /// Each value (`{"instance_id"?, "input"}`) starts this orchestrator.
+    Orchestration(DurableName),
+    /// Each value (`{"instance_id", "input"}`) raises this event.
+    RaiseEvent(String),
+    /// Each value (`{"key", "operation", "input"}`) signals an entity of
+    /// this entity function.
+    Entity(DurableName),
+}
+
+/// A durable function an output names, and where (checked against the
+/// app's functions once they are all read).
+#[derive(Debug, Clone)]
+pub struct DurableName {
+    pub name: String,
+    pub(crate) span: Range<usize>,
+}
+
+/// An input binding (`[[functions.NAME.input]]`): what an HTTP function
+/// gets besides its request, in `KELVIN_INPUT_<NAME>`.
+#[derive(Debug, Clone)]
+pub struct InputBinding {
+    pub name: String,
+    /// The instance whose status it gets: a pattern of the route's
+    /// parameters, e.g. `{id}`.
+    pub instance: BlobPattern,
+}
+
+impl InputBinding {
+    /// The environment variable the function reads it from.
+    pub fn variable(&self) -> String {
+        format!(
+            "KELVIN_INPUT_{}",
+            self.name.to_ascii_uppercase().replace('-', "_")
+        )
+    }
 }
 
 #[cfg(test)]

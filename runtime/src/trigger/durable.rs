@@ -186,6 +186,12 @@ impl DurableFunctions {
         &self.runtime
     }
 
+    /// Schedules `target` (an instance or entity id) that was given work
+    /// outside this trigger (an output binding's commit).
+    pub fn wake(&self, target: &str) {
+        self.schedule(target);
+    }
+
     /// Whether the app has any durable function.
     pub fn any(&self) -> bool {
         !self.roles.is_empty()
@@ -336,7 +342,8 @@ impl DurableFunctions {
             .runtime
             .production(&instance.name)
             .map_err(|e| DurableError::Failed(e.to_string()))?;
-        if production.version.as_str() == instance.version {
+        // Started by an output binding: its first episode pins it.
+        if production.version.as_str() == instance.version || instance.version.is_empty() {
             return Ok(production);
         }
         if let Some(unit) = self
@@ -478,6 +485,7 @@ impl DurableFunctions {
                     append: new,
                     from_seq,
                     restart: None,
+                    pin: None,
                 }),
                 messages: episode::to_parent(
                     &instance,
@@ -499,6 +507,7 @@ impl DurableFunctions {
                     append: new,
                     from_seq,
                     restart: None,
+                    pin: None,
                 }),
                 ..Commit::default()
             };
@@ -540,6 +549,15 @@ impl DurableFunctions {
             "history": seen,
         });
         let input = Bytes::from(serde_json::to_vec(&request).expect("a request serialises"));
+        let pin = instance.version.is_empty().then(|| {
+            let version = unit.version.to_string();
+            self.pinned
+                .lock()
+                .expect("pinned lock")
+                .entry(version.clone())
+                .or_insert_with(|| unit.clone());
+            version
+        });
         let me = self.clone();
         let next = Arc::new(Mutex::new(Next::default()));
         let slot = next.clone();
@@ -583,6 +601,9 @@ impl DurableFunctions {
             // The state after this step, kept for the next one.
             let mut after = instance.clone();
             after.status = decided.status;
+            if let Some(p) = &pin {
+                after.version = p.clone();
+            }
             if let Some(o) = &decided.output {
                 after.output = o.clone();
             }
@@ -612,6 +633,7 @@ impl DurableFunctions {
                     append: decided.append,
                     from_seq,
                     restart,
+                    pin,
                 }),
                 create,
                 messages,

@@ -82,7 +82,12 @@ pub struct Events {
     outbox: Notify,
     stopping: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Schedules a durable instance or entity that an output gave work.
+    durable: std::sync::OnceLock<DurableWaker>,
 }
+
+/// Wakes a durable instance or entity by id (the durable trigger's).
+pub type DurableWaker = Box<dyn Fn(&str) + Send + Sync>;
 
 impl Events {
     pub fn new(
@@ -104,7 +109,14 @@ impl Events {
             outbox: Notify::new(),
             stopping: watch::channel(false).0,
             tasks: Mutex::default(),
+            durable: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Who to wake when an output starts an orchestration, raises an event
+    /// or signals an entity (set once, by the serving process).
+    pub fn on_durable(&self, wake: DurableWaker) {
+        let _ = self.durable.set(wake);
     }
 
     pub fn store(&self) -> &Arc<dyn EventStore> {
@@ -275,6 +287,11 @@ impl Events {
             match p {
                 Publish::Message { queue, .. } => self.wake_queue(queue),
                 Publish::Blob { .. } => blobs = true,
+                Publish::Durable(o) => {
+                    if let Some(wake) = self.durable.get() {
+                        wake(o.target());
+                    }
+                }
             }
         }
         if blobs {

@@ -552,7 +552,10 @@ impl HttpServer {
             params: &params,
             query: parts.uri.query().unwrap_or(""),
         };
-        let env = cgi::env(&parts, body.len(), &meta);
+        let mut env = cgi::env(&parts, body.len(), &meta);
+        for input in &target.unit.spec.inputs {
+            env.push((input.variable(), self.input_binding(input, &params).await));
+        }
         let event = Event {
             trigger: Http::TYPE,
             input: body,
@@ -758,6 +761,37 @@ impl HttpServer {
             );
         }
         r
+    }
+
+    /// An input binding's value: the status of the instance its route
+    /// parameters name, as the management API shows it, or `null`.
+    async fn input_binding(
+        &self,
+        input: &super::config::InputBinding,
+        params: &[(String, String)],
+    ) -> String {
+        let value = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let id = input
+            .instance
+            .fill(&value)
+            .ok()
+            .and_then(|path| path.strip_prefix("x/").map(str::to_owned));
+        let (Some(durable), Some(id)) = (&self.durable, id) else {
+            return "null".into();
+        };
+        match durable.status(&id).await {
+            Ok(Some(i)) => super::durable_api::status_json(&i, true, None).to_string(),
+            Ok(None) => "null".into(),
+            Err(e) => {
+                tracing::error!(error = %e, "failed to read an instance for an input binding");
+                "null".into()
+            }
+        }
     }
 
     /// The durable functions' management API (a host or master key).
