@@ -1327,3 +1327,108 @@ fn the_queue_and_blob_commands_drive_a_running_server() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn the_durable_commands_drive_a_running_server() {
+    let (_dir, manifest) = app_with(
+        "",
+        "[functions.approval]\nsource = \"{guests}/approval.wasm\"\ndurable = \"orchestrator\"\n\
+         [functions.hello-cities]\nsource = \"{guests}/hello_cities.wasm\"\ndurable = \"orchestrator\"\n\
+         [functions.say-hello]\nsource = \"{guests}/say_hello.wasm\"\ndurable = \"activity\"\n\
+         [functions.counter]\nsource = \"{guests}/counter.wasm\"\ndurable = \"entity\"\n",
+    );
+    let key = master_key(&manifest);
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    let url = format!("http://{addr}");
+    let cli = |args: &[&str]| {
+        let out = kelvin()
+            .args(args)
+            .arg("-f")
+            .arg(&manifest)
+            .args(["--url", &url, "--key", &key])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+    let wait_for = |id: &str, status: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (code, out, err) = cli(&["durable", "status", id]);
+            assert_eq!(code, Some(0), "{err}");
+            if out
+                .lines()
+                .any(|l| l.starts_with("status") && l.ends_with(status))
+            {
+                return out;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never {status}: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // start, status, raise: the approval completes with the event's input.
+    let (code, out, err) = cli(&[
+        "durable",
+        "start",
+        "approval",
+        r#"{"timeout_ms": 600000}"#,
+        "--id",
+        "order-1",
+    ]);
+    assert_eq!((code, out.trim()), (Some(0), "order-1"), "{err}");
+    wait_for("order-1", "Running");
+    let (code, _, err) = cli(&["durable", "raise", "order-1", "approval", r#""yes""#]);
+    assert_eq!(code, Some(0), "{err}");
+    let out = wait_for("order-1", "Completed");
+    assert!(out.contains(r#"{"approved":"yes"}"#), "{out}");
+
+    // terminate, list, purge.
+    let (code, out, _) = cli(&["durable", "start", "approval", r#"{"timeout_ms": 600000}"#]);
+    assert_eq!(code, Some(0));
+    let id = out.trim().to_owned();
+    wait_for(&id, "Running");
+    let (code, _, err) = cli(&["durable", "terminate", &id, "--reason", "no longer needed"]);
+    assert_eq!(code, Some(0), "{err}");
+    let out = wait_for(&id, "Terminated");
+    assert!(out.contains("no longer needed"), "{out}");
+    let (code, out, err) = cli(&["durable", "list", "--status", "Completed,Terminated"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("order-1") && out.contains(&id), "{out}");
+    let (code, out, err) = cli(&["durable", "purge", "order-1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), "purged 1 instance(s)");
+    let (code, _, err) = cli(&["durable", "status", "order-1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("404"), "{err}");
+
+    // Entities: signal, then read the state.
+    let (code, _, err) = cli(&["durable", "signal", "counter", "k", "add", "5"]);
+    assert_eq!(code, Some(0), "{err}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, out, _) = cli(&["durable", "entity", "counter", "k"]);
+        if code == Some(0) && out.trim() == "5" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Clear refusals: bad JSON before any request, an unknown orchestrator.
+    let (code, _, err) = cli(&["durable", "start", "hello-cities", "{oops"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is not JSON"), "{err}");
+    let (code, _, err) = cli(&["durable", "start", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("404") && err.contains("nope"), "{err}");
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

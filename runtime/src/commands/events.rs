@@ -257,7 +257,7 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-fn segment(s: &str) -> String {
+pub(super) fn segment(s: &str) -> String {
     utf8_percent_encode(s, SEGMENT).to_string()
 }
 
@@ -296,17 +296,17 @@ fn read_input(file: Option<&Path>) -> Result<Bytes> {
     }
 }
 
-fn print_json(value: &Value) -> Result<()> {
+pub(super) fn print_json(value: &Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
-fn items(list: &Value) -> impl Iterator<Item = &Value> {
+pub(super) fn items(list: &Value) -> impl Iterator<Item = &Value> {
     list.as_array().into_iter().flatten()
 }
 
 /// A JSON string without its quotes, anything else as JSON.
-fn text(v: &Value) -> String {
+pub(super) fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => String::new(),
@@ -315,7 +315,7 @@ fn text(v: &Value) -> String {
 }
 
 /// An RFC 3339 time to the second (the server's carries microseconds).
-fn time(v: &Value) -> String {
+pub(super) fn time(v: &Value) -> String {
     let s = v.as_str().unwrap_or("");
     match humantime::parse_rfc3339(s) {
         Ok(t) => humantime::format_rfc3339_seconds(t).to_string(),

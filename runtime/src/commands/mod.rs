@@ -12,6 +12,7 @@ mod bill;
 mod build;
 mod check;
 mod deploy;
+mod durable;
 mod events;
 mod invoke;
 mod keys;
@@ -25,6 +26,7 @@ pub use check::CheckCommand;
 pub use deploy::{
     DeployCommand, RollbackCommand, SlotsCommand, SwapCommand, TrafficCommand, VersionsCommand,
 };
+pub use durable::DurableCommand;
 pub use events::{BlobCommand, QueueCommand};
 pub use invoke::InvokeCommand;
 pub use keys::KeysCommand;
@@ -60,6 +62,7 @@ enum Command {
     Versions(VersionsCommand),
     Queue(QueueCommand),
     Blob(BlobCommand),
+    Durable(DurableCommand),
 }
 
 impl Cli {
@@ -81,6 +84,7 @@ impl Cli {
             Command::Versions(c) => c.execute(),
             Command::Queue(c) => c.execute(),
             Command::Blob(c) => c.execute(),
+            Command::Durable(c) => c.execute(),
         }
     }
 }
