@@ -778,7 +778,7 @@ impl HttpServer {
         };
         let id = input
             .instance
-            .fill(&value)
+            .fill(value)
             .ok()
             .and_then(|path| path.strip_prefix("x/").map(str::to_owned));
         let (Some(durable), Some(id)) = (&self.durable, id) else {
