@@ -786,3 +786,58 @@ durable = "activity"
     let (status, v) = get("/job/status/nope".into()).await;
     assert_eq!((status, v), (404, json!({"error": "no such job"})));
 }
+
+/// The version production serves of `function`.
+async fn production_version(s: &Server, function: &str) -> Value {
+    let (_, slots) = s.call(reqwest::Method::GET, "/admin/slots", None).await;
+    slots["slots"]["production"][function].clone()
+}
+
+/// A deploy of a new orchestrator version, and a restart after it, never
+/// break an instance already running: it stays on the version it started
+/// with, while new instances run the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_instances_stay_on_their_version_across_a_deploy_and_a_restart() {
+    let (_dir, manifest) = app();
+    let mut s = Server::start(&manifest);
+    let pinned = s
+        .start_orchestration("approval", Some("pinned"), json!({"timeout_ms": 600_000}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.status(&pinned).await["runtimeStatus"] != "Running" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = production_version(&s, "approval").await;
+    assert!(before.is_string(), "{before}");
+
+    // Deploy: `approval` becomes other code (hello-cities' decisions): had
+    // the running instance replayed on it, its first step would differ.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replacen("/approval.wasm\"", "/hello_cities.wasm\"", 1),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while production_version(&s, "approval").await == before {
+        assert!(Instant::now() < deadline, "the manifest was not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fresh = s.start_orchestration("approval", None, Value::Null).await;
+    assert_eq!(s.output(&fresh).await.as_array().unwrap().len(), 5);
+
+    // A crash and a restart: the old version comes back from the
+    // deployment store for the instance pinned to it.
+    s.kill();
+    s = Server::start(&manifest);
+    let (status, _) = s
+        .call(
+            reqwest::Method::POST,
+            &format!("{API}/instances/{pinned}/raiseEvent/approval"),
+            Some(json!("ok")),
+        )
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(s.output(&pinned).await, json!({"approved": "ok"}));
+}

@@ -44,6 +44,7 @@ impl UpCommand {
         rt.block_on(async {
             let events = open_events(&runtime, &db, !self.no_ledger).await?;
             let durable = open_durable(&runtime, &db, !self.no_ledger).await?;
+            durable.keep_versions_with(server.deployer());
             let waker = durable.clone();
             events.on_durable(Box::new(move |target| waker.wake(target)));
             let server = server

@@ -129,7 +129,13 @@ pub struct Deployer {
     /// Each slot's settings per function (env over the version's), which
     /// stay with the slot through swaps.
     settings: Mutex<SlotSettings>,
+    /// Versions someone still runs though no slot points at them (durable
+    /// instances pinned to their orchestrator's version): never pruned.
+    retained: std::sync::OnceLock<Retained>,
 }
+
+/// Whether a version must be kept.
+pub type Retained = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Deployer {
     /// Opens the deployment store of `runtime`'s state dir, records the
@@ -195,9 +201,22 @@ impl Deployer {
             serial: tokio::sync::Mutex::new(()),
             wasm_dir,
             settings: Mutex::new(settings),
+            retained: std::sync::OnceLock::new(),
         };
         deployer.restore()?;
         Ok(deployer)
+    }
+
+    /// Keeps the versions `retained` says are in use from being pruned.
+    pub fn retain_versions(&self, retained: Retained) {
+        let _ = self.retained.set(retained);
+    }
+
+    /// A kept version of a function, ready to run though no slot points at
+    /// it (an orchestrator version durable instances are pinned to).
+    pub fn unit_of_version(&self, version: &str) -> Result<Arc<Unit>, DeployError> {
+        let mut store = self.store.lock().expect("store lock");
+        self.unit_from_store(&mut **store, version)
     }
 
     /// Puts the stored slots and split into service.
@@ -584,7 +603,7 @@ impl Deployer {
                 units
                     .get(function)
                     .is_some_and(|u| u.version.as_str() == id)
-            })
+            }) || self.retained.get().is_some_and(|retained| retained(id))
         };
         for old in versions.iter().skip(keep).filter(|v| !pinned(&v.id)) {
             let id = old.id.clone();

@@ -120,6 +120,8 @@ pub trait DurableStore: Send + Sync {
     /// their history and messages; how many.
     async fn purge(&self, id: Option<String>, filter: Filter) -> Result<u64, DurableError>;
     async fn entity(&self, id: &str) -> Result<Option<Value>, DurableError>;
+    /// The versions instances that have not ended are pinned to.
+    async fn live_versions(&self) -> Result<Vec<String>, DurableError>;
     /// Commits `commit` with `record` (if given) in one transaction.
     fn commit(&self, record: Option<InvocationRecord>, commit: Commit) -> Durable;
 }
@@ -764,6 +766,18 @@ impl DurableStore for SqliteDurable {
         .await
     }
 
+    async fn live_versions(&self) -> Result<Vec<String>, DurableError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT DISTINCT version FROM durable_instances
+                 WHERE status NOT IN ('Completed', 'Failed', 'Terminated') AND version != ''",
+            )?;
+            let rows = stmt.query_map([], |row| row.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
     fn commit(&self, record: Option<InvocationRecord>, commit: Commit) -> Durable {
         let record = record.filter(|_| self.records);
         self.writer.submit(Box::new(move |tx| {
@@ -794,6 +808,7 @@ pub async fn conformance(store: &dyn DurableStore) {
     // Create: Pending, with its ExecutionStarted message; a second create
     // of a live id is a conflict.
     store.create(new("a")).await.unwrap();
+    assert_eq!(store.live_versions().await.unwrap(), vec!["v1".to_owned()]);
     let a = store.instance("a").await.unwrap().unwrap();
     assert_eq!(a.status, RuntimeStatus::Pending);
     assert_eq!(a.input, json!({"n": 1}));

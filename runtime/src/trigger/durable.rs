@@ -82,7 +82,9 @@ pub struct DurableFunctions {
     /// reads only its inbox from the store.
     cache: Mutex<lru::LruCache<String, Arc<Loaded>>>,
     /// Orchestrator versions instances are pinned to, beside production.
-    pinned: Mutex<HashMap<String, Arc<Unit>>>,
+    pinned: Arc<Mutex<HashMap<String, Arc<Unit>>>>,
+    /// Where pinned versions are kept across deploys and restarts.
+    deployer: std::sync::OnceLock<Arc<crate::deploy::Deployer>>,
     stopping: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -172,7 +174,8 @@ impl DurableFunctions {
             cache: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED).expect("non-zero"),
             )),
-            pinned: Mutex::default(),
+            pinned: Arc::default(),
+            deployer: std::sync::OnceLock::new(),
             stopping: watch::channel(false).0,
             tasks: Mutex::default(),
         })
@@ -184,6 +187,36 @@ impl DurableFunctions {
 
     pub fn runtime(&self) -> &Arc<Runtime> {
         &self.runtime
+    }
+
+    /// Keeps the orchestrator versions instances are pinned to through
+    /// deploys (never pruned while pinned) and restarts (loaded from the
+    /// deployment store).
+    pub fn keep_versions_with(&self, deployer: Arc<crate::deploy::Deployer>) {
+        let pinned = self.pinned.clone();
+        deployer.retain_versions(Box::new(move |version| {
+            pinned.lock().expect("pinned lock").contains_key(version)
+        }));
+        let _ = self.deployer.set(deployer);
+    }
+
+    /// The unit of a kept version (loaded once from the deployment store).
+    fn pinned_unit(&self, version: &str) -> Option<Arc<Unit>> {
+        if let Some(unit) = self.pinned.lock().expect("pinned lock").get(version) {
+            return Some(unit.clone());
+        }
+        let unit = match self.deployer.get()?.unit_of_version(version) {
+            Ok(unit) => unit,
+            Err(e) => {
+                tracing::warn!(version, error = %e, "a pinned orchestrator version could not be loaded");
+                return None;
+            }
+        };
+        self.pinned
+            .lock()
+            .expect("pinned lock")
+            .insert(version.to_owned(), unit.clone());
+        Some(unit)
     }
 
     /// Schedules `target` (an instance or entity id) that was given work
@@ -201,6 +234,11 @@ impl DurableFunctions {
     /// (every message and work item due; an activity that was running
     /// then runs again), then the loops.
     pub async fn start(self: &Arc<Self>) -> Result<(), DurableError> {
+        // The versions running instances are pinned to, kept from the
+        // first moment (a deploy could otherwise prune one).
+        for version in self.store.live_versions().await? {
+            let _ = self.pinned_unit(&version);
+        }
         let now = now_us();
         let (targets, work) = self.store.due(i64::MIN, now).await?;
         if !targets.is_empty() || !work.is_empty() {
@@ -346,13 +384,8 @@ impl DurableFunctions {
         if production.version.as_str() == instance.version || instance.version.is_empty() {
             return Ok(production);
         }
-        if let Some(unit) = self
-            .pinned
-            .lock()
-            .expect("pinned lock")
-            .get(&instance.version)
-        {
-            return Ok(unit.clone());
+        if let Some(unit) = self.pinned_unit(&instance.version) {
+            return Ok(unit);
         }
         tracing::warn!(
             instance = instance.id.as_str(),
