@@ -841,3 +841,23 @@ async fn running_instances_stay_on_their_version_across_a_deploy_and_a_restart()
     assert_eq!(status, 202);
     assert_eq!(s.output(&pinned).await, json!({"approved": "ok"}));
 }
+
+/// The JavaScript orchestrator's replay library passes its own tests
+/// (node's test runner; node is what the toolchains script installs
+/// componentize-js with).
+#[test]
+fn the_javascript_replay_library_passes_its_tests() {
+    kelvin_tests::toolchains();
+    let root = kelvin_tests::workspace_root();
+    let out = std::process::Command::new("node")
+        .args(["--test", "guests/durable-js/replay.test.mjs"])
+        .current_dir(root)
+        .output()
+        .expect("node runs (scripts/toolchains.sh requires it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
