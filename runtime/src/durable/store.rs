@@ -645,20 +645,28 @@ impl DurableStore for SqliteDurable {
     async fn inbox(&self, target: &str, now: i64) -> Result<Vec<InboxItem>, DurableError> {
         let target = target.to_owned();
         self.read(move |c| {
+            // No bound on visible_us in SQL: a parameter in a range makes
+            // SQLite (STAT4) re-prepare the statement at each new value, a
+            // cost on every episode; the few future messages (timers) are
+            // skipped here instead.
             let mut stmt = c.prepare_cached(
                 "SELECT id, target, generation, message, visible_us FROM durable_inbox
-                 WHERE target = ?1 AND visible_us <= ?2 ORDER BY visible_us, id",
+                 WHERE target = ?1 ORDER BY visible_us, id",
             )?;
-            let rows = stmt.query_map(params![target, now], |row| {
-                Ok(InboxItem {
+            let rows = stmt.query_map(params![target], |row| {
+                let visible_us: i64 = row.get(4)?;
+                if visible_us > now {
+                    return Ok(None);
+                }
+                Ok(Some(InboxItem {
                     id: row.get(0)?,
                     target: row.get(1)?,
                     generation: row.get::<_, Option<i64>>(2)?.map(|g| g as u32),
                     message: parse(&row.get::<_, String>(3)?, "message")?,
-                    visible_us: row.get(4)?,
-                })
+                    visible_us,
+                }))
             })?;
-            rows.collect()
+            rows.filter_map(Result::transpose).collect()
         })
         .await
     }
