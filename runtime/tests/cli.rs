@@ -1224,6 +1224,28 @@ fn the_deploy_commands_drive_a_running_server() {
     assert!(child.wait().unwrap().success());
 }
 
+/// Runs `kelvin ARGS -f MANIFEST --url URL --key KEY`: its exit code,
+/// stdout and stderr.
+fn against<'a>(
+    manifest: &'a Path,
+    url: &'a str,
+    key: &'a str,
+) -> impl Fn(&[&str]) -> (Option<i32>, String, String) + 'a {
+    move |args| {
+        let out = kelvin()
+            .args(args)
+            .arg("-f")
+            .arg(manifest)
+            .args(["--url", url, "--key", key])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    }
+}
+
 #[test]
 fn the_queue_and_blob_commands_drive_a_running_server() {
     let (dir, manifest) = app_with(
@@ -1238,19 +1260,7 @@ fn the_queue_and_blob_commands_drive_a_running_server() {
     let (mut child, addr, stderr) = up(&manifest);
     std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
     let url = format!("http://{addr}");
-    let cli = |args: &[&str]| {
-        let out = kelvin()
-            .args(args)
-            .arg("-f")
-            .arg(&manifest)
-            .args(["--url", &url, "--key", &key])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status.code(), stdout, stderr)
-    };
+    let cli = against(&manifest, &url, &key);
 
     // A message in `jobs` comes out of `worker` into `done`.
     let (code, out, err) = cli(&["queue", "send", "jobs", r#"{"n":1}"#]);
@@ -1341,19 +1351,7 @@ fn the_durable_commands_drive_a_running_server() {
     let (mut child, addr, stderr) = up(&manifest);
     std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
     let url = format!("http://{addr}");
-    let cli = |args: &[&str]| {
-        let out = kelvin()
-            .args(args)
-            .arg("-f")
-            .arg(&manifest)
-            .args(["--url", &url, "--key", &key])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        (out.status.code(), stdout, stderr)
-    };
+    let cli = against(&manifest, &url, &key);
     let wait_for = |id: &str, status: &str| {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {

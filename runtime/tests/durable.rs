@@ -6,13 +6,11 @@
 //! orchestrations through SIGKILLs.
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{master_key, up};
+use common::Server;
 
 use serde_json::{Value, json};
 
@@ -63,61 +61,20 @@ fn app() -> (tempfile::TempDir, PathBuf) {
     common::app_in_temp_dir("durable", 64, "", APP)
 }
 
-/// A running `kelvin up`, SIGKILLed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    key: String,
-    client: reqwest::Client,
-}
-
 impl Server {
-    fn start(manifest: &Path) -> Server {
-        let (child, addr, stderr) = up(manifest);
-        std::thread::spawn(move || for _ in stderr.lines() {});
-        Server {
-            child,
-            base: format!("http://{addr}"),
-            key: master_key(manifest),
-            client: reqwest::Client::new(),
-        }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .header("x-kelvin-key", &self.key);
-        if let Some(b) = body {
-            r = r.body(b.to_string());
-        }
-        let r = r.send().await.unwrap();
-        let status = r.status().as_u16();
-        let bytes = r.bytes().await.unwrap();
-        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, v)
-    }
-
     /// Starts `name` with `input`; its id.
     async fn start_orchestration(&self, name: &str, id: Option<&str>, input: Value) -> String {
         let path = match id {
             Some(id) => format!("{API}/orchestrators/{name}/{id}"),
             None => format!("{API}/orchestrators/{name}"),
         };
-        let (status, v) = self.call(reqwest::Method::POST, &path, Some(input)).await;
+        let (status, v) = self.post(&path, Some(input)).await;
         assert_eq!(status, 202, "start {name}: {v}");
         v["id"].as_str().unwrap().to_owned()
     }
 
     async fn status(&self, id: &str) -> Value {
-        let (status, v) = self
-            .call(reqwest::Method::GET, &format!("{API}/instances/{id}"), None)
-            .await;
+        let (status, v) = self.get(&format!("{API}/instances/{id}")).await;
         assert!(status == 200 || status == 202, "status {id}: {status} {v}");
         v
     }
@@ -143,13 +100,6 @@ impl Server {
         let s = self.ended(id, Duration::from_secs(60)).await;
         assert_eq!(s["runtimeStatus"], "Completed", "{s}");
         s["output"].clone()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -180,11 +130,7 @@ async fn every_pattern_runs_end_to_end() {
         ])
     );
     let history = s
-        .call(
-            reqwest::Method::GET,
-            &format!("{API}/instances/{fan}?showHistory=true"),
-            None,
-        )
+        .get(&format!("{API}/instances/{fan}?showHistory=true"))
         .await
         .1;
     let events = history["historyEvents"].as_array().unwrap();
@@ -242,8 +188,7 @@ async fn every_pattern_runs_end_to_end() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (status, _) = s
-        .call(
-            reqwest::Method::POST,
+        .post(
             &format!("{API}/instances/{approved}/raiseEvent/approval"),
             Some(json!({"by": "ana"})),
         )
@@ -270,17 +215,10 @@ async fn every_pattern_runs_end_to_end() {
     );
 
     // The entity's state, and a signal through the API.
-    let (status, state) = s
-        .call(
-            reqwest::Method::GET,
-            &format!("{API}/entities/counter/user-42"),
-            None,
-        )
-        .await;
+    let (status, state) = s.get(&format!("{API}/entities/counter/user-42")).await;
     assert_eq!((status, state), (200, json!(13)));
     let (status, _) = s
-        .call(
-            reqwest::Method::POST,
+        .post(
             &format!("{API}/entities/counter/user-42?op=add"),
             Some(json!(5)),
         )
@@ -288,13 +226,7 @@ async fn every_pattern_runs_end_to_end() {
     assert_eq!(status, 202);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, state) = s
-            .call(
-                reqwest::Method::GET,
-                &format!("{API}/entities/counter/user-42"),
-                None,
-            )
-            .await;
+        let (_, state) = s.get(&format!("{API}/entities/counter/user-42")).await;
         if state == json!(18) {
             break;
         }
@@ -352,22 +284,12 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
     }
     // The same id again while it runs: 409.
     let (status, v) = s
-        .call(
-            reqwest::Method::POST,
-            &format!("{API}/orchestrators/approval/order-7"),
-            None,
-        )
+        .post(&format!("{API}/orchestrators/approval/order-7"), None)
         .await;
     assert_eq!(status, 409, "{v}");
 
     // Status: 202 while it runs, with Azure's fields.
-    let (status, st) = s
-        .call(
-            reqwest::Method::GET,
-            &format!("{API}/instances/order-7"),
-            None,
-        )
-        .await;
+    let (status, st) = s.get(&format!("{API}/instances/order-7")).await;
     assert_eq!(status, 202);
     for key in [
         "name",
@@ -386,7 +308,7 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
     // Suspend, resume, terminate; then 410 for commands to it, 200 status.
     let post = |path: String| {
         let s = &s;
-        async move { s.call(reqwest::Method::POST, &path, None).await.0 }
+        async move { s.post(&path, None).await.0 }
     };
     let wait_for = |want: &'static str| {
         let s = &s;
@@ -410,8 +332,7 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
     wait_for("Suspended").await;
     // An event raised while suspended is kept until it resumes.
     assert_eq!(
-        s.call(
-            reqwest::Method::POST,
+        s.post(
             &format!("{API}/instances/order-7/raiseEvent/approval"),
             Some(json!("yes"))
         )
@@ -449,11 +370,7 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
 
     // History on request.
     let (_, h) = s
-        .call(
-            reqwest::Method::GET,
-            &format!("{API}/instances/order-7?showHistory=true"),
-            None,
-        )
+        .get(&format!("{API}/instances/order-7?showHistory=true"))
         .await;
     let types: Vec<&str> = h["historyEvents"]
         .as_array()
@@ -474,11 +391,9 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
 
     // Lists filter by status and prefix.
     let (status, list) = s
-        .call(
-            reqwest::Method::GET,
-            &format!("{API}/instances?runtimeStatus=Completed,Terminated&instanceIdPrefix=order-"),
-            None,
-        )
+        .get(&format!(
+            "{API}/instances?runtimeStatus=Completed,Terminated&instanceIdPrefix=order-"
+        ))
         .await;
     assert_eq!(status, 200);
     let mut ids: Vec<&str> = list
@@ -490,49 +405,21 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
     ids.sort();
     assert_eq!(ids, ["order-7", "order-8"]);
     let (status, _) = s
-        .call(
-            reqwest::Method::GET,
-            &format!("{API}/instances?runtimeStatus=Sleeping"),
-            None,
-        )
+        .get(&format!("{API}/instances?runtimeStatus=Sleeping"))
         .await;
     assert_eq!(status, 400);
 
     // Purge: one, then 404.
-    let (status, v) = s
-        .call(
-            reqwest::Method::DELETE,
-            &format!("{API}/instances/order-7"),
-            None,
-        )
-        .await;
+    let (status, v) = s.delete(&format!("{API}/instances/order-7")).await;
     assert_eq!((status, v), (200, json!({"instancesDeleted": 1})));
-    let (status, _) = s
-        .call(
-            reqwest::Method::GET,
-            &format!("{API}/instances/order-7"),
-            None,
-        )
-        .await;
+    let (status, _) = s.get(&format!("{API}/instances/order-7")).await;
     assert_eq!(status, 404);
 
     // Refusals: unknown orchestrator, unknown entity, bad input, no key.
-    let (status, v) = s
-        .call(
-            reqwest::Method::POST,
-            &format!("{API}/orchestrators/nope"),
-            None,
-        )
-        .await;
+    let (status, v) = s.post(&format!("{API}/orchestrators/nope"), None).await;
     assert_eq!(status, 404, "{v}");
     assert!(v["error"].as_str().unwrap().contains("nope"));
-    let (status, _) = s
-        .call(
-            reqwest::Method::POST,
-            &format!("{API}/entities/nope/k?op=add"),
-            None,
-        )
-        .await;
+    let (status, _) = s.post(&format!("{API}/entities/nope/k?op=add"), None).await;
     assert_eq!(status, 404);
     let r = s
         .client
@@ -558,13 +445,7 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
-    let (status, _) = s
-        .call(
-            reqwest::Method::GET,
-            &format!("{API}/instances/missing"),
-            None,
-        )
-        .await;
+    let (status, _) = s.get(&format!("{API}/instances/missing")).await;
     assert_eq!(status, 404);
 }
 
@@ -572,11 +453,7 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
 /// once.
 async fn check_history(s: &Server, id: &str) {
     let (_, h) = s
-        .call(
-            reqwest::Method::GET,
-            &format!("{API}/instances/{id}?showHistory=true"),
-            None,
-        )
+        .get(&format!("{API}/instances/{id}?showHistory=true"))
         .await;
     let mut scheduled = BTreeMap::new();
     let mut completed = BTreeMap::new();
@@ -726,9 +603,7 @@ durable = "activity"
         assert_eq!(v, json!({"error": error}), "{query}");
     }
     // Nothing started.
-    let (_, list) = s
-        .call(reqwest::Method::GET, &format!("{API}/instances"), None)
-        .await;
+    let (_, list) = s.get(&format!("{API}/instances")).await;
     assert_eq!(list, json!([]));
 
     // A valid job: 202, its id and status URL (and Location).
@@ -789,7 +664,7 @@ durable = "activity"
 
 /// The version production serves of `function`.
 async fn production_version(s: &Server, function: &str) -> Value {
-    let (_, slots) = s.call(reqwest::Method::GET, "/admin/slots", None).await;
+    let (_, slots) = s.get("/admin/slots").await;
     slots["slots"]["production"][function].clone()
 }
 
@@ -832,8 +707,7 @@ async fn running_instances_stay_on_their_version_across_a_deploy_and_a_restart()
     s.kill();
     s = Server::start(&manifest);
     let (status, _) = s
-        .call(
-            reqwest::Method::POST,
+        .post(
             &format!("{API}/instances/{pinned}/raiseEvent/approval"),
             Some(json!("ok")),
         )
@@ -860,4 +734,56 @@ fn the_javascript_replay_library_passes_its_tests() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// An ordinary HTTP function raises an event and signals an entity through
+/// its output bindings, committed with its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_raise_events_and_signal_entities() {
+    let functions = format!(
+        "{APP}\n[functions.notify]\nsource = \"{{guests}}/notify.wasm\"\n\
+         [[functions.notify.http]]\nroute = \"/notify\"\nmethods = [\"POST\"]\nauth = \"anonymous\"\n\
+         [[functions.notify.output]]\nname = \"approve\"\nraise_event = \"approval\"\n\
+         [[functions.notify.output]]\nname = \"count\"\nentity = \"counter\"\n"
+    );
+    let (_dir, manifest) = common::app_in_temp_dir("durable", 64, "", &functions);
+    let s = Server::start(&manifest);
+    let id = s
+        .start_orchestration("approval", Some("waiting"), json!({"timeout_ms": 600_000}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.status(&id).await["runtimeStatus"] != "Running" {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = s
+        .client
+        .post(format!("{}/notify?instance={id}&key=k1", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert_eq!(
+        s.output(&id).await,
+        json!({"approved": "approved by notify"})
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, state) = s.get(&format!("{API}/entities/counter/k1")).await;
+        if status == 200 && state == json!(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status} {state}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An event for an instance that has ended is dropped; the function
+    // still succeeds.
+    let r = s
+        .client
+        .post(format!("{}/notify?instance={id}", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
 }

@@ -4,13 +4,11 @@
 //! and guests of every toolchain started by events.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kelvin, master_key, up};
+use common::{Server, kelvin};
 
 use serde_json::Value;
 
@@ -19,34 +17,7 @@ fn app(server: &str, functions: &str) -> (tempfile::TempDir, PathBuf) {
     common::app_in_temp_dir("events", 16, server, functions)
 }
 
-/// A running `kelvin up`: its address and master key. Killed (SIGKILL)
-/// when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    key: String,
-    client: reqwest::Client,
-}
-
 impl Server {
-    fn start(manifest: &Path) -> Server {
-        let (child, addr, stderr) = up(manifest);
-        // Keep draining its logs so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in stderr.lines() {});
-        Server {
-            child,
-            base: format!("http://{addr}"),
-            key: master_key(manifest),
-            client: reqwest::Client::new(),
-        }
-    }
-
-    /// SIGKILL, as a crash.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
     async fn send(&self, queue: &str, body: impl Into<String>) -> reqwest::Response {
         self.client
             .post(format!("{}/admin/queues/{queue}/messages", self.base))
@@ -55,19 +26,6 @@ impl Server {
             .send()
             .await
             .unwrap()
-    }
-
-    async fn api(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
-        let r = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .header("x-kelvin-key", &self.key)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.bytes().await.unwrap().to_vec())
     }
 
     async fn json(&self, path: &str) -> Value {
@@ -99,13 +57,6 @@ impl Server {
             .iter()
             .map(|m| serde_json::from_str(m["body"].as_str().unwrap()).unwrap())
             .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -129,6 +129,21 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
     }
 }
 
+/// Sends `verb` (terminate, suspend, resume) to instance `id`.
+fn command(
+    post: &impl Fn(String, Bytes) -> Result<Value>,
+    id: &str,
+    verb: &str,
+    reason: &str,
+) -> Result<()> {
+    let reason = query(&[("reason", Some(reason.to_owned()))]);
+    post(
+        format!("{API}/instances/{}/{verb}{reason}", segment(id)),
+        Bytes::new(),
+    )?;
+    Ok(())
+}
+
 impl DurableCommand {
     pub fn execute(self) -> Result<()> {
         self.server.manifest.init_logging_at("warn");
@@ -226,36 +241,15 @@ impl DurableCommand {
                 println!("raised {event} to {id}");
             }
             DurableAction::Terminate { id, reason } => {
-                post(
-                    format!(
-                        "{API}/instances/{}/terminate{}",
-                        segment(&id),
-                        query(&[("reason", Some(reason))])
-                    ),
-                    Bytes::new(),
-                )?;
+                command(&post, &id, "terminate", &reason)?;
                 println!("terminating {id}");
             }
             DurableAction::Suspend { id, reason } => {
-                post(
-                    format!(
-                        "{API}/instances/{}/suspend{}",
-                        segment(&id),
-                        query(&[("reason", Some(reason))])
-                    ),
-                    Bytes::new(),
-                )?;
+                command(&post, &id, "suspend", &reason)?;
                 println!("suspending {id}");
             }
             DurableAction::Resume { id, reason } => {
-                post(
-                    format!(
-                        "{API}/instances/{}/resume{}",
-                        segment(&id),
-                        query(&[("reason", Some(reason))])
-                    ),
-                    Bytes::new(),
-                )?;
+                command(&post, &id, "resume", &reason)?;
                 println!("resuming {id}");
             }
             DurableAction::Purge { id, status } => {

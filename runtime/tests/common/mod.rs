@@ -97,3 +97,85 @@ pub fn app_in_temp_dir(
     .unwrap();
     (dir, manifest)
 }
+
+/// A running `kelvin up`: its address, master key and a client. SIGKILLed
+/// when dropped.
+pub struct Server {
+    child: std::process::Child,
+    pub base: String,
+    pub key: String,
+    pub client: reqwest::Client,
+}
+
+impl Server {
+    pub fn start(manifest: &Path) -> Server {
+        let (child, addr, stderr) = up(manifest);
+        // Keep draining its logs so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in stderr.lines() {});
+        Server {
+            child,
+            base: format!("http://{addr}"),
+            key: master_key(manifest),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// One request with the master key: the status and the body's bytes.
+    pub async fn api(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        let r = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header("x-kelvin-key", &self.key)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.bytes().await.unwrap().to_vec())
+    }
+
+    /// One request with the master key and a JSON body (if any): the status
+    /// and the body as JSON (`null` if it is not).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let body = body.map_or_else(Vec::new, |b| b.to_string().into_bytes());
+        let (status, bytes) = self.api(method, path, body).await;
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::DELETE, path, None).await
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
