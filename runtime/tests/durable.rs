@@ -787,3 +787,55 @@ async fn outputs_raise_events_and_signal_entities() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// Hostile durable functions are contained and reported: an orchestrator
+/// that traps, one whose answer is not the protocol's, an activity that
+/// never returns (its timeout fails the call, and the orchestrator's error
+/// says why); the server stays up and recorded every step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_durable_functions_fail_their_instance_with_the_reason() {
+    let functions = r#"
+[functions.trapping]
+source = "{guests}/trap.wasm"
+durable = "orchestrator"
+[functions.echoing]
+source = "{guests}/echo.wasm"
+durable = "orchestrator"
+[functions.hello-cities]
+source = "{guests}/hello_cities.wasm"
+durable = "orchestrator"
+[functions.say-hello]
+source = "{guests}/loop.wasm"
+durable = "activity"
+timeout = "200ms"
+"#;
+    let (dir, manifest) = common::app_in_temp_dir("hostile", 16, "", functions);
+    let s = Server::start(&manifest);
+    let trapping = s.start_orchestration("trapping", None, Value::Null).await;
+    let echoing = s.start_orchestration("echoing", None, Value::Null).await;
+    let looping = s
+        .start_orchestration("hello-cities", None, json!(["Oslo"]))
+        .await;
+    for (id, why) in [
+        (&trapping, "trap"),
+        (&echoing, "not the protocol's json"),
+        (&looping, "timed out after 200ms"),
+    ] {
+        let st = s.ended(id, Duration::from_secs(30)).await;
+        assert_eq!(st["runtimeStatus"], "Failed", "{st}");
+        let error = st["output"].as_str().unwrap().to_lowercase();
+        assert!(error.contains(why), "{id}: {error}");
+    }
+    assert_eq!(s.get("/healthz").await.0, 200);
+    let out = common::kelvin()
+        .args(["bill", "--by", "trigger", "-f"])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("orchestration") && text.contains("activity"),
+        "{text}"
+    );
+    drop(dir);
+}
