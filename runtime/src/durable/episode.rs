@@ -13,11 +13,19 @@ use super::{
 /// A message to put in an inbox.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMessage {
+    /// Chosen here, so whoever is handed the message in memory after its
+    /// commit consumes the same row.
+    pub id: String,
     pub target: String,
     /// `None`: for whichever generation is current when it is read.
     pub generation: Option<u32>,
     pub message: Message,
     pub visible_us: i64,
+}
+
+/// A new message's id (time-ordered, as the inbox orders them).
+pub fn message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 /// A sub-orchestration to create.
@@ -118,6 +126,7 @@ pub fn to_parent(instance: &Instance, result: Result<Value, String>, now: i64) -
         },
     };
     vec![NewMessage {
+        id: message_id(),
         target: p.instance_id.clone(),
         generation: Some(p.generation),
         message: Message::Event { event },
@@ -158,6 +167,7 @@ pub fn decide(
         restart: None,
     };
     let me = |event: HistoryEvent| NewMessage {
+        id: message_id(),
         target: instance.id.clone(),
         generation: Some(instance.generation),
         message: Message::Event { event },
@@ -284,6 +294,7 @@ pub fn decide(
                 });
                 match target {
                     Ok(id) => d.messages.push(NewMessage {
+                        id: message_id(),
                         target: id.to_string(),
                         generation: None,
                         message: Message::Operation {

@@ -69,7 +69,7 @@ pub struct InstanceChange {
 }
 
 /// Everything one step of durable work changes, in one transaction.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct Commit {
     /// Inbox messages handled (deleted).
     pub consumed: Vec<String>,
@@ -87,6 +87,9 @@ pub struct Commit {
     pub entity: Option<(String, Option<Value>)>,
     /// The instance the committed invocation record worked for.
     pub instance_of_record: Option<String>,
+    /// Set once `messages` are in (an activity's result whose work item
+    /// was gone inserts none).
+    pub inserted: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Which instances a list or a purge is about.
@@ -295,7 +298,7 @@ fn insert_message(tx: &Transaction<'_>, m: &NewMessage, now: i64) -> rusqlite::R
         "INSERT INTO durable_inbox (id, target, generation, message, visible_us) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
-        uuid::Uuid::now_v7().to_string(),
+        m.id,
         m.target,
         m.generation,
         serde_json::to_string(&m.message).expect("a message serialises"),
@@ -347,6 +350,7 @@ fn create(tx: &Transaction<'_>, new: &NewInstance, now: i64) -> rusqlite::Result
     insert_message(
         tx,
         &NewMessage {
+            id: crate::durable::episode::message_id(),
             target: new.id.clone(),
             generation: Some(0),
             message: Message::Event {
@@ -410,6 +414,7 @@ pub fn apply_output(
             insert_message(
                 tx,
                 &NewMessage {
+                    id: crate::durable::episode::message_id(),
                     target: instance_id.clone(),
                     generation: None,
                     message: Message::Event {
@@ -430,6 +435,7 @@ pub fn apply_output(
         } => insert_message(
             tx,
             &NewMessage {
+                id: crate::durable::episode::message_id(),
                 target: entity.clone(),
                 generation: None,
                 message: Message::Operation {
@@ -508,6 +514,7 @@ fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
             insert_message(
                 tx,
                 &NewMessage {
+                    id: crate::durable::episode::message_id(),
                     target: p.instance_id.clone(),
                     generation: Some(p.generation),
                     message: Message::Event {
@@ -544,6 +551,9 @@ fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
     if let Some((id, attempts, at)) = &c.work_retry {
         tx.prepare_cached("UPDATE durable_work SET attempts = ?2, visible_us = ?3 WHERE id = ?1")?
             .execute(params![id, attempts, at])?;
+    }
+    if let Some(flag) = &c.inserted {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     match &c.entity {
         Some((id, Some(state))) => {
@@ -870,6 +880,7 @@ pub async fn conformance(store: &dyn DurableStore) {
             pin: None,
         }),
         messages: vec![NewMessage {
+            id: crate::durable::episode::message_id(),
             target: "a".into(),
             generation: Some(0),
             message: Message::Event {
@@ -918,6 +929,7 @@ pub async fn conformance(store: &dyn DurableStore) {
             Commit {
                 work_done: Some("w1".into()),
                 messages: vec![NewMessage {
+                    id: crate::durable::episode::message_id(),
                     target: "a".into(),
                     generation: Some(0),
                     message: Message::Event {
@@ -1067,6 +1079,7 @@ pub async fn conformance(store: &dyn DurableStore) {
     store
         .send(vec![
             NewMessage {
+                id: crate::durable::episode::message_id(),
                 target: "@counter@k".into(),
                 generation: None,
                 message: Message::Operation {
@@ -1077,6 +1090,7 @@ pub async fn conformance(store: &dyn DurableStore) {
                 visible_us: now_us(),
             },
             NewMessage {
+                id: crate::durable::episode::message_id(),
                 target: "@counter@k".into(),
                 generation: None,
                 message: Message::Operation {

@@ -9,6 +9,7 @@
 //! One node: an instance's exclusivity is this process's.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +24,8 @@ use crate::durable::store::{
     Commit, DurableError, DurableStore, Filter, InstanceChange, NewInstance,
 };
 use crate::durable::{
-    Answer, EntityAnswer, EntityId, HistoryEvent, Instance, Message, RuntimeStatus, WorkItem,
-    now_us, parse_result, rfc3339,
+    Answer, EntityAnswer, EntityId, HistoryEvent, InboxItem, Instance, Message, RuntimeStatus,
+    WorkItem, now_us, parse_result, rfc3339,
 };
 use crate::invoke::Event;
 use crate::metering::{Durable as Committed, InvocationRecord};
@@ -78,6 +79,10 @@ pub struct DurableFunctions {
     slots: HashMap<String, Arc<Semaphore>>,
     /// Wakes the loop that finds what became due (a new timer or retry).
     delayed: Notify,
+    /// Per instance or entity: the messages committed for it since its
+    /// last step began, when all of them came through this process
+    /// (`Some`); `None` or absent: read the store.
+    inboxes: Mutex<HashMap<String, Option<Vec<InboxItem>>>>,
     /// Instances' state and history as the last step left them: an episode
     /// reads only its inbox from the store.
     cache: Mutex<lru::LruCache<String, Arc<Loaded>>>,
@@ -115,24 +120,43 @@ impl Known for Roles<'_> {
 /// What a committed step made ready, to schedule once it is durable.
 #[derive(Default)]
 struct Next {
+    /// Messages it committed, handed to their targets in memory.
+    deliver: Vec<InboxItem>,
+    /// Targets given messages only the store has (a sub-orchestration's
+    /// start, a parent's failed child).
     targets: Vec<String>,
     work: Vec<WorkItem>,
     delayed: bool,
+    /// Set by the store once `deliver` is in (an activity result whose
+    /// work item was gone inserts nothing).
+    inserted: Arc<AtomicBool>,
 }
 
 impl Next {
-    fn of(commit: &Commit) -> Next {
+    fn of(commit: &mut Commit) -> Next {
         let now = now_us();
         let mut next = Next::default();
         for m in &commit.messages {
             if m.visible_us <= now {
-                next.targets.push(m.target.clone());
+                next.deliver.push(InboxItem {
+                    id: m.id.clone(),
+                    target: m.target.clone(),
+                    generation: m.generation,
+                    message: m.message.clone(),
+                    visible_us: m.visible_us,
+                });
             } else {
                 next.delayed = true;
             }
         }
-        next.targets
-            .extend(commit.create.iter().map(|c| c.id.clone()));
+        for c in &commit.create {
+            next.targets.push(c.id.clone());
+            // A child whose id was taken fails its parent's task inside
+            // the store: the parent has a message then.
+            if let Some(p) = &c.parent {
+                next.targets.push(p.instance_id.clone());
+            }
+        }
         for w in &commit.work {
             if w.visible_us <= now {
                 next.work.push(w.clone());
@@ -141,6 +165,7 @@ impl Next {
             }
         }
         next.delayed |= commit.work_retry.is_some();
+        commit.inserted = Some(next.inserted.clone());
         next
     }
 }
@@ -171,6 +196,7 @@ impl DurableFunctions {
             work_rx: Mutex::new(Some(work_rx)),
             slots,
             delayed: Notify::new(),
+            inboxes: Mutex::default(),
             cache: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(CACHED).expect("non-zero"),
             )),
@@ -281,8 +307,61 @@ impl DurableFunctions {
         let _ = rx.wait_for(|s| *s).await;
     }
 
-    /// Queues `target` (an instance or entity id) for a step.
+    /// Queues `target` (an instance or entity id) for a step, its inbox to
+    /// be read from the store (it has messages this process did not hand
+    /// over: a start, an API call, an output, a timer due).
     fn schedule(&self, target: &str) {
+        self.inboxes
+            .lock()
+            .expect("inboxes lock")
+            .insert(target.to_owned(), None);
+        self.queue(target);
+    }
+
+    /// Hands a committed message to its target in memory: its next step
+    /// needs not read the store for it, if its inbox is known.
+    fn deliver(&self, item: InboxItem) {
+        let target = item.target.clone();
+        if let Some(Some(items)) = self.inboxes.lock().expect("inboxes lock").get_mut(&target) {
+            items.push(item);
+        }
+        self.queue(&target);
+    }
+
+    /// The messages for a step of `target`: those handed over in memory
+    /// if its inbox is known (every message since its last step came that
+    /// way), else the store's. From now on, it collects what arrives.
+    async fn take_inbox(&self, target: &str, now: i64) -> Result<Vec<InboxItem>, DurableError> {
+        let known = self
+            .inboxes
+            .lock()
+            .expect("inboxes lock")
+            .insert(target.to_owned(), Some(Vec::new()));
+        if let Some(Some(items)) = known {
+            return Ok(items);
+        }
+        let read = match self.store.inbox(target, now).await {
+            Ok(read) => read,
+            Err(e) => {
+                self.forget_inbox(target);
+                return Err(e);
+            }
+        };
+        // Handed over while the store was read: those it returned already.
+        if let Some(Some(items)) = self.inboxes.lock().expect("inboxes lock").get_mut(target) {
+            let ids: HashSet<&str> = read.iter().map(|i| i.id.as_str()).collect();
+            items.retain(|i| !ids.contains(i.id.as_str()));
+        }
+        Ok(read)
+    }
+
+    /// The next step of `target` reads its inbox from the store (this one
+    /// left messages there, or it ended).
+    fn forget_inbox(&self, target: &str) {
+        self.inboxes.lock().expect("inboxes lock").remove(target);
+    }
+
+    fn queue(&self, target: &str) {
         let mut s = self.sched.lock().expect("sched lock");
         if s.running.contains(target) {
             s.again.insert(target.to_owned());
@@ -306,6 +385,14 @@ impl DurableFunctions {
     }
 
     fn next(&self, next: Next) {
+        let inserted = next.inserted.load(Ordering::SeqCst);
+        for item in next.deliver {
+            if inserted {
+                self.deliver(item);
+            } else {
+                self.schedule(&item.target);
+            }
+        }
         for t in &next.targets {
             self.schedule(t);
         }
@@ -417,7 +504,7 @@ impl DurableFunctions {
     /// its orchestrator with the history, and the answer committed.
     async fn episode(self: &Arc<Self>, id: &str) -> Result<(), DurableError> {
         let now = now_us();
-        let inbox = self.store.inbox(id, now).await?;
+        let inbox = self.take_inbox(id, now).await?;
         if inbox.is_empty() {
             return Ok(());
         }
@@ -433,6 +520,7 @@ impl DurableFunctions {
                 ..Commit::default()
             };
             self.store.commit(None, commit).wait().await?;
+            self.forget_inbox(id);
             return Ok(());
         };
         let mut consumed = Vec::new();
@@ -603,6 +691,7 @@ impl DurableFunctions {
             let restart = decided.restart.map(|input| {
                 let generation = instance.generation + 1;
                 messages.push(NewMessage {
+                    id: crate::durable::episode::message_id(),
                     target: instance.id.clone(),
                     generation: Some(generation),
                     message: Message::Event {
@@ -656,7 +745,7 @@ impl DurableFunctions {
                 instance: after,
                 history: Arc::new(after_history),
             }));
-            let commit = Commit {
+            let mut commit = Commit {
                 consumed,
                 instance: Some(InstanceChange {
                     id: instance.id.clone(),
@@ -674,7 +763,7 @@ impl DurableFunctions {
                 instance_of_record: Some(instance.id.clone()),
                 ..Commit::default()
             };
-            let mut after = Next::of(&commit);
+            let mut after = Next::of(&mut commit);
             let durable = me.store.commit(Some(record.clone()), commit);
             // Activities start now, beside the commit: one submitted after
             // it commits after it (one writer, in order), and a result
@@ -717,9 +806,9 @@ impl DurableFunctions {
     async fn commit_step(
         &self,
         record: Option<InvocationRecord>,
-        commit: Commit,
+        mut commit: Commit,
     ) -> Result<(), DurableError> {
-        let next = Next::of(&commit);
+        let next = Next::of(&mut commit);
         self.store.commit(record, commit).wait().await?;
         self.next(next);
         Ok(())
@@ -807,8 +896,8 @@ impl DurableFunctions {
         let slot = next.clone();
         let settle = move |record: &InvocationRecord, result: Option<&Value>| -> Committed {
             let result = result.cloned().ok_or_else(|| failure_reason(record));
-            let commit = activity_commit(&settled, result, Some(record));
-            *slot.lock().expect("next lock") = Next::of(&commit);
+            let mut commit = activity_commit(&settled, result, Some(record));
+            *slot.lock().expect("next lock") = Next::of(&mut commit);
             me.store.commit(Some(record.clone()), commit)
         };
         let checked = self
@@ -856,7 +945,7 @@ impl DurableFunctions {
     /// One entity's waiting operations, one at a time, each committed with
     /// the state it leaves.
     async fn entity_step(self: &Arc<Self>, target: &str) -> Result<(), DurableError> {
-        let inbox = self.store.inbox(target, now_us()).await?;
+        let inbox = self.take_inbox(target, now_us()).await?;
         if inbox.is_empty() {
             return Ok(());
         }
@@ -944,7 +1033,7 @@ impl DurableFunctions {
                     None => (None, Err(failure_reason(record))),
                 };
                 let after = entity.as_ref().map_or(before, |(_, s)| s.clone());
-                let commit = Commit {
+                let mut commit = Commit {
                     consumed: vec![item.id],
                     entity,
                     messages: reply_to.iter().map(|r| reply(r, result.clone())).collect(),
@@ -955,7 +1044,7 @@ impl DurableFunctions {
                     ),
                     ..Commit::default()
                 };
-                *slot.lock().expect("kept lock") = (Next::of(&commit), after);
+                *slot.lock().expect("kept lock") = (Next::of(&mut commit), after);
                 me.store.commit(Some(record.clone()), commit)
             };
             let checked = self
@@ -1060,6 +1149,7 @@ impl DurableFunctions {
         self.live(id).await?;
         self.store
             .send(vec![NewMessage {
+                id: crate::durable::episode::message_id(),
                 target: id.to_owned(),
                 generation: None,
                 message: Message::Event { event },
@@ -1146,6 +1236,7 @@ impl DurableFunctions {
         let target = entity.to_string();
         self.store
             .send(vec![NewMessage {
+                id: crate::durable::episode::message_id(),
                 target: target.clone(),
                 generation: None,
                 message: Message::Operation {
@@ -1206,6 +1297,7 @@ fn reply(to: &crate::durable::ReplyTo, result: Result<Value, String>) -> NewMess
         },
     };
     NewMessage {
+        id: crate::durable::episode::message_id(),
         target: to.instance_id.clone(),
         generation: Some(to.generation),
         message: Message::Event { event },
@@ -1244,6 +1336,7 @@ fn activity_commit(
     Commit {
         work_done: Some(item.id.clone()),
         messages: vec![NewMessage {
+            id: crate::durable::episode::message_id(),
             target: item.instance_id.clone(),
             generation: Some(item.generation),
             message: Message::Event { event },
