@@ -663,12 +663,21 @@ impl DurableFunctions {
                 )
             })
             .collect();
-        let request = json!({
-            "instance_id": instance.id,
-            "name": instance.name,
-            "input": instance.input,
-            "history": seen,
-        });
+        // Serialised straight from the events: a `json!` value would copy
+        // the whole history into a tree first.
+        #[derive(serde::Serialize)]
+        struct Request<'a> {
+            instance_id: &'a str,
+            name: &'a str,
+            input: &'a Value,
+            history: Vec<&'a HistoryEvent>,
+        }
+        let request = Request {
+            instance_id: &instance.id,
+            name: &instance.name,
+            input: &instance.input,
+            history: seen,
+        };
         let input = Bytes::from(serde_json::to_vec(&request).expect("a request serialises"));
         let pin = instance.version.is_empty().then(|| {
             let version = unit.version.to_string();
@@ -739,7 +748,13 @@ impl DurableFunctions {
                     after.output = Value::Null;
                     Vec::new()
                 }
-                None => history.iter().chain(&decided.append).cloned().collect(),
+                // Appended to, not copied, when this episode holds the
+                // only reference (the cache let go of it).
+                None => {
+                    let mut h = Arc::try_unwrap(history).unwrap_or_else(|shared| (*shared).clone());
+                    h.extend(decided.append.iter().cloned());
+                    h
+                }
             };
             *state_slot.lock().expect("state lock") = Some(Arc::new(Loaded {
                 instance: after,
