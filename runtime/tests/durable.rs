@@ -437,6 +437,15 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // Azure's header works too.
+    let r = s
+        .client
+        .get(format!("{}{API}/instances", s.base))
+        .header("x-functions-key", &s.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     let r = s
         .client
         .get(format!("{}{API}/instances", s.base))

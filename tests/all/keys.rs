@@ -84,6 +84,18 @@ async fn the_guest_never_sees_the_key() {
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     assert!(!text.contains("HTTP_X_KELVIN_KEY"), "{text}");
+    // Azure's header opens the route too, and is removed as well.
+    let r = server
+        .client
+        .get(server.url("/echo?inspect"))
+        .header("x-functions-key", &k)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("HTTP_X_FUNCTIONS_KEY"), "{text}");
+    assert!(!text.contains(k.as_str()), "{text}");
     let r = server
         .client
         .get(server.url(&format!("/echo?a=1&code={k}&b=2")))

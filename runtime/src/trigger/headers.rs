@@ -5,6 +5,9 @@
 pub const INVOCATION_ID_HEADER: &str = "x-kelvin-invocation-id";
 /// Where a client presents an access key (or in the `code` query parameter).
 pub const KEY_HEADER: &str = "x-kelvin-key";
+/// Azure Functions' name for it, accepted too: clients and tools written
+/// for Azure (the durable management API's, say) keep working.
+pub const AZURE_KEY_HEADER: &str = "x-functions-key";
 /// Which slot a request is for (or the `kelvin-slot` query parameter);
 /// production without it.
 pub const SLOT_HEADER: &str = "x-kelvin-slot";

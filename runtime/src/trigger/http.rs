@@ -32,7 +32,9 @@ use crate::router::{RouteMatch, Router};
 use crate::runtime::{Admit, HttpFailure, Runtime, Ticket};
 use crate::table::{PRODUCTION, Split, Table, Unit};
 
-pub use super::headers::{INVOCATION_ID_HEADER, KEY_HEADER, SLOT_HEADER, VERSION_HEADER};
+pub use super::headers::{
+    AZURE_KEY_HEADER, INVOCATION_ID_HEADER, KEY_HEADER, SLOT_HEADER, VERSION_HEADER,
+};
 /// The cookie that keeps a client on the slot a traffic split chose.
 const SLOT_COOKIE: &str = "kelvin-slot";
 
@@ -532,6 +534,7 @@ impl HttpServer {
         // protected route (otherwise it is the guest's, like an OAuth
         // callback's `?code=...&state=...`).
         parts.headers.remove(KEY_HEADER);
+        parts.headers.remove(AZURE_KEY_HEADER);
         if target.auth != AuthLevel::Anonymous
             && key.value.is_some()
             && query_code(&parts.uri) == key.value.as_deref()
@@ -1273,7 +1276,11 @@ struct PresentedKey {
 
 /// The key from the `x-kelvin-key` header, else the `code` query parameter.
 fn presented_key<B>(req: &Request<B>) -> PresentedKey {
-    if let Some(v) = req.headers().get(KEY_HEADER) {
+    let headers = req.headers();
+    if let Some(v) = headers
+        .get(KEY_HEADER)
+        .or_else(|| headers.get(AZURE_KEY_HEADER))
+    {
         return PresentedKey {
             value: v.to_str().ok().map(str::to_owned),
         };
