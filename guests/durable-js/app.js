@@ -107,6 +107,7 @@ function replay(request, orchestrator) {
   let status; // [value] once set
   let continued; // [input] once continueAsNew was called
   let guids = 0;
+  const began = now; // this execution's first OrchestratorStarted, in ms
 
   const orNull = (v) => (v === undefined ? null : v);
   const decide = (action, task = new Task()) => {
@@ -143,7 +144,9 @@ function replay(request, orchestrator) {
     },
     setCustomStatus: (value) => { status = [orNull(value)]; },
     continueAsNew: (input) => { continued = [orNull(input)]; }, // then return
-    newGuid: () => `${request.instance_id}:${guids++}`,
+    // Ids tell executions apart (continue-as-new) by when each began, and
+    // never look like a default sub-orchestration id (`{id}:{task_id}`).
+    newGuid: () => `${request.instance_id}:${began * 1000}:${guids++}`,
     task: { all: (list) => new AllTask([...list]), any: (list) => {
       if (list.length === 0) throw new TypeError('task.any needs at least one task');
       return new AnyTask([...list]);

@@ -414,6 +414,24 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
     assert_eq!((status, v), (200, json!({"instancesDeleted": 1})));
     let (status, _) = s.get(&format!("{API}/instances/order-7")).await;
     assert_eq!(status, 404);
+    // A running instance is not purged (409); by filter, only ended ones
+    // that match go.
+    s.start_orchestration("approval", Some("order-9"), json!({"timeout_ms": 600000}))
+        .await;
+    let (status, _) = s.delete(&format!("{API}/instances/order-9")).await;
+    assert_eq!(status, 409);
+    let (status, v) = s
+        .delete(&format!("{API}/instances?runtimeStatus=Completed"))
+        .await;
+    assert_eq!((status, v), (404, json!({"instancesDeleted": 0})));
+    let (status, v) = s
+        .delete(&format!("{API}/instances?runtimeStatus=Terminated,Running"))
+        .await;
+    assert_eq!((status, v), (200, json!({"instancesDeleted": 1})));
+    let (status, _) = s.get(&format!("{API}/instances/order-8")).await;
+    assert_eq!(status, 404);
+    let (status, _) = s.get(&format!("{API}/instances/order-9")).await;
+    assert_eq!(status, 202);
 
     // Refusals: unknown orchestrator, unknown entity, bad input, no key.
     let (status, v) = s.post(&format!("{API}/orchestrators/nope"), None).await;

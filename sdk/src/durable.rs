@@ -88,6 +88,10 @@ struct Shared {
     name: String,
     input: Value,
     history_len: usize,
+    /// When this execution began (its first `OrchestratorStarted`), in
+    /// microseconds: it tells apart the ids of generations after
+    /// continue-as-new.
+    began_us: u128,
     state: RefCell<State>,
 }
 
@@ -209,13 +213,16 @@ impl OrchestrationContext {
         self.state().replaying
     }
 
-    /// A new id, the same in every replay: `{instance_id}:{n}` for the
-    /// `n`-th id of this execution (from 0).
+    /// A new id, the same in every replay: `{instance_id}:{began}:{n}` for
+    /// the `n`-th id (from 0) of the execution that began at `began`
+    /// (microseconds since the epoch, from the history): unique across
+    /// continue-as-new, and never a default sub-orchestration id
+    /// (`{instance_id}:{task_id}`).
     pub fn new_guid(&self) -> String {
         let mut state = self.state();
         let n = state.guids;
         state.guids += 1;
-        format!("{}:{n}", self.shared.instance_id)
+        format!("{}:{}:{n}", self.shared.instance_id, self.shared.began_us)
     }
 
     /// The number of events in this episode's history. For tests and
@@ -724,6 +731,10 @@ where
             name: request.name,
             input: request.input,
             history_len: request.history.len(),
+            began_us: times.first().map_or(0, |&(_, t)| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros())
+            }),
             state: RefCell::new(State {
                 now: times.first().map(|&(_, t)| t),
                 replaying: last_start > 0,
@@ -1124,6 +1135,8 @@ mod tests {
     use super::*;
 
     const T0: &str = "2026-11-22T10:00:00.000000Z";
+    /// T0 in microseconds since the epoch.
+    const T0_US: u64 = 1795341600000000;
     const T1: &str = "2026-11-22T10:00:00.004211Z";
     const T2: &str = "2026-11-22T10:00:05.500000Z";
 
@@ -1568,7 +1581,11 @@ mod tests {
         let answer = run(Value::Null, vec![started(T0)], f);
         assert_eq!(
             answer["done"]["output"],
-            json!(["i-1:0", "i-1:1", "@counter@k"])
+            json!([
+                format!("i-1:{T0_US}:0"),
+                format!("i-1:{T0_US}:1"),
+                "@counter@k"
+            ])
         );
     }
 
