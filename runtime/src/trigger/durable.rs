@@ -454,7 +454,10 @@ impl DurableFunctions {
                     s.again.remove(&target)
                 };
                 if again {
-                    me.schedule(&target);
+                    // Queued, not scheduled: what was handed over meanwhile
+                    // stays in memory (a `schedule` during the step has
+                    // already sent the next one to the store).
+                    me.queue(&target);
                 }
                 drop(permit);
             });
@@ -846,25 +849,25 @@ impl DurableFunctions {
         }
     }
 
-    /// Runs work items as activity slots free up.
+    /// Runs work items as their activity's slots free up: each waits for
+    /// its own function's slot, so a saturated activity (a fan-out) never
+    /// holds up another's calls.
     async fn run_activities(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<WorkItem>) {
         while let Some(item) = rx.recv().await {
+            let me = self.clone();
             let Some(slots) = self.slots.get(&item.name).cloned() else {
                 // Its function is gone from the app: the call fails.
-                let me = self.clone();
                 tokio::spawn(async move {
                     let reason = format!("no activity function named {:?} in this app", item.name);
                     me.settle_activity(&item, None, Err(reason)).await;
                 });
                 continue;
             };
-            let Ok(permit) = slots.acquire_owned().await else {
-                return;
-            };
-            let me = self.clone();
             tokio::spawn(async move {
+                let Ok(_permit) = slots.acquire_owned().await else {
+                    return;
+                };
                 me.activity(item).await;
-                drop(permit);
             });
         }
     }
