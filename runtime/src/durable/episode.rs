@@ -23,6 +23,45 @@ pub struct NewMessage {
     pub visible_us: i64,
 }
 
+impl NewMessage {
+    /// An event for an orchestration instance.
+    pub fn event(
+        target: impl Into<String>,
+        generation: Option<u32>,
+        event: HistoryEvent,
+        visible_us: i64,
+    ) -> NewMessage {
+        NewMessage {
+            id: message_id(),
+            target: target.into(),
+            generation,
+            message: Message::Event { event },
+            visible_us,
+        }
+    }
+
+    /// An operation for an entity.
+    pub fn operation(
+        target: impl Into<String>,
+        operation: impl Into<String>,
+        input: Value,
+        reply_to: Option<ReplyTo>,
+        visible_us: i64,
+    ) -> NewMessage {
+        NewMessage {
+            id: message_id(),
+            target: target.into(),
+            generation: None,
+            message: Message::Operation {
+                operation: operation.into(),
+                input,
+                reply_to,
+            },
+            visible_us,
+        }
+    }
+}
+
 /// A new message's id (time-ordered, as the inbox orders them).
 pub fn message_id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -125,13 +164,12 @@ pub fn to_parent(instance: &Instance, result: Result<Value, String>, now: i64) -
             error,
         },
     };
-    vec![NewMessage {
-        id: message_id(),
-        target: p.instance_id.clone(),
-        generation: Some(p.generation),
-        message: Message::Event { event },
-        visible_us: now,
-    }]
+    vec![NewMessage::event(
+        p.instance_id.clone(),
+        Some(p.generation),
+        event,
+        now,
+    )]
 }
 
 /// Decides an episode. `history` is what was recorded before it, `new`
@@ -166,12 +204,8 @@ pub fn decide(
         children: Vec::new(),
         restart: None,
     };
-    let me = |event: HistoryEvent| NewMessage {
-        id: message_id(),
-        target: instance.id.clone(),
-        generation: Some(instance.generation),
-        message: Message::Event { event },
-        visible_us: now,
+    let me = |event: HistoryEvent| {
+        NewMessage::event(instance.id.clone(), Some(instance.generation), event, now)
     };
     for (task_id, action) in answer.actions.iter().enumerate().skip(first_new) {
         let task_id = task_id as u32;
@@ -293,21 +327,17 @@ pub fn decide(
                     }
                 });
                 match target {
-                    Ok(id) => d.messages.push(NewMessage {
-                        id: message_id(),
-                        target: id.to_string(),
-                        generation: None,
-                        message: Message::Operation {
-                            operation: operation.clone(),
-                            input: input.clone(),
-                            reply_to: call.then(|| ReplyTo {
-                                instance_id: instance.id.clone(),
-                                generation: instance.generation,
-                                task_id,
-                            }),
-                        },
-                        visible_us: now,
-                    }),
+                    Ok(id) => d.messages.push(NewMessage::operation(
+                        id.to_string(),
+                        operation.clone(),
+                        input.clone(),
+                        call.then(|| ReplyTo {
+                            instance_id: instance.id.clone(),
+                            generation: instance.generation,
+                            task_id,
+                        }),
+                        now,
+                    )),
                     Err(error) if call => {
                         d.messages
                             .push(me(HistoryEvent::EntityFailed { task_id, error }));

@@ -349,19 +349,16 @@ fn create(tx: &Transaction<'_>, new: &NewInstance, now: i64) -> rusqlite::Result
     ])?;
     insert_message(
         tx,
-        &NewMessage {
-            id: crate::durable::episode::message_id(),
-            target: new.id.clone(),
-            generation: Some(0),
-            message: Message::Event {
-                event: HistoryEvent::ExecutionStarted {
-                    name: new.name.clone(),
-                    input: new.input.clone(),
-                    parent: new.parent.clone(),
-                },
+        &NewMessage::event(
+            new.id.clone(),
+            Some(0),
+            HistoryEvent::ExecutionStarted {
+                name: new.name.clone(),
+                input: new.input.clone(),
+                parent: new.parent.clone(),
             },
-            visible_us: now,
-        },
+            now,
+        ),
         now,
     )?;
     Ok(true)
@@ -413,18 +410,15 @@ pub fn apply_output(
             }
             insert_message(
                 tx,
-                &NewMessage {
-                    id: crate::durable::episode::message_id(),
-                    target: instance_id.clone(),
-                    generation: None,
-                    message: Message::Event {
-                        event: HistoryEvent::EventRaised {
-                            name: event.clone(),
-                            input: input.clone(),
-                        },
+                &NewMessage::event(
+                    instance_id.clone(),
+                    None,
+                    HistoryEvent::EventRaised {
+                        name: event.clone(),
+                        input: input.clone(),
                     },
-                    visible_us: now,
-                },
+                    now,
+                ),
                 now,
             )?;
         }
@@ -434,17 +428,7 @@ pub fn apply_output(
             input,
         } => insert_message(
             tx,
-            &NewMessage {
-                id: crate::durable::episode::message_id(),
-                target: entity.clone(),
-                generation: None,
-                message: Message::Operation {
-                    operation: operation.clone(),
-                    input: input.clone(),
-                    reply_to: None,
-                },
-                visible_us: now,
-            },
+            &NewMessage::operation(entity.clone(), operation.clone(), input.clone(), None, now),
             now,
         )?,
     }
@@ -513,18 +497,15 @@ fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
         {
             insert_message(
                 tx,
-                &NewMessage {
-                    id: crate::durable::episode::message_id(),
-                    target: p.instance_id.clone(),
-                    generation: Some(p.generation),
-                    message: Message::Event {
-                        event: HistoryEvent::SubOrchestrationFailed {
-                            task_id: p.task_id,
-                            error: DurableError::Conflict(new.id.clone()).to_string(),
-                        },
+                &NewMessage::event(
+                    p.instance_id.clone(),
+                    Some(p.generation),
+                    HistoryEvent::SubOrchestrationFailed {
+                        task_id: p.task_id,
+                        error: DurableError::Conflict(new.id.clone()).to_string(),
                     },
-                    visible_us: now,
-                },
+                    now,
+                ),
                 now,
             )?;
         }
@@ -879,18 +860,15 @@ pub async fn conformance(store: &dyn DurableStore) {
             restart: None,
             pin: None,
         }),
-        messages: vec![NewMessage {
-            id: crate::durable::episode::message_id(),
-            target: "a".into(),
-            generation: Some(0),
-            message: Message::Event {
-                event: HistoryEvent::TimerFired {
-                    task_id: 1,
-                    fire_at: "x".into(),
-                },
+        messages: vec![NewMessage::event(
+            "a",
+            Some(0),
+            HistoryEvent::TimerFired {
+                task_id: 1,
+                fire_at: "x".into(),
             },
-            visible_us: later,
-        }],
+            later,
+        )],
         work: vec![work.clone()],
         ..Commit::default()
     };
@@ -928,18 +906,15 @@ pub async fn conformance(store: &dyn DurableStore) {
             None,
             Commit {
                 work_done: Some("w1".into()),
-                messages: vec![NewMessage {
-                    id: crate::durable::episode::message_id(),
-                    target: "a".into(),
-                    generation: Some(0),
-                    message: Message::Event {
-                        event: HistoryEvent::TaskCompleted {
-                            task_id: 0,
-                            result: json!(2),
-                        },
+                messages: vec![NewMessage::event(
+                    "a",
+                    Some(0),
+                    HistoryEvent::TaskCompleted {
+                        task_id: 0,
+                        result: json!(2),
                     },
-                    visible_us: now_us(),
-                }],
+                    now_us(),
+                )],
                 ..Commit::default()
             },
         )
@@ -1078,28 +1053,8 @@ pub async fn conformance(store: &dyn DurableStore) {
     // Messages sent to any target (raise event, signal) are kept in order.
     store
         .send(vec![
-            NewMessage {
-                id: crate::durable::episode::message_id(),
-                target: "@counter@k".into(),
-                generation: None,
-                message: Message::Operation {
-                    operation: "add".into(),
-                    input: json!(1),
-                    reply_to: None,
-                },
-                visible_us: now_us(),
-            },
-            NewMessage {
-                id: crate::durable::episode::message_id(),
-                target: "@counter@k".into(),
-                generation: None,
-                message: Message::Operation {
-                    operation: "get".into(),
-                    input: Value::Null,
-                    reply_to: None,
-                },
-                visible_us: now_us(),
-            },
+            NewMessage::operation("@counter@k", "add", json!(1), None, now_us()),
+            NewMessage::operation("@counter@k", "get", Value::Null, None, now_us()),
         ])
         .await
         .unwrap();

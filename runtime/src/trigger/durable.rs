@@ -682,15 +682,7 @@ impl DurableFunctions {
             history: seen,
         };
         let input = Bytes::from(serde_json::to_vec(&request).expect("a request serialises"));
-        let pin = instance.version.is_empty().then(|| {
-            let version = unit.version.to_string();
-            self.pinned
-                .lock()
-                .expect("pinned lock")
-                .entry(version.clone())
-                .or_insert_with(|| unit.clone());
-            version
-        });
+        let pin = instance.version.is_empty().then(|| self.pin(&unit));
         let me = self.clone();
         let next = Arc::new(Mutex::new(Next::default()));
         let slot = next.clone();
@@ -702,19 +694,16 @@ impl DurableFunctions {
             let mut messages = decided.messages;
             let restart = decided.restart.map(|input| {
                 let generation = instance.generation + 1;
-                messages.push(NewMessage {
-                    id: crate::durable::episode::message_id(),
-                    target: instance.id.clone(),
-                    generation: Some(generation),
-                    message: Message::Event {
-                        event: HistoryEvent::ExecutionStarted {
-                            name: instance.name.clone(),
-                            input: input.clone(),
-                            parent: instance.parent.clone(),
-                        },
+                messages.push(NewMessage::event(
+                    instance.id.clone(),
+                    Some(generation),
+                    HistoryEvent::ExecutionStarted {
+                        name: instance.name.clone(),
+                        input: input.clone(),
+                        parent: instance.parent.clone(),
                     },
-                    visible_us: now,
-                });
+                    now,
+                ));
                 (generation, input)
             });
             for c in &decided.children {
@@ -836,17 +825,21 @@ impl DurableFunctions {
     /// is pinned to); it stays loadable while instances use it.
     fn version_of(&self, name: &str) -> String {
         match self.runtime.production(name) {
-            Ok(unit) => {
-                let version = unit.version.to_string();
-                self.pinned
-                    .lock()
-                    .expect("pinned lock")
-                    .entry(version.clone())
-                    .or_insert(unit);
-                version
-            }
+            Ok(unit) => self.pin(&unit),
             Err(_) => String::new(),
         }
+    }
+
+    /// Keeps `unit` loadable (and unpruned) for the instances pinned to
+    /// it; its version.
+    fn pin(&self, unit: &Arc<Unit>) -> String {
+        let version = unit.version.to_string();
+        self.pinned
+            .lock()
+            .expect("pinned lock")
+            .entry(version.clone())
+            .or_insert_with(|| unit.clone());
+        version
     }
 
     /// Runs work items as their activity's slots free up: each waits for
@@ -1166,13 +1159,12 @@ impl DurableFunctions {
     async fn command(&self, id: &str, event: HistoryEvent) -> Result<(), ClientError> {
         self.live(id).await?;
         self.store
-            .send(vec![NewMessage {
-                id: crate::durable::episode::message_id(),
-                target: id.to_owned(),
-                generation: None,
-                message: Message::Event { event },
-                visible_us: now_us(),
-            }])
+            .send(vec![NewMessage::event(
+                id.to_owned(),
+                None,
+                event,
+                now_us(),
+            )])
             .await?;
         self.schedule(id);
         Ok(())
@@ -1253,17 +1245,13 @@ impl DurableFunctions {
         }
         let target = entity.to_string();
         self.store
-            .send(vec![NewMessage {
-                id: crate::durable::episode::message_id(),
-                target: target.clone(),
-                generation: None,
-                message: Message::Operation {
-                    operation: operation.to_owned(),
-                    input,
-                    reply_to: None,
-                },
-                visible_us: now_us(),
-            }])
+            .send(vec![NewMessage::operation(
+                target.clone(),
+                operation.to_owned(),
+                input,
+                None,
+                now_us(),
+            )])
             .await?;
         self.schedule(&target);
         Ok(())
@@ -1314,13 +1302,7 @@ fn reply(to: &crate::durable::ReplyTo, result: Result<Value, String>) -> NewMess
             error,
         },
     };
-    NewMessage {
-        id: crate::durable::episode::message_id(),
-        target: to.instance_id.clone(),
-        generation: Some(to.generation),
-        message: Message::Event { event },
-        visible_us: now_us(),
-    }
+    NewMessage::event(to.instance_id.clone(), Some(to.generation), event, now_us())
 }
 
 /// What an activity attempt's result commits: the result to its instance,
@@ -1353,13 +1335,12 @@ fn activity_commit(
     };
     Commit {
         work_done: Some(item.id.clone()),
-        messages: vec![NewMessage {
-            id: crate::durable::episode::message_id(),
-            target: item.instance_id.clone(),
-            generation: Some(item.generation),
-            message: Message::Event { event },
-            visible_us: now,
-        }],
+        messages: vec![NewMessage::event(
+            item.instance_id.clone(),
+            Some(item.generation),
+            event,
+            now,
+        )],
         instance_of_record: Some(item.instance_id.clone()),
         ..Commit::default()
     }
