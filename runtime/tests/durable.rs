@@ -551,17 +551,7 @@ async fn a_hundred_orchestrations_survive_sigkills() {
         check_history(&s, id).await;
     }
     // The ledger has every episode and activity, tagged with its instance.
-    let out = common::kelvin()
-        .args(["bill", "--by", "orchestration", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::bill(&manifest, &["--by", "orchestration"]);
     assert!(
         text.contains("chain-0") && text.contains("fan-49"),
         "{text}"
@@ -854,12 +844,7 @@ timeout = "200ms"
         assert!(error.contains(why), "{id}: {error}");
     }
     assert_eq!(s.get("/healthz").await.0, 200);
-    let out = common::kelvin()
-        .args(["bill", "--by", "trigger", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = common::bill(&manifest, &["--by", "trigger"]);
     assert!(
         text.contains("orchestration") && text.contains("activity"),
         "{text}"

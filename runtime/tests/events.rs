@@ -506,17 +506,7 @@ queue = "orders-processed"
     assert_eq!(records(dir.path(), "submit-order").len(), 2);
     assert_eq!(records(dir.path(), "process-order")[0].trigger, "queue");
     // The bill tells the triggers apart.
-    let out = kelvin()
-        .args(["bill", "--by", "trigger", "--format", "json", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bill = String::from_utf8_lossy(&out.stdout);
+    let bill = common::bill(&manifest, &["--by", "trigger", "--format", "json"]);
     assert!(
         bill.contains("\"queue\"") && bill.contains("\"http\""),
         "{bill}"

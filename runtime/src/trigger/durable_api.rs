@@ -8,7 +8,7 @@ use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use super::durable::{ClientError, DurableFunctions};
-use super::events_api::Reply;
+use super::events_api::{Reply, json_reply, refuse};
 use crate::durable::store::Filter;
 use crate::durable::{EntityId, HistoryEvent, Instance, RuntimeStatus, parse_time, rfc3339};
 
@@ -20,18 +20,6 @@ pub fn owns(path: &str) -> bool {
         || path
             .strip_prefix(PREFIX)
             .is_some_and(|rest| rest.starts_with('/'))
-}
-
-fn json_reply(status: StatusCode, body: &Value) -> Reply {
-    Reply {
-        status,
-        content_type: "application/json",
-        body: Bytes::from(serde_json::to_string_pretty(body).expect("JSON") + "\n"),
-    }
-}
-
-fn refuse(status: StatusCode, message: impl Into<String>) -> Reply {
-    json_reply(status, &json!({ "error": message.into() }))
 }
 
 fn failed(e: ClientError) -> Reply {
@@ -174,7 +162,7 @@ async fn route(
         .collect();
     let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
     let reason = query(q, "reason").unwrap_or_default();
-    let accepted = || json_reply(StatusCode::ACCEPTED, &Value::Null);
+    let accepted = || json_reply(StatusCode::ACCEPTED, Value::Null);
     Ok(match (method.as_str(), parts.as_slice()) {
         ("POST", ["orchestrators", name]) | ("POST", ["orchestrators", name, _]) => {
             let id = parts.get(2).map(|s| (*s).to_owned());
@@ -184,7 +172,7 @@ async fn route(
                 .map_err(failed)?;
             let urls = management_urls(base, &id);
             let location = urls["statusQueryGetUri"].as_str().map(str::to_owned);
-            (json_reply(StatusCode::ACCEPTED, &urls), location)
+            (json_reply(StatusCode::ACCEPTED, urls), location)
         }
         ("GET", ["instances"]) => {
             let list = durable.list(filter(q)?).await.map_err(failed)?;
@@ -193,7 +181,7 @@ async fn route(
                 .iter()
                 .map(|i| status_json(i, show_input, None))
                 .collect();
-            (json_reply(StatusCode::OK, &json!(items)), None)
+            (json_reply(StatusCode::OK, json!(items)), None)
         }
         ("DELETE", ["instances"]) => {
             let n = durable.purge(None, filter(q)?).await.map_err(failed)?;
@@ -202,7 +190,7 @@ async fn route(
             } else {
                 StatusCode::OK
             };
-            (json_reply(status, &json!({ "instancesDeleted": n })), None)
+            (json_reply(status, json!({ "instancesDeleted": n })), None)
         }
         ("GET", ["instances", id]) => {
             let Some(i) = durable.status(id).await.map_err(failed)? else {
@@ -223,7 +211,7 @@ async fn route(
             } else {
                 StatusCode::ACCEPTED
             };
-            let reply = json_reply(status, &status_json(&i, show_input, history.as_deref()));
+            let reply = json_reply(status, status_json(&i, show_input, history.as_deref()));
             let location =
                 (!i.status.ended()).then(|| format!("{base}{PREFIX}/instances/{}", i.id));
             (reply, location)
@@ -243,7 +231,7 @@ async fn route(
                 });
             }
             (
-                json_reply(StatusCode::OK, &json!({ "instancesDeleted": n })),
+                json_reply(StatusCode::OK, json!({ "instancesDeleted": n })),
                 None,
             )
         }
@@ -284,7 +272,7 @@ async fn route(
                 key: (*key).to_owned(),
             };
             match durable.entity_state(&entity).await.map_err(failed)? {
-                Some(state) => (json_reply(StatusCode::OK, &state), None),
+                Some(state) => (json_reply(StatusCode::OK, state), None),
                 None => {
                     return Err(refuse(
                         StatusCode::NOT_FOUND,

@@ -39,7 +39,8 @@ pub struct Reply {
     pub body: Bytes,
 }
 
-fn json_reply(status: StatusCode, body: Value) -> Reply {
+/// A JSON reply (shared with the durable management API).
+pub(super) fn json_reply(status: StatusCode, body: Value) -> Reply {
     Reply {
         status,
         content_type: "application/json",
@@ -47,7 +48,8 @@ fn json_reply(status: StatusCode, body: Value) -> Reply {
     }
 }
 
-fn refuse(status: StatusCode, message: impl Into<String>) -> Reply {
+/// `{"error": message}` with `status`.
+pub(super) fn refuse(status: StatusCode, message: impl Into<String>) -> Reply {
     json_reply(status, json!({ "error": message.into() }))
 }
 

@@ -751,19 +751,7 @@ impl HttpServer {
             body,
         )
         .await;
-        let mut r = Response::new(full(reply.body));
-        *r.status_mut() = reply.status;
-        r.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            HeaderValue::from_static(reply.content_type),
-        );
-        if reply.status == StatusCode::METHOD_NOT_ALLOWED {
-            r.headers_mut().insert(
-                hyper::header::ALLOW,
-                HeaderValue::from_static("GET, PUT, POST, DELETE"),
-            );
-        }
-        r
+        api_response(reply, None, "GET, PUT, POST, DELETE")
     }
 
     /// An input binding's value: the status of the instance its route
@@ -841,22 +829,7 @@ impl HttpServer {
             &base,
         )
         .await;
-        let mut r = Response::new(full(reply.body));
-        *r.status_mut() = reply.status;
-        r.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            HeaderValue::from_static(reply.content_type),
-        );
-        if let Some(location) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
-            r.headers_mut().insert(hyper::header::LOCATION, location);
-        }
-        if reply.status == StatusCode::METHOD_NOT_ALLOWED {
-            r.headers_mut().insert(
-                hyper::header::ALLOW,
-                HeaderValue::from_static("GET, POST, DELETE"),
-            );
-        }
-        r
+        api_response(reply, location, "GET, POST, DELETE")
     }
 
     /// Reads a request body whole: within `request_body_timeout` (408
@@ -1275,6 +1248,29 @@ struct PresentedKey {
 }
 
 /// The key from the `x-kelvin-key` header, else the `code` query parameter.
+/// The response to a request to one of Kelvin's APIs: the reply, its
+/// `Location` if it has one, and what a 405 allows.
+fn api_response(
+    reply: super::events_api::Reply,
+    location: Option<String>,
+    allow: &'static str,
+) -> Response<Body> {
+    let mut r = Response::new(full(reply.body));
+    *r.status_mut() = reply.status;
+    let headers = r.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static(reply.content_type),
+    );
+    if let Some(location) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        headers.insert(hyper::header::LOCATION, location);
+    }
+    if reply.status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    }
+    r
+}
+
 fn presented_key<B>(req: &Request<B>) -> PresentedKey {
     let headers = req.headers();
     if let Some(v) = headers

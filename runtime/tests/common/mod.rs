@@ -59,6 +59,23 @@ pub fn up(
     panic!("kelvin up did not announce its address; last line: {line}");
 }
 
+/// `kelvin bill ARGS -f MANIFEST`'s report, which must succeed.
+pub fn bill(manifest: &Path, args: &[&str]) -> String {
+    let out = kelvin()
+        .arg("bill")
+        .args(args)
+        .arg("-f")
+        .arg(manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The master key of the app at `manifest`, as `kelvin keys list` prints it.
 pub fn master_key(manifest: &Path) -> String {
     let out = kelvin()
