@@ -218,6 +218,11 @@ impl RecordSink for Ledger {
             .submit(Box::new(move |tx| insert_record(tx, &record)))
     }
 
+    fn record_committed(&self, _: &InvocationRecord) -> Durable {
+        // In this database already, with the trigger's effects.
+        Durable::now()
+    }
+
     fn flush(&self) {
         // Each record is acknowledged after its commit; closing the writer
         // commits whatever is still queued.

@@ -132,8 +132,44 @@ pub struct InvocationRecord {
 /// through the returned [`Durable`].
 pub trait RecordSink: Send + Sync {
     fn record(&self, record: &InvocationRecord) -> Durable;
+    /// A record a trigger's store has already committed to the ledger's
+    /// database, in the transaction of its effects ([`Settled::recorded`]):
+    /// a sink writing to that database has nothing left to do, others
+    /// record it as usual.
+    fn record_committed(&self, record: &InvocationRecord) -> Durable {
+        self.record(record)
+    }
     /// Makes everything recorded so far durable (on shutdown).
     fn flush(&self) {}
+}
+
+/// What a trigger's settle hook committed (see
+/// `Runtime::start_settled`): when it is durable, and whether the record
+/// itself went in with the effects.
+pub struct Settled {
+    pub durable: Durable,
+    /// The record was committed to the ledger's database with the effects
+    /// (or, with the ledger off, deliberately not): the ledger sink skips
+    /// its own copy, one insert per invocation instead of two.
+    pub recorded: bool,
+}
+
+impl Settled {
+    /// No effects, nothing committed.
+    pub fn nothing() -> Settled {
+        Settled {
+            durable: Durable::now(),
+            recorded: false,
+        }
+    }
+
+    /// Effects committed together with the record.
+    pub fn with_record(durable: Durable) -> Settled {
+        Settled {
+            durable,
+            recorded: true,
+        }
+    }
 }
 
 /// Resolves once a record is durable: at once for sinks that keep nothing,
@@ -242,6 +278,12 @@ impl RecordSink for Tee {
         self.0
             .iter()
             .fold(Durable::now(), |d, s| d.join(s.record(record)))
+    }
+
+    fn record_committed(&self, record: &InvocationRecord) -> Durable {
+        self.0
+            .iter()
+            .fold(Durable::now(), |d, s| d.join(s.record_committed(record)))
     }
 
     fn flush(&self) {

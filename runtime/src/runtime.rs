@@ -29,7 +29,7 @@ use crate::admission::Admission;
 use crate::engine::{EngineSettings, KelvinEngine, Tuning};
 use crate::invoke::{self, Event, Execution};
 use crate::manifest::Manifest;
-use crate::metering::{Durable, InvocationRecord, Outcome, RecordSink};
+use crate::metering::{Durable, InvocationRecord, Outcome, RecordSink, Settled};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Delivery, MeteredBody};
 use crate::registry::{Capacity, LoadedFunction, Prepared, Registry, RegistryError, micros};
@@ -448,7 +448,7 @@ impl Runtime {
             }
         };
         let checked = self
-            .run(ticket, event, Ok, |_, _| Durable::now(), || false)
+            .run(ticket, event, Ok, |_, _| Settled::nothing(), || false)
             .await;
         Ok(Invocation {
             record: checked.record,
@@ -500,7 +500,7 @@ impl Runtime {
             }),
             Err(rejected) => {
                 record.reason = Some(rejected.to_string());
-                let (record, durable) = self.finish(record).await;
+                let (record, durable) = self.finish(record, false).await;
                 let mut checked = Checked::failed(record);
                 checked.durable = durable;
                 Admit::Rejected(checked)
@@ -520,7 +520,7 @@ impl Runtime {
         accept: impl FnOnce(Bytes) -> Result<T, String> + Send + 'static,
         hold: impl Send + 'static,
     ) -> Started<T> {
-        self.start_settled(ticket, event, accept, hold, |_, _| Durable::now())
+        self.start_settled(ticket, event, accept, hold, |_, _| Settled::nothing())
     }
 
     /// As [`Runtime::start`], and `settle` commits what the invocation
@@ -534,15 +534,16 @@ impl Runtime {
         event: Event,
         accept: impl FnOnce(Bytes) -> Result<T, String> + Send + 'static,
         hold: impl Send + 'static,
-        settle: impl FnOnce(&InvocationRecord, Option<&T>) -> Durable + Send + 'static,
+        settle: impl FnOnce(&InvocationRecord, Option<&T>) -> Settled + Send + 'static,
     ) -> Started<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let runtime = self.clone();
         let flying = Flying::new(&self.in_flight);
         tokio::spawn(async move {
-            let checked = runtime
-                .run(ticket, event, accept, settle, || tx.is_closed())
-                .await;
+            // Boxed: an invocation's state machine is kilobytes, which the
+            // task would otherwise copy when it is spawned and when it ends.
+            let checked =
+                Box::pin(runtime.run(ticket, event, accept, settle, || tx.is_closed())).await;
             drop(hold);
             let _ = tx.send(checked);
             drop(flying);
@@ -555,7 +556,7 @@ impl Runtime {
         ticket: Ticket,
         event: Event,
         accept: impl FnOnce(Bytes) -> Result<T, String>,
-        settle: impl FnOnce(&InvocationRecord, Option<&T>) -> Durable,
+        settle: impl FnOnce(&InvocationRecord, Option<&T>) -> Settled,
         abandoned: impl Fn() -> bool,
     ) -> Checked<T> {
         let Ticket {
@@ -569,9 +570,9 @@ impl Runtime {
                 mark_abandoned(&mut record);
             }
             let settled = settle(&record, None);
-            let (record, durable) = self.finish(record).await;
+            let (record, durable) = self.finish(record, settled.recorded).await;
             let mut checked = Checked::failed(record);
-            checked.durable = durable && settled.wait().await.is_ok();
+            checked.durable = durable && settled.durable.wait().await.is_ok();
             return checked;
         };
         let invocation_id = record.invocation_id.clone();
@@ -665,9 +666,9 @@ impl Runtime {
         // Submitted before the sink's copy of the record: the effects are
         // committed with the record, never after it.
         let settled = settle(&checked.record, checked.output.as_ref());
-        let (record, durable) = self.finish(checked.record).await;
+        let (record, durable) = self.finish(checked.record, settled.recorded).await;
         checked.record = record;
-        checked.durable = durable && settled.wait().await.is_ok();
+        checked.durable = durable && settled.durable.wait().await.is_ok();
         checked
     }
 
@@ -732,7 +733,7 @@ impl Runtime {
         record.bytes_in = request.body().size_hint().exact().unwrap_or(0);
         let Some((slot, loaded, start)) = self.pool_and_load(&mut record, &unit).await else {
             drop(respond_to);
-            return self.finish(record).await;
+            return self.finish(record, false).await;
         };
         let Prepared::Component(pre) = &loaded.prepared else {
             unreachable!("the HTTP trigger sends only components here");
@@ -807,7 +808,7 @@ impl Runtime {
             record.outcome = Outcome::Error;
             record.reason = Some("the response was not sent within the function's timeout".into());
         }
-        let (record, durable) = self.finish(record).await;
+        let (record, durable) = self.finish(record, false).await;
         // The body's end waits for this: a response whose record was lost
         // is cut off instead of completed.
         let _ = ack_tx.send(durable);
@@ -892,7 +893,9 @@ impl Runtime {
     /// Logs, counts and records an invocation, returning once its record is
     /// durable (`true`) or could not be made so (`false`): an answer is
     /// never sent for an invocation the ledger could still lose.
-    async fn finish(&self, record: InvocationRecord) -> (InvocationRecord, bool) {
+    /// Observes and records `record` (`recorded`: already committed to the
+    /// ledger's database by a settle hook).
+    async fn finish(&self, record: InvocationRecord, recorded: bool) -> (InvocationRecord, bool) {
         if record.outcome != Outcome::Ok {
             tracing::warn!(
                 function = record.function.as_str(),
@@ -903,10 +906,12 @@ impl Runtime {
             );
         }
         self.metrics.observe(&record);
-        let durable = if self.engine.tuning().metering {
-            self.sink.record(&record)
-        } else {
+        let durable = if !self.engine.tuning().metering {
             Durable::now()
+        } else if recorded {
+            self.sink.record_committed(&record)
+        } else {
+            self.sink.record(&record)
         };
         match durable.wait().await {
             Ok(()) => (record, true),

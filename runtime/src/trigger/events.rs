@@ -353,7 +353,7 @@ impl Events {
             }
             let (durable, was_published) = store.settle(Some(record.clone()), effects);
             *flag.lock().expect("flag lock") = Some(was_published);
-            durable
+            crate::metering::Settled::with_record(durable)
         };
         let event = Event {
             trigger,

@@ -648,7 +648,7 @@ impl HttpServer {
                 let publish = output.map(|(_, p)| p.clone()).unwrap_or_default();
                 let (durable, published) = events_for_settle.settle_http(record, publish);
                 *flag.lock().expect("flag lock") = Some(published);
-                durable
+                crate::metering::Settled::with_record(durable)
             };
         let invocation = self
             .runtime
