@@ -71,7 +71,7 @@ where
     Fut: Future<Output = Result<T, String>>,
     T: Serialize,
 {
-    let answer = read_request().and_then(|request| replay(request, f));
+    let answer = replay(&crate::input(), f);
     write_answer(answer);
 }
 
@@ -647,52 +647,38 @@ struct OrchestrationRequest {
     history: Vec<HistoryEvent>,
 }
 
-/// The history events the replay acts on; decisions and the rest are
-/// `Other`.
+/// A history event, as the replay reads it: one flat struct, not an
+/// internally tagged enum (serde would buffer each event into a tree before
+/// choosing its variant). The fields an event does not have stay `None`;
+/// those the replay never reads (`fire_at`, `entity`, ...) are skipped.
 #[derive(Deserialize)]
-#[serde(tag = "type")]
-enum HistoryEvent {
-    OrchestratorStarted {
-        timestamp: String,
-    },
-    TaskCompleted {
-        task_id: usize,
-        #[serde(default)]
-        result: Value,
-    },
-    TaskFailed {
-        task_id: usize,
-        #[serde(default)]
-        error: Value,
-    },
-    SubOrchestrationCompleted {
-        task_id: usize,
-        #[serde(default)]
-        result: Value,
-    },
-    SubOrchestrationFailed {
-        task_id: usize,
-        #[serde(default)]
-        error: Value,
-    },
-    TimerFired {
-        task_id: usize,
-    },
-    EntityResponded {
-        task_id: usize,
-        #[serde(default)]
-        result: Value,
-    },
-    EntityFailed {
-        task_id: usize,
-        #[serde(default)]
-        error: Value,
-    },
-    EventRaised {
-        name: String,
-        #[serde(default)]
-        input: Value,
-    },
+struct HistoryEvent {
+    #[serde(rename = "type")]
+    kind: EventKind,
+    task_id: Option<usize>,
+    timestamp: Option<String>,
+    /// An event's name (`EventRaised`).
+    name: Option<String>,
+    #[serde(default)]
+    input: Value,
+    #[serde(default)]
+    result: Value,
+    #[serde(default)]
+    error: Value,
+}
+
+/// The kinds the replay acts on; decisions and the rest are `Other`.
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+enum EventKind {
+    OrchestratorStarted,
+    TaskCompleted,
+    TaskFailed,
+    SubOrchestrationCompleted,
+    SubOrchestrationFailed,
+    TimerFired,
+    EntityResponded,
+    EntityFailed,
+    EventRaised,
     #[serde(other)]
     Other,
 }
@@ -708,17 +694,29 @@ fn task_error(error: Value) -> TaskError {
 /// Replays `f` against `request`'s history (`docs/durable.md`, "How an SDK
 /// replays") and returns the answer. `Err` only for a request that is not
 /// the protocol's.
-fn replay<F, Fut, T>(request: Value, f: F) -> Result<Value, String>
+fn replay<F, Fut, T>(request: &[u8], f: F) -> Result<Value, String>
 where
     F: FnOnce(OrchestrationContext) -> Fut,
     Fut: Future<Output = Result<T, String>>,
     T: Serialize,
 {
-    let request = OrchestrationRequest::deserialize(request)
+    // Straight from the bytes: no `Value` tree of the whole history first.
+    let request: OrchestrationRequest = serde_json::from_slice(request)
         .map_err(|e| format!("not an orchestration request: {e}"))?;
     let mut times = Vec::new();
     for (i, event) in request.history.iter().enumerate() {
-        if let HistoryEvent::OrchestratorStarted { timestamp } = event {
+        let needs_task = !matches!(
+            event.kind,
+            EventKind::OrchestratorStarted | EventKind::EventRaised | EventKind::Other
+        );
+        if needs_task && event.task_id.is_none() {
+            return Err(format!("history[{i}]: a result without a `task_id`"));
+        }
+        if event.kind == EventKind::EventRaised && event.name.is_none() {
+            return Err(format!("history[{i}]: an EventRaised without a `name`"));
+        }
+        if event.kind == EventKind::OrchestratorStarted {
+            let timestamp = event.timestamp.as_deref().unwrap_or_default();
             let time = parse_rfc3339(timestamp)
                 .map_err(|e| format!("history[{i}]: bad timestamp `{timestamp}`: {e}"))?;
             times.push((i, time));
@@ -760,25 +758,23 @@ where
             break;
         }
         let mut state = shared.state.borrow_mut();
-        let woke = match event {
-            HistoryEvent::OrchestratorStarted { .. } => {
+        // Checked above: every result has its task id, every event a name.
+        let task_id = event.task_id.unwrap_or_default();
+        let woke = match event.kind {
+            EventKind::OrchestratorStarted => {
                 state.now = times.next();
                 state.replaying = i < last_start;
                 false
             }
-            HistoryEvent::TaskCompleted { task_id, result }
-            | HistoryEvent::SubOrchestrationCompleted { task_id, result }
-            | HistoryEvent::EntityResponded { task_id, result } => {
-                state.resolve_task(task_id, Ok(result))
+            EventKind::TaskCompleted
+            | EventKind::SubOrchestrationCompleted
+            | EventKind::EntityResponded => state.resolve_task(task_id, Ok(event.result)),
+            EventKind::TaskFailed | EventKind::SubOrchestrationFailed | EventKind::EntityFailed => {
+                state.resolve_task(task_id, Err(task_error(event.error)))
             }
-            HistoryEvent::TaskFailed { task_id, error }
-            | HistoryEvent::SubOrchestrationFailed { task_id, error }
-            | HistoryEvent::EntityFailed { task_id, error } => {
-                state.resolve_task(task_id, Err(task_error(error)))
-            }
-            HistoryEvent::TimerFired { task_id } => state.resolve_task(task_id, Ok(Value::Null)),
-            HistoryEvent::EventRaised { name, input } => state.raise(name, input),
-            HistoryEvent::Other => false,
+            EventKind::TimerFired => state.resolve_task(task_id, Ok(Value::Null)),
+            EventKind::EventRaised => state.raise(event.name.unwrap_or_default(), event.input),
+            EventKind::Other => false,
         };
         drop(state);
         if woke {
@@ -1168,6 +1164,10 @@ mod tests {
         json!({"type": "EventRaised", "name": name, "input": input})
     }
 
+    fn bytes(request: Value) -> Vec<u8> {
+        serde_json::to_vec(&request).expect("JSON")
+    }
+
     fn request(input: Value, history: Vec<Value>) -> Value {
         json!({"instance_id": "i-1", "name": "test", "input": input, "history": history})
     }
@@ -1178,7 +1178,7 @@ mod tests {
         Fut: Future<Output = Result<T, String>>,
         T: Serialize,
     {
-        replay(request(input, history), f).expect("a valid request")
+        replay(&bytes(request(input, history)), f).expect("a valid request")
     }
 
     fn activity(name: &str, input: Value) -> Value {
@@ -1619,9 +1619,14 @@ mod tests {
     #[test]
     fn a_request_that_is_not_the_protocols_is_an_error() {
         let f = |_: OrchestrationContext| async { Ok(()) };
-        assert!(replay(json!([1]), f).is_err());
+        assert!(replay(b"[1]", f).is_err());
+        assert!(replay(b"{", f).is_err());
         let bad_time = request(Value::Null, vec![started("yesterday")]);
-        assert!(replay(bad_time, f).is_err());
+        assert!(replay(&bytes(bad_time), f).is_err());
+        let no_task = request(Value::Null, vec![json!({"type": "TaskCompleted"})]);
+        assert!(replay(&bytes(no_task), f).is_err());
+        let no_name = request(Value::Null, vec![json!({"type": "EventRaised"})]);
+        assert!(replay(&bytes(no_name), f).is_err());
     }
 
     #[test]
