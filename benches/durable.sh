@@ -18,7 +18,8 @@
 #   fan-out: one `fan-out` orchestration of FAN activities (task_all):
 #     start to completion, and how many episodes it took.
 #
-# Usage: benches/durable.sh   (ORCHESTRATIONS=2000 CONNECTIONS=64 SAMPLES=100 FAN=1000)
+# Usage: benches/durable.sh   (ORCHESTRATIONS=2000 CONNECTIONS=64 SAMPLES=100 FAN=1000;
+#   KELVIN=<binary> GUESTS=<dir of guest .wasm> to measure another build)
 # Bounded: about 30 s after the builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,9 +30,10 @@ samples=${SAMPLES:-100} fan=${FAN:-1000}
 cargo build --quiet --release -p kelvin
 cargo build --quiet --release -p kelvin-benches --bin events-load
 cargo build --quiet --profile guest --target wasm32-wasip1 -p guest-durable
-kelvin=$PWD/target/release/kelvin
+# KELVIN and GUESTS: another build's binary and guests, for an A/B.
+kelvin=${KELVIN:-$PWD/target/release/kelvin}
 loader=$PWD/target/release/events-load
-guests=$PWD/target/wasm32-wasip1/guest
+guests=${GUESTS:-$PWD/target/wasm32-wasip1/guest}
 state=$(mktemp -d)
 server=
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$state"' EXIT

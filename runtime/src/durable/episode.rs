@@ -6,8 +6,8 @@
 use serde_json::Value;
 
 use super::{
-    Action, Answer, EntityId, HistoryEvent, Instance, Message, Parent, ReplyTo, RuntimeStatus,
-    WorkItem, parse_time,
+    Action, Answer, EntityId, HistoryEvent, InboxItem, Instance, Message, Parent, ReplyTo,
+    RuntimeStatus, WorkItem, parse_time,
 };
 
 /// A message to put in an inbox.
@@ -24,6 +24,17 @@ pub struct NewMessage {
 }
 
 impl NewMessage {
+    /// As its target's inbox holds it once committed.
+    pub fn into_item(self) -> InboxItem {
+        InboxItem {
+            id: self.id,
+            target: self.target,
+            generation: self.generation,
+            message: self.message,
+            visible_us: self.visible_us,
+        }
+    }
+
     /// An event for an orchestration instance.
     pub fn event(
         target: impl Into<String>,

@@ -49,6 +49,13 @@ pub struct NewInstance {
     pub parent: Option<Parent>,
 }
 
+/// An instance just created, and its start message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created {
+    pub instance: Instance,
+    pub start: InboxItem,
+}
+
 /// What an episode changes in an instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceChange {
@@ -71,7 +78,9 @@ pub struct InstanceChange {
 /// Everything one step of durable work changes, in one transaction.
 #[derive(Debug, Clone, Default)]
 pub struct Commit {
-    /// Inbox messages handled (deleted).
+    /// Inbox messages handled (deleted). If one of them is gone, another
+    /// step consumed it first, and nothing of this commit applies (but the
+    /// record): the step acted on a message twice.
     pub consumed: Vec<String>,
     pub instance: Option<InstanceChange>,
     /// Instances to create; one whose id is taken by an instance that has
@@ -87,8 +96,8 @@ pub struct Commit {
     pub entity: Option<(String, Option<Value>)>,
     /// The instance the committed invocation record worked for.
     pub instance_of_record: Option<String>,
-    /// Set once `messages` are in (an activity's result whose work item
-    /// was gone inserts none).
+    /// Set once the commit applied: not for an activity's result whose
+    /// work item was gone, nor for a step whose consumed messages were.
     pub inserted: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
@@ -105,7 +114,9 @@ pub struct Filter {
 #[async_trait::async_trait]
 pub trait DurableStore: Send + Sync {
     /// Creates an instance; an ended one with the same id is replaced.
-    async fn create(&self, new: NewInstance) -> Result<(), DurableError>;
+    /// Returns it as stored and the message that starts it, so its first
+    /// step needs not read them back.
+    async fn create(&self, new: NewInstance) -> Result<Created, DurableError>;
     async fn instance(&self, id: &str) -> Result<Option<Instance>, DurableError>;
     async fn history(&self, id: &str) -> Result<Vec<HistoryEvent>, DurableError>;
     /// The messages of `target` visible at `now`, in order.
@@ -326,11 +337,15 @@ fn delete_instance(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Creates `new` unless an instance with its id has not ended; whether it
-/// did.
-fn create(tx: &Transaction<'_>, new: &NewInstance, now: i64) -> rusqlite::Result<bool> {
+/// Creates `new` unless an instance with its id has not ended; the start
+/// message if it did.
+fn create(
+    tx: &Transaction<'_>,
+    new: &NewInstance,
+    now: i64,
+) -> rusqlite::Result<Option<NewMessage>> {
     match is_ended(tx, &new.id)? {
-        Some(false) => return Ok(false),
+        Some(false) => return Ok(None),
         Some(true) => delete_instance(tx, &new.id)?,
         None => {}
     }
@@ -347,21 +362,18 @@ fn create(tx: &Transaction<'_>, new: &NewInstance, now: i64) -> rusqlite::Result
             .as_ref()
             .map(|p| serde_json::to_string(p).expect("a parent serialises")),
     ])?;
-    insert_message(
-        tx,
-        &NewMessage::event(
-            new.id.clone(),
-            Some(0),
-            HistoryEvent::ExecutionStarted {
-                name: new.name.clone(),
-                input: new.input.clone(),
-                parent: new.parent.clone(),
-            },
-            now,
-        ),
+    let start = NewMessage::event(
+        new.id.clone(),
+        Some(0),
+        HistoryEvent::ExecutionStarted {
+            name: new.name.clone(),
+            input: new.input.clone(),
+            parent: new.parent.clone(),
+        },
         now,
-    )?;
-    Ok(true)
+    );
+    insert_message(tx, &start, now)?;
+    Ok(Some(start))
 }
 
 /// Applies a function's durable output inside `tx` (another store's
@@ -388,7 +400,7 @@ pub fn apply_output(
                 input: input.clone(),
                 parent: None,
             };
-            if !create(tx, &new, now)? {
+            if create(tx, &new, now)?.is_none() {
                 tracing::warn!(
                     instance = instance_id.as_str(),
                     "an output's orchestration was not started: an instance with its id runs"
@@ -448,6 +460,18 @@ fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
     {
         return Ok(());
     }
+    // A message can reach a step twice: read from the store while its
+    // commit was being handed over in memory too. The second step to
+    // consume it finds it gone; its decisions are a duplicate's and are
+    // dropped (the dispatcher reads the instance back and steps again).
+    for id in &c.consumed {
+        if !tx
+            .prepare_cached("SELECT 1 FROM durable_inbox WHERE id = ?1")?
+            .exists([id])?
+        {
+            return Ok(());
+        }
+    }
     for id in &c.consumed {
         tx.prepare_cached("DELETE FROM durable_inbox WHERE id = ?1")?
             .execute([id])?;
@@ -492,7 +516,7 @@ fn apply(tx: &Transaction<'_>, c: &Commit) -> rusqlite::Result<()> {
         ])?;
     }
     for new in &c.create {
-        if !create(tx, new, now)?
+        if create(tx, new, now)?.is_none()
             && let Some(p) = &new.parent
         {
             insert_message(
@@ -596,16 +620,27 @@ fn filter_sql(f: &Filter, ended: bool) -> (String, Vec<rusqlite::types::Value>) 
 
 #[async_trait::async_trait]
 impl DurableStore for SqliteDurable {
-    async fn create(&self, new: NewInstance) -> Result<(), DurableError> {
-        let id = new.id.clone();
-        let created = self
-            .writer
-            .run(move |tx| create(tx, &new, now_us()))
-            .await?;
-        if created {
-            Ok(())
-        } else {
-            Err(DurableError::Conflict(id))
+    async fn create(&self, new: NewInstance) -> Result<Created, DurableError> {
+        let now = now_us();
+        let instance = Instance {
+            id: new.id.clone(),
+            name: new.name.clone(),
+            version: new.version.clone(),
+            status: RuntimeStatus::Pending,
+            input: new.input.clone(),
+            output: Value::Null,
+            custom_status: Value::Null,
+            created_us: now,
+            updated_us: now,
+            generation: 0,
+            parent: new.parent.clone(),
+        };
+        match self.writer.run(move |tx| create(tx, &new, now)).await? {
+            Some(start) => Ok(Created {
+                instance,
+                start: start.into_item(),
+            }),
+            None => Err(DurableError::Conflict(instance.id)),
         }
     }
 
@@ -806,17 +841,20 @@ pub async fn conformance(store: &dyn DurableStore) {
 
     // Create: Pending, with its ExecutionStarted message; a second create
     // of a live id is a conflict.
-    store.create(new("a")).await.unwrap();
+    // What `create` returns is what is stored: a dispatcher starts the
+    // first step from it without reading the store.
+    let created = store.create(new("a")).await.unwrap();
     assert_eq!(store.live_versions().await.unwrap(), vec!["v1".to_owned()]);
     let a = store.instance("a").await.unwrap().unwrap();
     assert_eq!(a.status, RuntimeStatus::Pending);
     assert_eq!(a.input, json!({"n": 1}));
+    assert_eq!(created.instance, a);
     assert!(matches!(
         store.create(new("a")).await,
         Err(DurableError::Conflict(_))
     ));
     let inbox = store.inbox("a", now_us()).await.unwrap();
-    assert_eq!(inbox.len(), 1);
+    assert_eq!(inbox, vec![created.start]);
     assert!(matches!(
         &inbox[0].message,
         Message::Event {
@@ -872,10 +910,18 @@ pub async fn conformance(store: &dyn DurableStore) {
         work: vec![work.clone()],
         ..Commit::default()
     };
+    let mut twice = commit.clone();
+    let applied = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    twice.inserted = Some(applied.clone());
     store.commit(None, commit).wait().await.unwrap();
     let a = store.instance("a").await.unwrap().unwrap();
     assert_eq!(a.status, RuntimeStatus::Running);
     assert_eq!(a.custom_status, json!("busy"));
+    assert_eq!(store.history("a").await.unwrap().len(), 2);
+    // The same step again (its message handed over twice): its message is
+    // gone, nothing of it applies, and it says so.
+    store.commit(None, twice).wait().await.unwrap();
+    assert!(!applied.load(std::sync::atomic::Ordering::SeqCst));
     assert_eq!(store.history("a").await.unwrap().len(), 2);
     assert!(store.inbox("a", now_us()).await.unwrap().is_empty());
     assert_eq!(store.next_due(now_us()).await.unwrap(), Some(later));

@@ -21,14 +21,14 @@ use tokio::task::JoinHandle;
 use super::config::DurableRole;
 use crate::durable::episode::{self, Known, NewMessage};
 use crate::durable::store::{
-    Commit, DurableError, DurableStore, Filter, InstanceChange, NewInstance,
+    Commit, Created, DurableError, DurableStore, Filter, InstanceChange, NewInstance,
 };
 use crate::durable::{
     Answer, EntityAnswer, EntityId, HistoryEvent, InboxItem, Instance, Message, RuntimeStatus,
     WorkItem, now_us, parse_result, rfc3339,
 };
 use crate::invoke::Event;
-use crate::metering::{Durable as Committed, InvocationRecord};
+use crate::metering::{InvocationRecord, Settled};
 use crate::runtime::{Admit, Runtime, Ticket};
 use crate::table::{PRODUCTION, Unit};
 
@@ -127,12 +127,28 @@ struct Next {
     targets: Vec<String>,
     work: Vec<WorkItem>,
     delayed: bool,
-    /// Set by the store once `deliver` is in (an activity result whose
+    /// Set by the store once the commit applied (an activity result whose
     /// work item was gone inserts nothing).
     inserted: Arc<AtomicBool>,
+    /// The instance or entity whose step this commit is: read back from
+    /// the store and stepped again if it did not apply (it acted on a
+    /// message another step had consumed).
+    step: Option<String>,
 }
 
 impl Next {
+    /// What `commit` makes ready once it is durable; `step`: the instance
+    /// or entity it is a step of.
+    fn of_step(commit: &mut Commit, step: &str) -> Next {
+        let mut next = Next::of(commit);
+        next.step = Some(step.to_owned());
+        next
+    }
+
+    fn applied(&self) -> bool {
+        self.inserted.load(Ordering::SeqCst)
+    }
+
     fn of(commit: &mut Commit) -> Next {
         let now = now_us();
         let mut next = Next::default();
@@ -385,7 +401,13 @@ impl DurableFunctions {
     }
 
     fn next(&self, next: Next) {
-        let inserted = next.inserted.load(Ordering::SeqCst);
+        let inserted = next.applied();
+        if !inserted && let Some(target) = &next.step {
+            // Nothing of the step applied: what it acted on is read back.
+            self.cache.lock().expect("cache lock").pop(target);
+            self.schedule(target);
+            return;
+        }
         for item in next.deliver {
             if inserted {
                 self.deliver(item);
@@ -439,10 +461,13 @@ impl DurableFunctions {
             };
             let me = self.clone();
             tokio::spawn(async move {
+                // Boxed: a step's state machine is kilobytes, which the
+                // task would otherwise copy when it is spawned and when it
+                // ends.
                 let result = if EntityId::is_entity(&target) {
-                    me.entity_step(&target).await
+                    Box::pin(me.entity_step(&target)).await
                 } else {
-                    me.episode(&target).await
+                    Box::pin(me.episode(&target)).await
                 };
                 if let Err(e) = result {
                     tracing::error!(target = target.as_str(), error = %e, "a durable step failed; retrying in 1 s");
@@ -618,7 +643,7 @@ impl DurableFunctions {
                 ),
                 ..Commit::default()
             };
-            return self.commit_step(None, commit).await;
+            return self.commit_step(Some(id), None, commit).await.map(drop);
         }
         if !runs || status == RuntimeStatus::Suspended {
             let commit = Commit {
@@ -635,7 +660,7 @@ impl DurableFunctions {
                 }),
                 ..Commit::default()
             };
-            return self.commit_step(None, commit).await;
+            return self.commit_step(Some(id), None, commit).await.map(drop);
         }
 
         // Run the orchestrator: an OrchestratorStarted first gives it the
@@ -688,7 +713,7 @@ impl DurableFunctions {
         let slot = next.clone();
         let state = Arc::new(Mutex::new(None));
         let state_slot = state.clone();
-        let settle = move |record: &InvocationRecord, answer: Option<&Answer>| -> Committed {
+        let settle = move |record: &InvocationRecord, answer: Option<&Answer>| -> Settled {
             let answer = answer.cloned().ok_or_else(|| failure_reason(record));
             let decided = episode::decide(&instance, &history, new, answer, &Roles(&me.roles), now);
             let mut messages = decided.messages;
@@ -770,8 +795,8 @@ impl DurableFunctions {
                 instance_of_record: Some(instance.id.clone()),
                 ..Commit::default()
             };
-            let mut after = Next::of(&mut commit);
-            let durable = me.store.commit(Some(record.clone()), commit);
+            let mut after = Next::of_step(&mut commit, &instance.id);
+            let durable = Settled::with_record(me.store.commit(Some(record.clone()), commit));
             // Activities start now, beside the commit: one submitted after
             // it commits after it (one writer, in order), and a result
             // whose decision never committed finds no work item and is
@@ -797,28 +822,34 @@ impl DurableFunctions {
                 "an episode's decisions could not be committed".into(),
             ));
         }
-        if let Some(state) = state.lock().expect("state lock").take() {
+        let next = std::mem::take(&mut *next.lock().expect("next lock"));
+        if let Some(state) = state.lock().expect("state lock").take()
+            && next.applied()
+        {
             self.cache
                 .lock()
                 .expect("cache lock")
                 .put(id.to_owned(), state);
         }
-        let next = std::mem::take(&mut *next.lock().expect("next lock"));
         self.next(next);
         Ok(())
     }
 
-    /// Commits a step that ran no function, then schedules what it made
-    /// ready.
+    /// Commits a step of `step` that ran no function (or an activity's
+    /// settlement, `None`), then schedules what it made ready. Whether it
+    /// applied.
     async fn commit_step(
         &self,
+        step: Option<&str>,
         record: Option<InvocationRecord>,
         mut commit: Commit,
-    ) -> Result<(), DurableError> {
-        let next = Next::of(&mut commit);
+    ) -> Result<bool, DurableError> {
+        let mut next = Next::of(&mut commit);
+        next.step = step.map(str::to_owned);
         self.store.commit(record, commit).wait().await?;
+        let applied = next.applied();
         self.next(next);
-        Ok(())
+        Ok(applied)
     }
 
     /// The production version of orchestrator `name` (what a new instance
@@ -860,7 +891,7 @@ impl DurableFunctions {
                 let Ok(_permit) = slots.acquire_owned().await else {
                     return;
                 };
-                me.activity(item).await;
+                Box::pin(me.activity(item)).await;
             });
         }
     }
@@ -905,11 +936,11 @@ impl DurableFunctions {
         let settled = item.clone();
         let next = Arc::new(Mutex::new(Next::default()));
         let slot = next.clone();
-        let settle = move |record: &InvocationRecord, result: Option<&Value>| -> Committed {
+        let settle = move |record: &InvocationRecord, result: Option<&Value>| -> Settled {
             let result = result.cloned().ok_or_else(|| failure_reason(record));
             let mut commit = activity_commit(&settled, result, Some(record));
             *slot.lock().expect("next lock") = Next::of(&mut commit);
-            me.store.commit(Some(record.clone()), commit)
+            Settled::with_record(me.store.commit(Some(record.clone()), commit))
         };
         let checked = self
             .runtime
@@ -943,7 +974,7 @@ impl DurableFunctions {
         // No attempts left: a missing function does not come back by itself.
         item.retry.max_attempts = 0;
         let commit = activity_commit(&item, result, record.as_ref());
-        if let Err(e) = self.commit_step(record, commit).await {
+        if let Err(e) = self.commit_step(None, record, commit).await {
             tracing::error!(error = %e, "failed to settle an activity");
         }
         self.work_settled(&item.id);
@@ -986,7 +1017,7 @@ impl DurableFunctions {
                     }
                     commit.consumed.push(item.id);
                 }
-                return self.commit_step(None, commit).await;
+                return self.commit_step(Some(target), None, commit).await.map(drop);
             }
         };
         let mut state = self.store.entity(target).await?;
@@ -997,14 +1028,13 @@ impl DurableFunctions {
                 reply_to,
             } = item.message
             else {
-                self.commit_step(
-                    None,
-                    Commit {
-                        consumed: vec![item.id],
-                        ..Commit::default()
-                    },
-                )
-                .await?;
+                let commit = Commit {
+                    consumed: vec![item.id],
+                    ..Commit::default()
+                };
+                if !self.commit_step(Some(target), None, commit).await? {
+                    return Ok(());
+                }
                 continue;
             };
             let unit = self
@@ -1055,8 +1085,9 @@ impl DurableFunctions {
                     ),
                     ..Commit::default()
                 };
-                *slot.lock().expect("kept lock") = (Next::of(&mut commit), after);
-                me.store.commit(Some(record.clone()), commit)
+                *slot.lock().expect("kept lock") =
+                    (Next::of_step(&mut commit, &target_owned), after);
+                Settled::with_record(me.store.commit(Some(record.clone()), commit))
             };
             let checked = self
                 .runtime
@@ -1068,8 +1099,14 @@ impl DurableFunctions {
                 ));
             }
             let (next, after) = std::mem::take(&mut *kept.lock().expect("kept lock"));
-            state = after;
+            let applied = next.applied();
             self.next(next);
+            if !applied {
+                // Read back from the store and stepped again: the rest of
+                // this inbox too.
+                return Ok(());
+            }
+            state = after;
         }
         Ok(())
     }
@@ -1128,7 +1165,8 @@ impl DurableFunctions {
         }
         let id = instance_id.unwrap_or_else(|| uuid::Uuid::now_v7().simple().to_string());
         valid_instance_id(&id)?;
-        self.store
+        let created = self
+            .store
             .create(NewInstance {
                 id: id.clone(),
                 name: name.to_owned(),
@@ -1137,10 +1175,41 @@ impl DurableFunctions {
                 parent: None,
             })
             .await?;
-        // An ended instance with this id was replaced.
-        self.cache.lock().expect("cache lock").pop(&id);
-        self.schedule(&id);
+        self.started(created);
         Ok(id)
+    }
+
+    /// Schedules the first step of an instance just created, handing it
+    /// its state and start message in memory: it reads nothing back.
+    fn started(&self, created: Created) {
+        let id = created.instance.id.clone();
+        let fresh = match self.inboxes.lock().expect("inboxes lock").entry(id.clone()) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Some(vec![created.start]));
+                true
+            }
+            // A step of the ended instance it replaced runs or is due: the
+            // next one reads the store.
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.insert(None);
+                false
+            }
+        };
+        let mut cache = self.cache.lock().expect("cache lock");
+        if fresh {
+            cache.put(
+                id.clone(),
+                Arc::new(Loaded {
+                    instance: created.instance,
+                    history: Arc::default(),
+                }),
+            );
+        } else {
+            // An ended instance with this id was replaced.
+            cache.pop(&id);
+        }
+        drop(cache);
+        self.queue(&id);
     }
 
     /// An instance that has not ended, for a command to it.
