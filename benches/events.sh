@@ -39,7 +39,8 @@ samples=${SAMPLES:-200} ticks=${TICKS:-10}
 cargo build --quiet --release -p kelvin
 cargo build --quiet --release -p kelvin-benches --bin events-load
 cargo build --quiet --profile guest --target wasm32-wasip1 -p guest-events
-kelvin=$PWD/target/release/kelvin
+# KELVIN: another build's binary, for an A/B.
+kelvin=${KELVIN:-$PWD/target/release/kelvin}
 loader=$PWD/target/release/events-load
 wasm=$PWD/target/wasm32-wasip1/guest/events.wasm
 state=$(mktemp -d)
