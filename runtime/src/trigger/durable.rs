@@ -404,6 +404,10 @@ impl DurableFunctions {
         let inserted = next.applied();
         if !inserted && let Some(target) = &next.step {
             // Nothing of the step applied: what it acted on is read back.
+            tracing::debug!(
+                target = target.as_str(),
+                "a step acted on a message another step had consumed; it runs again from the store"
+            );
             self.cache.lock().expect("cache lock").pop(target);
             self.schedule(target);
             return;
