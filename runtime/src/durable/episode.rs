@@ -51,6 +51,28 @@ impl NewMessage {
         }
     }
 
+    /// The message that starts `generation` of instance `id` (at its
+    /// creation, or a continue-as-new).
+    pub fn start(
+        id: impl Into<String>,
+        generation: u32,
+        name: impl Into<String>,
+        input: Value,
+        parent: Option<Parent>,
+        visible_us: i64,
+    ) -> NewMessage {
+        NewMessage::event(
+            id,
+            Some(generation),
+            HistoryEvent::ExecutionStarted {
+                name: name.into(),
+                input,
+                parent,
+            },
+            visible_us,
+        )
+    }
+
     /// An operation for an entity.
     pub fn operation(
         target: impl Into<String>,

@@ -362,14 +362,12 @@ fn create(
             .as_ref()
             .map(|p| serde_json::to_string(p).expect("a parent serialises")),
     ])?;
-    let start = NewMessage::event(
+    let start = NewMessage::start(
         new.id.clone(),
-        Some(0),
-        HistoryEvent::ExecutionStarted {
-            name: new.name.clone(),
-            input: new.input.clone(),
-            parent: new.parent.clone(),
-        },
+        0,
+        new.name.clone(),
+        new.input.clone(),
+        new.parent.clone(),
         now,
     );
     insert_message(tx, &start, now)?;

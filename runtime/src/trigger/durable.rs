@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -723,14 +723,12 @@ impl DurableFunctions {
             let mut messages = decided.messages;
             let restart = decided.restart.map(|input| {
                 let generation = instance.generation + 1;
-                messages.push(NewMessage::event(
+                messages.push(NewMessage::start(
                     instance.id.clone(),
-                    Some(generation),
-                    HistoryEvent::ExecutionStarted {
-                        name: instance.name.clone(),
-                        input: input.clone(),
-                        parent: instance.parent.clone(),
-                    },
+                    generation,
+                    instance.name.clone(),
+                    input.clone(),
+                    instance.parent.clone(),
                     now,
                 ));
                 (generation, input)
@@ -925,12 +923,20 @@ impl DurableFunctions {
                 return;
             }
         };
-        let request = json!({
-            "instance_id": item.instance_id,
-            "name": item.name,
-            "input": item.input,
-            "attempt": item.attempts + 1,
-        });
+        // Serialised from borrows: a `json!` tree would copy the input.
+        #[derive(serde::Serialize)]
+        struct Request<'a> {
+            instance_id: &'a str,
+            name: &'a str,
+            input: &'a Value,
+            attempt: u32,
+        }
+        let request = Request {
+            instance_id: &item.instance_id,
+            name: &item.name,
+            input: &item.input,
+            attempt: item.attempts + 1,
+        };
         let event = Event {
             trigger: DurableRole::Activity.trigger(),
             input: Bytes::from(serde_json::to_vec(&request).expect("a request serialises")),
@@ -1051,14 +1057,23 @@ impl DurableFunctions {
             else {
                 return Ok(());
             };
-            let request = json!({
-                "entity": target,
-                "name": entity.name,
-                "key": entity.key,
-                "operation": operation,
-                "input": input,
-                "state": state,
-            });
+            #[derive(serde::Serialize)]
+            struct Request<'a> {
+                entity: &'a str,
+                name: &'a str,
+                key: &'a str,
+                operation: &'a str,
+                input: &'a Value,
+                state: &'a Option<Value>,
+            }
+            let request = Request {
+                entity: target,
+                name: &entity.name,
+                key: &entity.key,
+                operation: &operation,
+                input: &input,
+                state: &state,
+            };
             let event = Event {
                 trigger: DurableRole::Entity.trigger(),
                 input: Bytes::from(serde_json::to_vec(&request).expect("a request serialises")),
