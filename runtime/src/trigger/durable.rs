@@ -137,21 +137,18 @@ struct Next {
 }
 
 impl Next {
-    /// What `commit` makes ready once it is durable; `step`: the instance
-    /// or entity it is a step of.
-    fn of_step(commit: &mut Commit, step: &str) -> Next {
-        let mut next = Next::of(commit);
-        next.step = Some(step.to_owned());
-        next
-    }
-
     fn applied(&self) -> bool {
         self.inserted.load(Ordering::SeqCst)
     }
 
-    fn of(commit: &mut Commit) -> Next {
+    /// What `commit` makes ready once it is durable; `step`: the instance
+    /// or entity it is a step of (`None`: an activity's result).
+    fn of(commit: &mut Commit, step: Option<&str>) -> Next {
         let now = now_us();
-        let mut next = Next::default();
+        let mut next = Next {
+            step: step.map(str::to_owned),
+            ..Next::default()
+        };
         for m in &commit.messages {
             if m.visible_us <= now {
                 next.deliver.push(InboxItem {
@@ -797,7 +794,7 @@ impl DurableFunctions {
                 instance_of_record: Some(instance.id.clone()),
                 ..Commit::default()
             };
-            let mut after = Next::of_step(&mut commit, &instance.id);
+            let mut after = Next::of(&mut commit, Some(&instance.id));
             let durable = Settled::with_record(me.store.commit(Some(record.clone()), commit));
             // Activities start now, beside the commit: one submitted after
             // it commits after it (one writer, in order), and a result
@@ -846,8 +843,7 @@ impl DurableFunctions {
         record: Option<InvocationRecord>,
         mut commit: Commit,
     ) -> Result<bool, DurableError> {
-        let mut next = Next::of(&mut commit);
-        next.step = step.map(str::to_owned);
+        let next = Next::of(&mut commit, step);
         self.store.commit(record, commit).wait().await?;
         let applied = next.applied();
         self.next(next);
@@ -949,7 +945,7 @@ impl DurableFunctions {
         let settle = move |record: &InvocationRecord, result: Option<&Value>| -> Settled {
             let result = result.cloned().ok_or_else(|| failure_reason(record));
             let mut commit = activity_commit(&settled, result, Some(record));
-            *slot.lock().expect("next lock") = Next::of(&mut commit);
+            *slot.lock().expect("next lock") = Next::of(&mut commit, None);
             Settled::with_record(me.store.commit(Some(record.clone()), commit))
         };
         let checked = self
@@ -1105,7 +1101,7 @@ impl DurableFunctions {
                     ..Commit::default()
                 };
                 *slot.lock().expect("kept lock") =
-                    (Next::of_step(&mut commit, &target_owned), after);
+                    (Next::of(&mut commit, Some(&target_owned)), after);
                 Settled::with_record(me.store.commit(Some(record.clone()), commit))
             };
             let checked = self
