@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{kelvin, master_key, up};
+use common::{kelvin, master_key, succeeded, up};
 
 /// A manifest in a temp dir wiring `hello` (and `trap`) to HTTP routes.
 fn app() -> (tempfile::TempDir, PathBuf) {
@@ -144,17 +144,14 @@ fn invoke_reads_input_and_fails_loudly() {
 #[test]
 fn check_accepts_a_good_app_and_explains_a_bad_one() {
     let (dir, manifest) = app();
-    let out = kelvin()
-        .args(["check", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeeded(
+        kelvin()
+            .args(["check", "-f"])
+            .arg(&manifest)
+            .output()
+            .unwrap(),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: app `cli`, 2 function(s) valid"));
+    assert!(stdout.contains("ok: app `cli`, 2 function(s) valid"));
 
     let bad = dir.path().join("bad.toml");
     std::fs::write(
@@ -358,13 +355,8 @@ fn bill_reports_explains_and_refuses_bad_input() {
             .output()
             .unwrap()
     };
-    let out = bill(&["--format", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&succeeded(bill(&["--format", "json"]))).unwrap();
 
     // The same report over HTTP, for the master key only; read while the
     // server is still serving (and writing).
@@ -454,20 +446,14 @@ fn bill_reports_explains_and_refuses_bad_input() {
         assert!(!stderr.contains("backtrace"), "{stderr}");
     }
     // Compaction keeps the totals; single invocations can no longer be explained.
-    let out = kelvin()
-        .args(["ledger", "compact", "--older-than", "0s", "-f"])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = succeeded(
+        kelvin()
+            .args(["ledger", "compact", "--older-than", "0s", "-f"])
+            .arg(&manifest)
+            .output()
+            .unwrap(),
     );
-    assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .starts_with("compacted 3 invocations into 1 daily aggregates")
-    );
+    assert!(stdout.starts_with("compacted 3 invocations into 1 daily aggregates"));
     let compacted: serde_json::Value =
         serde_json::from_slice(&bill(&["--format", "json"]).stdout).unwrap();
     assert_eq!(compacted["total"], report["total"]);

@@ -740,16 +740,12 @@ async fn running_instances_stay_on_their_version_across_a_deploy_and_a_restart()
 fn the_javascript_replay_library_passes_its_tests() {
     kelvin_tests::toolchains();
     let root = kelvin_tests::workspace_root();
-    let out = std::process::Command::new("node")
-        .args(["--test", "guests/durable-js/replay.test.mjs"])
-        .current_dir(root)
-        .output()
-        .expect("node runs (scripts/toolchains.sh requires it)");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    common::succeeded(
+        std::process::Command::new("node")
+            .args(["--test", "guests/durable-js/replay.test.mjs"])
+            .current_dir(root)
+            .output()
+            .expect("node runs (scripts/toolchains.sh requires it)"),
     );
 }
 

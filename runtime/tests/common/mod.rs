@@ -61,19 +61,27 @@ pub fn up(
 
 /// `kelvin bill ARGS -f MANIFEST`'s report, which must succeed.
 pub fn bill(manifest: &Path, args: &[&str]) -> String {
-    let out = kelvin()
-        .arg("bill")
-        .args(args)
-        .arg("-f")
-        .arg(manifest)
-        .output()
-        .unwrap();
+    succeeded(
+        kelvin()
+            .arg("bill")
+            .args(args)
+            .arg("-f")
+            .arg(manifest)
+            .output()
+            .unwrap(),
+    )
+}
+
+/// The standard output of a command that must have succeeded (else the
+/// test fails showing both of its outputs).
+pub fn succeeded(out: std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{}",
+        "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout
 }
 
 /// The master key of the app at `manifest`, as `kelvin keys list` prints it.
