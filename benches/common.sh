@@ -1,4 +1,4 @@
-# Shared by benches/ab.sh and benches/compare.sh (sourced, not run).
+# Shared by the benches (sourced, not run).
 
 # scratch_app KELVIN: builds the example app's guests with KELVIN and writes
 # a copy of functions.toml (or of $APP: an older binary may not read today's
@@ -36,4 +36,17 @@ build_predict() {
   build=$(sed -n '/^\[functions.predict\]/,/^\[\[/s/^build = "\(.*\)"$/\1/p' functions.toml)
   sh -c "$build"
   wasm=$PWD/target/guests/predict.wasm
+}
+
+# build_event_bench GUEST_PACKAGE: a release kelvin ($kelvin), the
+# events-load client ($loader) and GUEST_PACKAGE's guests ($guests), for the
+# event and durable benches. KELVIN and GUESTS name another build's binary
+# and guest folder instead, for an A/B.
+build_event_bench() {
+  cargo build --quiet --release -p kelvin
+  cargo build --quiet --release -p kelvin-benches --bin events-load
+  cargo build --quiet --profile guest --target wasm32-wasip1 -p "$1"
+  kelvin=${KELVIN:-$PWD/target/release/kelvin}
+  loader=$PWD/target/release/events-load
+  guests=${GUESTS:-$PWD/target/wasm32-wasip1/guest}
 }

@@ -27,13 +27,7 @@ orchestrations=${ORCHESTRATIONS:-2000} conns=${CONNECTIONS:-64}
 samples=${SAMPLES:-100} fan=${FAN:-1000}
 
 . benches/common.sh
-cargo build --quiet --release -p kelvin
-cargo build --quiet --release -p kelvin-benches --bin events-load
-cargo build --quiet --profile guest --target wasm32-wasip1 -p guest-durable
-# KELVIN and GUESTS: another build's binary and guests, for an A/B.
-kelvin=${KELVIN:-$PWD/target/release/kelvin}
-loader=$PWD/target/release/events-load
-guests=${GUESTS:-$PWD/target/wasm32-wasip1/guest}
+build_event_bench guest-durable
 state=$(mktemp -d)
 server=
 trap '[ -n "$server" ] && kill "$server" 2>/dev/null; wait 2>/dev/null; rm -rf "$state"' EXIT

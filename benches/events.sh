@@ -28,7 +28,8 @@
 #   other processes: other work on the machine skews every number here),
 #   and where the group-commit writer thread's time went.
 #
-# Usage: benches/events.sh    (MESSAGES=20000 CONNECTIONS=256 SAMPLES=200 TICKS=10)
+# Usage: benches/events.sh    (MESSAGES=20000 CONNECTIONS=256 SAMPLES=200 TICKS=10;
+#   KELVIN=<binary> GUESTS=<dir of guest .wasm> to measure another build)
 # Bounded: about 20 s after the builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,13 +37,8 @@ messages=${MESSAGES:-20000} conns=${CONNECTIONS:-256}
 samples=${SAMPLES:-200} ticks=${TICKS:-10}
 
 . benches/common.sh
-cargo build --quiet --release -p kelvin
-cargo build --quiet --release -p kelvin-benches --bin events-load
-cargo build --quiet --profile guest --target wasm32-wasip1 -p guest-events
-# KELVIN: another build's binary, for an A/B.
-kelvin=${KELVIN:-$PWD/target/release/kelvin}
-loader=$PWD/target/release/events-load
-wasm=$PWD/target/wasm32-wasip1/guest/events.wasm
+build_event_bench guest-events
+wasm=$guests/events.wasm
 state=$(mktemp -d)
 server=
 stop_server() {
