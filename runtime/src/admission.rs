@@ -72,15 +72,42 @@ impl Admission {
         }
     }
 
+    /// A slot if one is free now.
+    pub fn try_enter(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a slot however long it takes, outside the bounded queue:
+    /// for triggers whose events wait in a store of their own (queue
+    /// messages, blobs, durable work), which would otherwise be refused,
+    /// put back and taken again in a loop. Dropping the future leaves the
+    /// line.
+    pub async fn enter_patiently(&self) -> OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
     /// The host-wide gate: a pool slot for the instance, waited for within
-    /// the function's queue timeout. Functions' `max_concurrency` may add up
-    /// to more than the pool holds; the excess waits here instead of failing.
+    /// the function's queue timeout (`patient`: however long it takes).
+    /// Functions' `max_concurrency` may add up to more than the pool holds;
+    /// the excess waits here instead of failing.
     pub async fn enter_pool(
         &self,
         pool: &Arc<Semaphore>,
+        patient: bool,
     ) -> Result<OwnedSemaphorePermit, Rejected> {
         if let Ok(permit) = pool.clone().try_acquire_owned() {
             return Ok(permit);
+        }
+        if patient {
+            return Ok(pool
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed"));
         }
         match tokio::time::timeout(self.limits.queue_timeout, pool.clone().acquire_owned()).await {
             Ok(permit) => Ok(permit.expect("the semaphore is never closed")),

@@ -191,6 +191,8 @@ pub struct Ticket {
     record: InvocationRecord,
     permit: OwnedSemaphorePermit,
     unit: Arc<Unit>,
+    /// Admitted patiently: waits for a pool slot however long it takes.
+    patient: bool,
 }
 
 impl Ticket {
@@ -497,6 +499,7 @@ impl Runtime {
                 record,
                 permit,
                 unit: unit.clone(),
+                patient: false,
             }),
             Err(rejected) => {
                 record.reason = Some(rejected.to_string());
@@ -506,6 +509,63 @@ impl Runtime {
                 Admit::Rejected(checked)
             }
         })
+    }
+
+    /// Waits for a concurrency slot of `unit`'s function however long it
+    /// takes, outside its bounded queue, for the production slot: for
+    /// triggers whose events wait in a store of their own (queue messages,
+    /// blobs, durable work). Refusing them would only put the event back
+    /// to be taken again at once, a loop that records a rejection each
+    /// turn. Dropping the future leaves the line; nothing is recorded.
+    pub async fn admit_patiently(
+        &self,
+        unit: &Arc<Unit>,
+        trigger: &'static str,
+    ) -> Result<Ticket, UnknownFunction> {
+        let admission = self.admission_of(&unit.function)?;
+        let queued_from = Instant::now();
+        let permit = admission.enter_patiently().await;
+        Ok(self.patient_ticket(unit, trigger, permit, queued_from))
+    }
+
+    /// A slot of `unit`'s function for the production slot if one is free
+    /// now (as [`Runtime::admit_patiently`] would give); `None` records
+    /// nothing.
+    pub fn try_admit(
+        &self,
+        unit: &Arc<Unit>,
+        trigger: &'static str,
+    ) -> Result<Option<Ticket>, UnknownFunction> {
+        let admission = self.admission_of(&unit.function)?;
+        let queued_from = Instant::now();
+        Ok(admission
+            .try_enter()
+            .map(|permit| self.patient_ticket(unit, trigger, permit, queued_from)))
+    }
+
+    fn patient_ticket(
+        &self,
+        unit: &Arc<Unit>,
+        trigger: &'static str,
+        permit: OwnedSemaphorePermit,
+        queued_from: Instant,
+    ) -> Ticket {
+        let invocation_id = uuid::Uuid::now_v7().to_string();
+        let mut record = new_record(
+            &invocation_id,
+            &unit.function,
+            self.deployment(unit),
+            trigger,
+        );
+        record.version_id = unit.version.to_string();
+        record.slot = PRODUCTION.to_owned();
+        record.queued_us = micros(queued_from.elapsed());
+        Ticket {
+            record,
+            permit,
+            unit: unit.clone(),
+            patient: true,
+        }
     }
 
     /// Starts an admitted invocation in its own task; `accept` turns a
@@ -563,9 +623,11 @@ impl Runtime {
             mut record,
             permit,
             unit,
+            patient,
         } = ticket;
         record.bytes_in = event.input.len() as u64;
-        let Some((slot, loaded, start)) = self.pool_and_load(&mut record, &unit).await else {
+        let Some((slot, loaded, start)) = self.pool_and_load(&mut record, &unit, patient).await
+        else {
             if abandoned() {
                 mark_abandoned(&mut record);
             }
@@ -729,9 +791,11 @@ impl Runtime {
             mut record,
             permit,
             unit,
+            patient,
         } = ticket;
         record.bytes_in = request.body().size_hint().exact().unwrap_or(0);
-        let Some((slot, loaded, start)) = self.pool_and_load(&mut record, &unit).await else {
+        let Some((slot, loaded, start)) = self.pool_and_load(&mut record, &unit, patient).await
+        else {
             drop(respond_to);
             return self.finish(record, false).await;
         };
@@ -833,10 +897,11 @@ impl Runtime {
         &self,
         record: &mut InvocationRecord,
         unit: &Unit,
+        patient: bool,
     ) -> Option<(SlotInUse, Arc<LoadedFunction>, Instant)> {
         let admission = self.admission_of(&record.function).ok()?;
         let queued_from = Instant::now();
-        let slot = admission.enter_pool(&self.pool_slots).await;
+        let slot = admission.enter_pool(&self.pool_slots, patient).await;
         record.queued_us += micros(queued_from.elapsed());
         let slot = match slot {
             Ok(slot) => SlotInUse::hold(slot, &self.metrics.pool_slots_in_use),

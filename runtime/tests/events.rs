@@ -615,3 +615,131 @@ queue = "ticks"
         "midnight on 1 January in Paris: {tick}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_function_with_one_slot_leases_one_message_at_a_time_and_records_no_rejection() {
+    let functions = r#"
+[functions.slow]
+source = "{guests}/events.wasm"
+max_concurrency = 1
+[[functions.slow.queue_trigger]]
+name = "slow"
+[[functions.slow.output]]
+name = "out"
+queue = "slow-done"
+"#;
+    let (dir, manifest) = app("", functions);
+    let server = Server::start(&manifest);
+    for n in 0..4 {
+        let r = server
+            .send("slow", format!(r#"{{"n": {n}, "sleep_ms": 300}}"#))
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    // While one runs, the others wait unleased in the queue.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let leased = server.queue("slow").await["leased"].as_u64().unwrap();
+    assert!(leased <= 1, "{leased} leased with max_concurrency = 1");
+    until(Duration::from_secs(20), "four results", || async {
+        server.queue("slow-done").await["depth"] == 4
+    })
+    .await;
+    let recorded = records(dir.path(), "slow");
+    let outcomes: Vec<&str> = recorded.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, vec!["ok"; 4], "one record per message, none rejected");
+    // Each message was leased once: waiting was not an attempt.
+    for r in server.published("slow-done").await {
+        assert_eq!(r["event"]["Metadata"]["DequeueCount"], 1, "{r}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_message_is_retried_after_its_retry_delay_not_its_lease() {
+    let functions = r#"
+[functions.flaky]
+source = "{guests}/events.wasm"
+[[functions.flaky.queue_trigger]]
+name = "flaky"
+max_dequeue_count = 4
+retry_delay = "100ms"
+max_retry_delay = "100ms"
+lease = "30s"
+"#;
+    let (dir, manifest) = app("", functions);
+    let server = Server::start(&manifest);
+    let started = Instant::now();
+    server.send("flaky", r#"{"fail": true}"#).await;
+    until(Duration::from_secs(25), "four attempts", || async {
+        server.queue("flaky").await["poison"] == 1
+    })
+    .await;
+    let attempts = records(dir.path(), "flaky");
+    assert_eq!(attempts.len(), 4);
+    // Three backoffs of 100 ms, not three lease terms of 30 s; generous
+    // for a busy machine, far below one lease.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let starts: Vec<String> = attempts.iter().map(|r| r.started_at.clone()).collect();
+    let at = |s: &str| humantime::parse_rfc3339(s).unwrap();
+    for pair in starts.windows(2) {
+        let gap = at(&pair[1]).duration_since(at(&pair[0])).unwrap();
+        assert!(gap >= Duration::from_millis(100), "{gap:?}: no backoff");
+        assert!(gap < Duration::from_secs(10), "{gap:?}: waited for the lease");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_field_cannot_stand_in_for_a_host_parameter_in_an_output_path() {
+    let functions = r#"
+[functions.writer]
+source = "{guests}/events.wasm"
+[[functions.writer.queue_trigger]]
+name = "writes"
+[[functions.writer.output]]
+name = "out"
+blob = "results/{id}-{invocation_id}.json"
+"#;
+    let (dir, manifest) = app("", functions);
+    let server = Server::start(&manifest);
+    for n in 0..2 {
+        server
+            .send(
+                "writes",
+                format!(r#"{{"id": "m{n}", "invocation_id": "victim"}}"#),
+            )
+            .await;
+    }
+    until(Duration::from_secs(20), "two records", || async {
+        records(dir.path(), "writer").len() == 2
+    })
+    .await;
+    let ids: BTreeSet<String> = records(dir.path(), "writer")
+        .into_iter()
+        .map(|r| r.invocation_id)
+        .collect();
+    until(Duration::from_secs(10), "two result blobs", || async {
+        let list = server.json("/admin/blobs/results").await;
+        list["blobs"].as_array().unwrap().len() == 2
+    })
+    .await;
+    let list = server.json("/admin/blobs/results").await;
+    let names: BTreeSet<String> = list["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.contains("victim")),
+        "a message named the output: {names:?}"
+    );
+    for id in &ids {
+        assert!(
+            names.iter().any(|n| n.ends_with(&format!("-{id}.json"))),
+            "{id} not in {names:?}"
+        );
+    }
+}

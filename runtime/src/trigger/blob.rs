@@ -227,7 +227,7 @@ async fn pass(
                     receipt: Some(failure.clone()),
                     ..Effects::default()
                 },
-                rejected: Effects::default(),
+                unstarted: Effects::default(),
             };
             let ran = events.invoke(job).await;
             let mut s = state.lock().expect("state");
@@ -250,7 +250,7 @@ async fn pass(
                     s.receipts.insert(key, r);
                 }
                 // Refused or not committed: the next pass tries again.
-                Ended::Rejected | Ended::NotCommitted => {}
+                Ended::Unstarted | Ended::NotCommitted => {}
             }
             drop(permit);
         });

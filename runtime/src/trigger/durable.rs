@@ -29,14 +29,11 @@ use crate::durable::{
 };
 use crate::invoke::Event;
 use crate::metering::{InvocationRecord, Settled};
-use crate::runtime::{Admit, Runtime, Ticket};
-use crate::table::{PRODUCTION, Unit};
+use crate::runtime::{Runtime, Ticket};
+use crate::table::Unit;
 
 /// Episodes and entity steps running at once (each an invocation).
 const STEPS: usize = 64;
-/// How long a step refused by admission (its function's queue is full)
-/// waits before it is tried again.
-const REJECTED_RETRY: Duration = Duration::from_millis(20);
 
 /// Why a client operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +87,10 @@ pub struct DurableFunctions {
     pinned: Arc<Mutex<HashMap<String, Arc<Unit>>>>,
     /// Where pinned versions are kept across deploys and restarts.
     deployer: std::sync::OnceLock<Arc<crate::deploy::Deployer>>,
+    /// Slots won for a step that found its function busy: it waited for
+    /// one outside the step (a step waiting inside would hold one of the
+    /// `STEPS` that other functions' steps need), and runs with it next.
+    reserved: Mutex<HashMap<String, Ticket>>,
     stopping: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -215,6 +216,7 @@ impl DurableFunctions {
             )),
             pinned: Arc::default(),
             deployer: std::sync::OnceLock::new(),
+            reserved: Mutex::default(),
             stopping: watch::channel(false).0,
             tasks: Mutex::default(),
         })
@@ -512,21 +514,45 @@ impl DurableFunctions {
         Ok(production)
     }
 
-    /// Admits a step of `unit`; `None` if it was rejected (scheduled again).
-    async fn admit(
+    /// A slot of `unit`'s function for a step of `target`: the one won for
+    /// it while it waited, or a free one; `None` if it must wait (a task
+    /// waits for a slot outside the step, then schedules it again, so a
+    /// busy function costs neither a rejection record nor a retry loop).
+    fn admit(
         self: &Arc<Self>,
         unit: &Arc<Unit>,
         trigger: &'static str,
         target: &str,
     ) -> Result<Option<Ticket>, DurableError> {
-        match self.runtime.admit_unit(unit, PRODUCTION, trigger).await {
-            Ok(Admit::Admitted(ticket)) => Ok(Some(ticket)),
-            Ok(Admit::Rejected(_)) => {
-                self.later(target.to_owned(), REJECTED_RETRY);
-                Ok(None)
+        let won = self.reserved.lock().expect("reserved lock").remove(target);
+        if let Some(ticket) = won {
+            // Won for the version this step runs (a deploy may have moved
+            // an entity meanwhile: the slot is the function's either way).
+            if ticket.unit().key == unit.key {
+                return Ok(Some(ticket));
             }
-            Err(e) => Err(DurableError::Failed(e.to_string())),
         }
+        let failed = |e: crate::runtime::UnknownFunction| DurableError::Failed(e.to_string());
+        if let Some(ticket) = self.runtime.try_admit(unit, trigger).map_err(failed)? {
+            return Ok(Some(ticket));
+        }
+        let me = self.clone();
+        let unit = unit.clone();
+        let target = target.to_owned();
+        tokio::spawn(async move {
+            let ticket = tokio::select! {
+                t = me.runtime.admit_patiently(&unit, trigger) => t,
+                () = me.stopped() => return,
+            };
+            if let Ok(ticket) = ticket {
+                me.reserved
+                    .lock()
+                    .expect("reserved lock")
+                    .insert(target.clone(), ticket);
+            }
+            me.schedule(&target);
+        });
+        Ok(None)
     }
 
     /// One orchestration episode: the messages waiting for `id`, handed to
@@ -673,10 +699,7 @@ impl DurableFunctions {
             },
         );
         let unit = self.unit_of(&instance)?;
-        let Some(ticket) = self
-            .admit(&unit, DurableRole::Orchestrator.trigger(), id)
-            .await?
-        else {
+        let Some(ticket) = self.admit(&unit, DurableRole::Orchestrator.trigger(), id)? else {
             return Ok(());
         };
         let seen: Vec<&HistoryEvent> = history
@@ -903,19 +926,17 @@ impl DurableFunctions {
                 return;
             }
         };
-        let ticket = match self
-            .runtime
-            .admit_unit(&unit, PRODUCTION, DurableRole::Activity.trigger())
-            .await
-        {
-            Ok(Admit::Admitted(t)) => t,
-            _ => {
-                // Not run: again shortly, not counted as an attempt.
-                let me = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(REJECTED_RETRY).await;
-                    let _ = me.work_tx.send(item);
-                });
+        // Its own task, already within the activity's concurrency: waiting
+        // here (for a slot an HTTP caller of the same function holds)
+        // holds up nothing else.
+        let ticket = tokio::select! {
+            t = self.runtime.admit_patiently(&unit, DurableRole::Activity.trigger()) => t,
+            () = self.stopped() => return,
+        };
+        let ticket = match ticket {
+            Ok(t) => t,
+            Err(e) => {
+                self.settle_activity(&item, None, Err(e.to_string())).await;
                 return;
             }
         };
@@ -1047,10 +1068,7 @@ impl DurableFunctions {
                 .runtime
                 .production(&entity.name)
                 .map_err(|e| DurableError::Failed(e.to_string()))?;
-            let Some(ticket) = self
-                .admit(&unit, DurableRole::Entity.trigger(), target)
-                .await?
-            else {
+            let Some(ticket) = self.admit(&unit, DurableRole::Entity.trigger(), target)? else {
                 return Ok(());
             };
             #[derive(serde::Serialize)]

@@ -18,7 +18,7 @@ use crate::events::store::{EventStore, StoreError};
 use crate::events::{Effects, Publish, now_us};
 use crate::invoke::Event;
 use crate::metering::{InvocationRecord, Outcome};
-use crate::runtime::{Admit, Runtime};
+use crate::runtime::Runtime;
 use crate::table::PRODUCTION;
 use crate::trigger::config::POISON_SUFFIX;
 
@@ -49,22 +49,24 @@ pub enum EventError {
 }
 
 /// One event to run: the function, its input, and what its success, its
-/// failure or its refusal by admission changes.
+/// failure or its return unstarted (the server stopping while it waited
+/// for a slot) changes.
 pub(crate) struct Job {
     pub function: String,
     pub trigger: &'static str,
     pub input: Bytes,
-    /// Values for output paths' parameters.
+    /// Values for output paths' parameters: the trigger's (a blob path's
+    /// parameters, a message's fields); the host's own come first.
     pub params: Vec<(String, String)>,
     pub success: Effects,
     pub failure: Effects,
-    pub rejected: Effects,
+    pub unstarted: Effects,
 }
 
 /// How a job ended.
 pub(crate) enum Ended {
-    /// Admission refused it (its effects: `rejected`).
-    Rejected,
+    /// The server stopped before it could start (its effects: `unstarted`).
+    Unstarted,
     /// It ran; its record.
     Recorded(Box<InvocationRecord>),
     /// Its record and effects could not be committed (nothing changed).
@@ -309,21 +311,35 @@ impl Events {
             mut params,
             success,
             failure,
-            rejected,
+            unstarted,
         } = job;
-        let ticket = match self.runtime.admit(&function, trigger).await {
-            Ok(Admit::Admitted(ticket)) => ticket,
-            Ok(Admit::Rejected(_)) => {
-                let (durable, _) = self.store.settle(None, rejected);
-                let _ = durable.wait().await;
-                return Ended::Rejected;
-            }
+        let unit = match self.runtime.production(&function) {
+            Ok(unit) => unit,
             Err(e) => {
                 tracing::error!(error = %e, "an event trigger names a function that is not in production");
                 return Ended::NotCommitted;
             }
         };
-        params.push(("invocation_id".into(), ticket.invocation_id().to_owned()));
+        // The event waits for a slot (its message stays leased, renewed);
+        // a stop while it waits gives it back, unstarted and unrecorded.
+        let admitted = tokio::select! {
+            t = self.runtime.admit_patiently(&unit, trigger) => t,
+            () = self.stopped() => {
+                let (durable, _) = self.store.settle(None, unstarted);
+                let _ = durable.wait().await;
+                return Ended::Unstarted;
+            }
+        };
+        let ticket = match admitted {
+            Ok(ticket) => ticket,
+            Err(e) => {
+                tracing::error!(error = %e, "an event trigger names a function that is not in production");
+                return Ended::NotCommitted;
+            }
+        };
+        // Host parameters come first, and a value is looked up first come
+        // first served: a message's own field cannot stand in for them.
+        params.insert(0, ("invocation_id".into(), ticket.invocation_id().to_owned()));
         let outputs = ticket.unit().spec.outputs.clone();
         let limits = self.limits();
         let function_name = function.clone();

@@ -13,6 +13,7 @@ use tokio::sync::{Notify, Semaphore};
 use super::config::{Queue, QueueTrigger, Trigger};
 use super::events::{Ended, Events, Job};
 use crate::events::{Effects, Message, MessageFate, envelope, now_us};
+use crate::manifest::OUTPUT_PARAMS;
 
 /// Runs until the events stop.
 pub(crate) async fn consume(
@@ -21,10 +22,17 @@ pub(crate) async fn consume(
     trigger: QueueTrigger,
     wake: Arc<Notify>,
 ) {
-    let batch = trigger.batch_size;
-    let running = Arc::new(Semaphore::new(
-        (batch + trigger.new_batch_threshold) as usize,
-    ));
+    // Never more leased than the function can run at once: a message that
+    // cannot start waits in the queue, visible to other consumers, not
+    // leased here (`max_concurrency = 1` leases one at a time).
+    let max_concurrency = events
+        .runtime()
+        .manifest()
+        .function(&function)
+        .map_or(u32::MAX, |f| f.concurrency.max.get());
+    let at_once = (trigger.batch_size + trigger.new_batch_threshold).min(max_concurrency);
+    let batch = trigger.batch_size.min(at_once);
+    let running = Arc::new(Semaphore::new(at_once as usize));
     let trigger = Arc::new(trigger);
     let queue = trigger.queue.to_string();
     loop {
@@ -80,7 +88,7 @@ async fn process(events: &Arc<Events>, function: &str, trigger: &QueueTrigger, m
         ..Effects::default()
     };
     let success = fate(|id, lease| MessageFate::Complete { id, lease });
-    let rejected = fate(|id, lease| MessageFate::Release { id, lease });
+    let unstarted = fate(|id, lease| MessageFate::Release { id, lease });
     let failure = Effects {
         message: Some(if m.dequeue_count >= trigger.max_dequeue_count {
             MessageFate::Poison {
@@ -97,10 +105,14 @@ async fn process(events: &Arc<Events>, function: &str, trigger: &QueueTrigger, m
         }),
         ..Effects::default()
     };
-    // Output paths may use the message's top-level fields ({id} of an order).
+    // Output paths may use the message's top-level fields ({id} of an
+    // order), but never in place of a host parameter ({invocation_id}).
     let mut params: Vec<(String, String)> = Vec::new();
     if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(&m.body) {
         for (k, v) in fields {
+            if OUTPUT_PARAMS.contains(&k.as_str()) {
+                continue;
+            }
             match v {
                 serde_json::Value::String(s) => params.push((k, s)),
                 serde_json::Value::Number(n) => params.push((k, n.to_string())),
@@ -115,7 +127,7 @@ async fn process(events: &Arc<Events>, function: &str, trigger: &QueueTrigger, m
         params,
         success,
         failure,
-        rejected,
+        unstarted,
     };
     // The lease is renewed at half its term while the function runs.
     let renew = {
@@ -133,10 +145,16 @@ async fn process(events: &Arc<Events>, function: &str, trigger: &QueueTrigger, m
     };
     let ran = events.invoke(job).await;
     renew.abort();
-    if let Ended::Recorded(record) = ran
-        && !super::events::succeeded(&record)
-        && m.dequeue_count >= trigger.max_dequeue_count
-    {
+    let failed = match &ran {
+        Ended::Recorded(record) => !super::events::succeeded(record),
+        Ended::Unstarted | Ended::NotCommitted => false,
+    };
+    if failed && m.dequeue_count < trigger.max_dequeue_count {
+        // Visible again after its backoff: the consumer may be asleep until
+        // a lease's end, so it is woken to sleep until the retry is due.
+        events.wake_queue(trigger.queue.as_str());
+    }
+    if failed && m.dequeue_count >= trigger.max_dequeue_count {
         tracing::warn!(
             queue = trigger.queue.as_str(),
             message_id = m.id.as_str(),

@@ -94,8 +94,10 @@ pub(crate) async fn run(events: Arc<Events>, function: String, key: String, time
             input,
             params: Vec::new(),
             success: effects.clone(),
-            failure: effects.clone(),
-            rejected: effects,
+            failure: effects,
+            // Not run (the server stopped first): the tick stays due, and
+            // runs past due after the restart.
+            unstarted: Effects::default(),
         };
         events.invoke(job).await;
         last = Some(us(scheduled));

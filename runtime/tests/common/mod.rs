@@ -7,8 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The binary under test: this build's, or `KELVIN_TEST_BIN` (another
+/// build, to see a test fail on the code before a fix).
 pub fn kelvin() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kelvin"));
+    let bin = std::env::var_os("KELVIN_TEST_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kelvin")), PathBuf::from);
+    let mut cmd = Command::new(bin);
     cmd.env_remove("RUST_LOG")
         .env_remove("KELVIN_MANIFEST")
         .env_remove("KELVIN_LOG_FORMAT");
