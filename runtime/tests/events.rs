@@ -646,7 +646,11 @@ queue = "slow-done"
     .await;
     let recorded = records(dir.path(), "slow");
     let outcomes: Vec<&str> = recorded.iter().map(|r| r.outcome.as_str()).collect();
-    assert_eq!(outcomes, vec!["ok"; 4], "one record per message, none rejected");
+    assert_eq!(
+        outcomes,
+        vec!["ok"; 4],
+        "one record per message, none rejected"
+    );
     // Each message was leased once: waiting was not an attempt.
     for r in server.published("slow-done").await {
         assert_eq!(r["event"]["Metadata"]["DequeueCount"], 1, "{r}");
@@ -687,7 +691,10 @@ lease = "30s"
     for pair in starts.windows(2) {
         let gap = at(&pair[1]).duration_since(at(&pair[0])).unwrap();
         assert!(gap >= Duration::from_millis(100), "{gap:?}: no backoff");
-        assert!(gap < Duration::from_secs(10), "{gap:?}: waited for the lease");
+        assert!(
+            gap < Duration::from_secs(10),
+            "{gap:?}: waited for the lease"
+        );
     }
 }
 
@@ -742,4 +749,150 @@ blob = "results/{id}-{invocation_id}.json"
             "{id} not in {names:?}"
         );
     }
+}
+
+const COPIER: &str = r#"
+[functions.copier]
+source = "{guests}/events.wasm"
+[[functions.copier.blob]]
+path = "images/{name}"
+retry_delay = "20ms"
+[[functions.copier.output]]
+name = "out"
+blob = "copies/{name}.json"
+"#;
+
+/// The bytes the copier was handed in its last copy of `name`.
+async fn copied(server: &Server, name: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let (status, body) = server
+        .api(
+            reqwest::Method::GET,
+            &format!("/admin/blobs/copies/{name}.json"),
+            Vec::new(),
+        )
+        .await;
+    if status != 200 {
+        return None;
+    }
+    let copy: Value = serde_json::from_slice(&body).unwrap();
+    let data = copy["event"]["Data"].as_str()?;
+    Some(
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_replaced_with_the_same_size_and_mtime_is_processed_again() {
+    let (dir, manifest) = app("", COPIER);
+    let server = Server::start(&manifest);
+    let folder = dir.path().join(".kelvin").join("blobs").join("images");
+    std::fs::create_dir_all(&folder).unwrap();
+    let file = folder.join("a.json");
+    std::fs::write(&file, r#"{"v": 1}"#).unwrap();
+    until(Duration::from_secs(20), "the first copy", || async {
+        copied(&server, "a.json").await.as_deref() == Some(br#"{"v": 1}"#)
+    })
+    .await;
+    // As `cp -p` does: the same file rewritten in place with bytes of the
+    // same length, its modification time put back.
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&file)
+            .unwrap();
+        std::io::Write::write_all(&mut &f, br#"{"v": 2}"#).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    until(
+        Duration::from_secs(20),
+        "the replaced file copied",
+        || async { copied(&server, "a.json").await.as_deref() == Some(br#"{"v": 2}"#) },
+    )
+    .await;
+    assert_eq!(records(dir.path(), "copier").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_still_being_written_is_processed_once_whole() {
+    let (dir, manifest) = app("", COPIER);
+    let server = Server::start(&manifest);
+    let folder = dir.path().join(".kelvin").join("blobs").join("images");
+    std::fs::create_dir_all(&folder).unwrap();
+    let whole: Vec<u8> = format!(r#"{{"pad": "{}"}}"#, "x".repeat(19_989)).into_bytes();
+    assert_eq!(whole.len(), 20_000);
+    // Written in ten pieces, a scan's length apart or less.
+    {
+        let mut f = std::fs::File::create(folder.join("big.json")).unwrap();
+        for piece in whole.chunks(2_000) {
+            std::io::Write::write_all(&mut f, piece).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    until(Duration::from_secs(20), "the whole file copied", || async {
+        copied(&server, "big.json").await.is_some()
+    })
+    .await;
+    // A few more scans: nothing else.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let recorded = records(dir.path(), "copier");
+    assert_eq!(recorded.len(), 1, "one invocation, not one per size seen");
+    assert_eq!(copied(&server, "big.json").await.unwrap(), whole);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_put_back_to_earlier_bytes_or_deleted_and_put_again_is_processed_each_time() {
+    let (dir, manifest) = app("", COPIER);
+    let server = Server::start(&manifest);
+    let put = |body: &'static str| {
+        let server = &server;
+        async move {
+            let (status, reply) = server
+                .api(
+                    reqwest::Method::PUT,
+                    "/admin/blobs/images/m.json",
+                    body.into(),
+                )
+                .await;
+            assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
+        }
+    };
+    let processed = |n: usize, body: &'static str| {
+        let server = &server;
+        let dir = dir.path().to_owned();
+        async move {
+            until(Duration::from_secs(20), body, || async {
+                records(&dir, "copier").len() == n
+                    && copied(server, "m.json").await.as_deref() == Some(body.as_bytes())
+            })
+            .await;
+        }
+    };
+    put(r#"{"model": 1}"#).await;
+    processed(1, r#"{"model": 1}"#).await;
+    put(r#"{"model": 2}"#).await;
+    processed(2, r#"{"model": 2}"#).await;
+    // Back to the first bytes: a write like any other.
+    put(r#"{"model": 1}"#).await;
+    processed(3, r#"{"model": 1}"#).await;
+    // Deleted, then the same bytes put again.
+    let (status, _) = server
+        .api(
+            reqwest::Method::DELETE,
+            "/admin/blobs/images/m.json",
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    put(r#"{"model": 1}"#).await;
+    processed(4, r#"{"model": 1}"#).await;
+    // A restart changes no write: nothing again.
+    server.kill();
+    let _server = Server::start(&manifest);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(records(dir.path(), "copier").len(), 4);
 }

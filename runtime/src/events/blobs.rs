@@ -3,9 +3,12 @@
 //! files dropped there are blobs too; an S3-compatible store is another
 //! implementation of the same four calls, held to [`conformance`].
 
+use std::collections::HashMap;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
@@ -79,7 +82,19 @@ pub struct BlobInfo {
     pub name: String,
     pub size: u64,
     pub modified: SystemTime,
+    /// Which write this is, short of reading the bytes: it changes with
+    /// every write, even of the same bytes with the same size and
+    /// modification time (`cp -p`, `rsync -a`, `tar x`).
+    pub stamp: String,
+    /// Whether the write is whole: a file dropped into a container's
+    /// folder may still be being written, so it is whole once it has been
+    /// left alone for [`QUIET`]; a blob put through the store always is.
+    pub complete: bool,
 }
+
+/// How long a dropped file must be left unchanged before it counts as
+/// written whole.
+pub const QUIET: Duration = Duration::from_secs(1);
 
 /// A blob's version: the blake3 hash of its bytes.
 pub fn etag(bytes: &[u8]) -> String {
@@ -101,11 +116,40 @@ pub trait BlobStore: Send + Sync {
 /// Blobs as files: `<root>/<container>/<name>`.
 pub struct FsBlobs {
     root: PathBuf,
+    /// The stamps of files this store wrote whole (renamed into place),
+    /// until they are older than [`QUIET`] and need no vouching for.
+    written: Arc<Mutex<HashMap<PathBuf, String>>>,
+}
+
+/// A file's stamp: its device, inode, size, and modification and status
+/// change times in nanoseconds. The status change time moves with any
+/// write, rename or `chmod`, even one that restores the modification time.
+fn stamp(meta: &std::fs::Metadata) -> String {
+    format!(
+        "{:x}.{:x}.{}.{}.{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+        meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+    )
+}
+
+/// When a file last changed in any way (its status change time).
+fn changed(meta: &std::fs::Metadata) -> SystemTime {
+    SystemTime::UNIX_EPOCH
+        + Duration::new(
+            meta.ctime().max(0) as u64,
+            meta.ctime_nsec().clamp(0, 999_999_999) as u32,
+        )
 }
 
 impl FsBlobs {
     pub fn new(root: PathBuf) -> FsBlobs {
-        FsBlobs { root }
+        FsBlobs {
+            root,
+            written: Arc::default(),
+        }
     }
 
     pub fn in_state_dir(state_dir: &Path) -> FsBlobs {
@@ -135,7 +179,13 @@ fn put_file(root: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-fn list_dir(base: &Path, dir: &Path, prefix: &str, out: &mut Vec<BlobInfo>) -> std::io::Result<()> {
+fn list_dir(
+    base: &Path,
+    dir: &Path,
+    prefix: &str,
+    written: &Mutex<HashMap<PathBuf, String>>,
+    out: &mut Vec<BlobInfo>,
+) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -153,7 +203,7 @@ fn list_dir(base: &Path, dir: &Path, prefix: &str, out: &mut Vec<BlobInfo>) -> s
         let path = entry.path();
         let kind = entry.file_type()?;
         if kind.is_dir() {
-            list_dir(base, &path, prefix, out)?;
+            list_dir(base, &path, prefix, written, out)?;
         } else if kind.is_file() {
             let Ok(rel) = path.strip_prefix(base) else {
                 continue;
@@ -163,10 +213,23 @@ fn list_dir(base: &Path, dir: &Path, prefix: &str, out: &mut Vec<BlobInfo>) -> s
                 continue;
             }
             let meta = entry.metadata()?;
+            let stamp = stamp(&meta);
+            let quiet = changed(&meta).elapsed().is_ok_and(|since| since >= QUIET);
+            let complete = {
+                let mut written = written.lock().expect("written");
+                if quiet {
+                    written.remove(&path);
+                    true
+                } else {
+                    written.get(&path) == Some(&stamp)
+                }
+            };
             out.push(BlobInfo {
                 name: name.to_owned(),
                 size: meta.len(),
                 modified: meta.modified()?,
+                stamp,
+                complete,
             });
         }
     }
@@ -177,12 +240,18 @@ fn list_dir(base: &Path, dir: &Path, prefix: &str, out: &mut Vec<BlobInfo>) -> s
 impl BlobStore for FsBlobs {
     async fn put(&self, path: &BlobPath, bytes: Bytes) -> std::io::Result<String> {
         let (root, file) = (self.root.clone(), self.file(path));
-        tokio::task::spawn_blocking(move || {
+        let (tag, file, stamp) = tokio::task::spawn_blocking(move || {
             put_file(&root, &file, &bytes)?;
-            Ok(etag(&bytes))
+            // Renamed into place, so whole at once: vouched for until the
+            // file is old enough to need no vouching. (Should another
+            // writer replace it meanwhile, the stamp differs.)
+            let stamp = stamp(&std::fs::symlink_metadata(&file)?);
+            Ok::<_, std::io::Error>((etag(&bytes), file, stamp))
         })
         .await
-        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)??;
+        self.written.lock().expect("written").insert(file, stamp);
+        Ok(tag)
     }
 
     async fn get(&self, path: &BlobPath) -> std::io::Result<Option<Bytes>> {
@@ -201,7 +270,9 @@ impl BlobStore for FsBlobs {
     }
 
     async fn delete(&self, path: &BlobPath) -> std::io::Result<bool> {
-        match tokio::fs::remove_file(self.file(path)).await {
+        let file = self.file(path);
+        self.written.lock().expect("written").remove(&file);
+        match tokio::fs::remove_file(file).await {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
@@ -211,9 +282,10 @@ impl BlobStore for FsBlobs {
     async fn list(&self, container: &str, prefix: &str) -> std::io::Result<Vec<BlobInfo>> {
         let base = self.root.join(container);
         let prefix = prefix.to_owned();
+        let written = self.written.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
-            list_dir(&base, &base, &prefix, &mut out)?;
+            list_dir(&base, &base, &prefix, &written, &mut out)?;
             out.sort_by(|a, b| a.name.cmp(&b.name));
             Ok(out)
         })
@@ -237,6 +309,15 @@ pub async fn conformance(store: &dyn BlobStore) {
     let names: Vec<&str> = listed.iter().map(|b| b.name.as_str()).collect();
     assert_eq!(names, vec!["a/cat.ppm", "b.txt"], "by name");
     assert_eq!(listed[0].size, 4);
+    assert!(listed.iter().all(|b| b.complete), "a put is whole at once");
+    // The same bytes written again are another write.
+    let before = listed[1].stamp.clone();
+    store.put(&other, Bytes::from("b")).await.unwrap();
+    let again = store.list("images", "b").await.unwrap();
+    assert_ne!(
+        again[0].stamp, before,
+        "a write of the same bytes has its own stamp"
+    );
     assert_eq!(store.list("images", "a/").await.unwrap().len(), 1);
     assert!(store.list("none", "").await.unwrap().is_empty());
     assert!(store.delete(&p).await.unwrap());

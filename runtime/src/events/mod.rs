@@ -76,6 +76,10 @@ pub struct Receipt {
     pub path: String,
     /// The version's content hash.
     pub etag: String,
+    /// The write it came from ([`crate::events::blobs::BlobInfo::stamp`]):
+    /// the same bytes written again are a new version. Empty in receipts
+    /// from before stamps, which match any write of their bytes.
+    pub stamp: String,
     pub state: ReceiptState,
     /// Failed attempts so far.
     pub attempts: u32,

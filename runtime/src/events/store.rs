@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS blob_receipts (
     state      TEXT NOT NULL,
     attempts   INTEGER NOT NULL,
     updated_us INTEGER NOT NULL,
+    stamp      TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (function, path, etag)
 );
 CREATE TABLE IF NOT EXISTS blob_outbox (
@@ -138,7 +139,10 @@ impl SqliteEvents {
         records: bool,
     ) -> Result<SqliteEvents, StoreError> {
         writer
-            .run(|tx| tx.execute_batch(SCHEMA))
+            .run(|tx| {
+                tx.execute_batch(SCHEMA)?;
+                migrate(tx)
+            })
             .await
             .map_err(StoreError::Failed)?;
         let reader = Connection::open_with_flags(
@@ -167,6 +171,20 @@ impl SqliteEvents {
             f(&conn).map_err(StoreError::from)
         })
     }
+}
+
+/// Brings tables written by an older Kelvin up to this schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_stamp = conn
+        .prepare("SELECT name FROM pragma_table_info('blob_receipts')")?
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?
+        .iter()
+        .any(|c| c == "stamp");
+    if !has_stamp {
+        conn.execute_batch("ALTER TABLE blob_receipts ADD COLUMN stamp TEXT NOT NULL DEFAULT ''")?;
+    }
+    Ok(())
 }
 
 fn new_id() -> String {
@@ -264,11 +282,18 @@ fn apply(tx: &Transaction<'_>, effects: &Effects) -> rusqlite::Result<bool> {
         .execute(params![function, status.last_us, status.next_us, now])?;
     }
     if let Some(r) = &effects.receipt {
+        // One receipt per path: its latest version's. An earlier version's
+        // bytes written again are a new write, processed again.
         tx.prepare_cached(
-            "INSERT INTO blob_receipts (function, path, etag, state, attempts, updated_us)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "DELETE FROM blob_receipts WHERE function = ?1 AND path = ?2 AND etag <> ?3",
+        )?
+        .execute(params![r.function, r.path, r.etag])?;
+        tx.prepare_cached(
+            "INSERT INTO blob_receipts (function, path, etag, state, attempts, updated_us, stamp)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (function, path, etag) DO UPDATE SET state = excluded.state,
-             attempts = excluded.attempts, updated_us = excluded.updated_us",
+             attempts = excluded.attempts, updated_us = excluded.updated_us,
+             stamp = excluded.stamp",
         )?
         .execute(params![
             r.function,
@@ -276,7 +301,8 @@ fn apply(tx: &Transaction<'_>, effects: &Effects) -> rusqlite::Result<bool> {
             r.etag,
             r.state.as_str(),
             r.attempts,
-            now
+            now,
+            r.stamp
         ])?;
     }
     Ok(held)
@@ -453,8 +479,8 @@ impl EventStore for SqliteEvents {
         let function = function.to_owned();
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT function, path, etag, state, attempts, updated_us FROM blob_receipts
-                 WHERE function = ?1",
+                "SELECT function, path, etag, state, attempts, updated_us, stamp
+                 FROM blob_receipts WHERE function = ?1",
             )?;
             let rows = stmt.query_map([function], |row| {
                 Ok(Receipt {
@@ -464,6 +490,7 @@ impl EventStore for SqliteEvents {
                     state: ReceiptState::parse(&row.get::<_, String>(3)?),
                     attempts: row.get::<_, i64>(4)? as u32,
                     updated_us: row.get(5)?,
+                    stamp: row.get(6)?,
                 })
             })?;
             rows.collect()
@@ -696,6 +723,7 @@ pub async fn conformance(store: &dyn EventStore) {
         function: "thumbnail".into(),
         path: "images/a".into(),
         etag: "e1".into(),
+        stamp: "s1".into(),
         state: ReceiptState::Failed,
         attempts: 1,
         updated_us: 0,
@@ -726,7 +754,24 @@ pub async fn conformance(store: &dyn EventStore) {
     let got = store.receipts("thumbnail").await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!((got[0].state, got[0].attempts), (ReceiptState::Done, 1));
+    assert_eq!(got[0].stamp, "s1");
     assert!(store.receipts("other").await.unwrap().is_empty());
+    // A path keeps one receipt: its latest version's.
+    let (durable, _) = store.settle(
+        None,
+        Effects {
+            receipt: Some(Receipt {
+                etag: "e2".into(),
+                stamp: "s2".into(),
+                ..done.clone()
+            }),
+            ..Effects::default()
+        },
+    );
+    durable.wait().await.unwrap();
+    let got = store.receipts("thumbnail").await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].etag.as_str(), got[0].stamp.as_str()), ("e2", "s2"));
 }
 
 #[cfg(test)]

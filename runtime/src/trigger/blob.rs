@@ -1,15 +1,20 @@
-//! The blob trigger: a scanner per function that processes each version of
-//! each blob matching its path pattern once. A version is its content hash;
-//! what the function did with it is a receipt, committed with the record,
-//! so a restart neither repeats a success nor forgets a failure. A version
-//! that failed `max_attempts` times is recorded as poison and left alone.
-//! Blobs put through the API (or written as outputs) wake the scanner;
-//! files dropped into the container's folder are found by a scan each
-//! second.
+//! The blob trigger: a scanner per function that processes each write of
+//! each blob matching its path pattern once. A write is told apart by its
+//! stamp (a file's inode, size and change times; see
+//! [`crate::events::blobs::BlobInfo::stamp`]), so the same bytes written
+//! again are processed again, as Azure's trigger fires per write; a
+//! restart changes no stamp. What the function did with a path's latest
+//! write is its receipt, committed with the record, so a restart neither
+//! repeats a success nor forgets a failure. A write that failed
+//! `max_attempts` times is recorded as poison and left alone. Blobs put
+//! through the API (or written as outputs) wake the scanner and are
+//! processed at once; files dropped into the container's folder are found
+//! by a scan each second and processed once left unchanged for
+//! [`QUIET`](crate::events::blobs::QUIET), so never half-written.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
 
@@ -25,19 +30,15 @@ pub const SCAN_EVERY: Duration = Duration::from_secs(1);
 /// At most this many blobs of one function are processed at once.
 const AT_ONCE: usize = 8;
 
-/// A file's identity short of reading it: unchanged size and modification
-/// time keep its known hash.
-type Stamp = (u64, SystemTime);
-
 struct State {
-    /// Receipts by `(path, etag)`.
-    receipts: HashMap<(String, String), Receipt>,
-    /// Hashes of the files seen, by path.
-    hashes: HashMap<String, (Stamp, String)>,
-    /// Versions being processed.
-    running: HashSet<(String, String)>,
-    /// Files too large to hand to a function (warned once).
-    too_large: HashSet<(String, Stamp)>,
+    /// The latest receipt of each path.
+    receipts: HashMap<String, Receipt>,
+    /// The hash of each file seen, by path, with the stamp it was read at.
+    hashes: HashMap<String, (String, String)>,
+    /// Paths being processed (one write of a path at a time).
+    running: HashSet<String>,
+    /// Files too large to hand to a function (warned once per write).
+    too_large: HashSet<(String, String)>,
 }
 
 /// Runs until the events stop.
@@ -55,10 +56,7 @@ pub(crate) async fn scan(
         }
     };
     let state = Arc::new(Mutex::new(State {
-        receipts: receipts
-            .into_iter()
-            .map(|r| ((r.path.clone(), r.etag.clone()), r))
-            .collect(),
+        receipts: receipts.into_iter().map(|r| (r.path.clone(), r)).collect(),
         hashes: HashMap::new(),
         running: HashSet::new(),
         too_large: HashSet::new(),
@@ -98,6 +96,15 @@ async fn pass(
     let container = trigger.path.container();
     let max_blob = events.runtime().manifest().server.max_blob;
     let listed = events.blobs().list(container, "").await?;
+    {
+        // Forget the hashes of files that are gone.
+        let names: HashSet<&str> = listed.iter().map(|b| b.name.as_str()).collect();
+        let prefix = format!("{container}/");
+        state.lock().expect("state").hashes.retain(|full, _| {
+            full.strip_prefix(&prefix)
+                .is_some_and(|name| names.contains(name))
+        });
+    }
     let mut waiting = 0;
     for info in listed {
         let Some(params) = trigger.path.matches(&info.name) else {
@@ -107,7 +114,12 @@ async fn pass(
             continue;
         };
         let full = path.to_string();
-        let stamp = (info.size, info.modified);
+        if !info.complete {
+            // Still being written, as far as anyone can tell: a later scan.
+            waiting += 1;
+            continue;
+        }
+        let stamp = info.stamp;
         if info.size > max_blob {
             if state
                 .lock()
@@ -144,18 +156,21 @@ async fn pass(
                     .lock()
                     .expect("state")
                     .hashes
-                    .insert(full.clone(), (stamp, tag.clone()));
+                    .insert(full.clone(), (stamp.clone(), tag.clone()));
                 (tag, Some(bytes))
             }
         };
-        let key = (full.clone(), tag.clone());
         let attempts = {
             let s = state.lock().expect("state");
-            if s.running.contains(&key) {
+            if s.running.contains(&full) {
                 waiting += 1;
                 continue;
             }
-            match s.receipts.get(&key) {
+            // The receipt is this write's if it has its bytes and its
+            // stamp (a receipt from before stamps matches its bytes).
+            let this_write =
+                |r: &&Receipt| r.etag == tag && (r.stamp.is_empty() || r.stamp == stamp);
+            match s.receipts.get(&full).filter(this_write) {
                 Some(r) if r.state != ReceiptState::Failed => continue,
                 Some(r) => {
                     waiting += 1;
@@ -182,7 +197,7 @@ async fn pass(
                 _ => continue,
             },
         };
-        state.lock().expect("state").running.insert(key.clone());
+        state.lock().expect("state").running.insert(full.clone());
         let events = events.clone();
         let function = function.to_owned();
         let trigger = trigger.clone();
@@ -190,8 +205,9 @@ async fn pass(
         tokio::spawn(async move {
             let receipt = |state: ReceiptState, attempts: u32| Receipt {
                 function: function.clone(),
-                path: key.0.clone(),
-                etag: key.1.clone(),
+                path: full.clone(),
+                etag: tag.clone(),
+                stamp: stamp.clone(),
                 state,
                 attempts,
                 updated_us: now_us(),
@@ -207,7 +223,7 @@ async fn pass(
                 &BlobMeta {
                     container: path.container(),
                     name: path.name(),
-                    etag: &key.1,
+                    etag: &tag,
                     params: &params,
                 },
                 &bytes,
@@ -231,7 +247,7 @@ async fn pass(
             };
             let ran = events.invoke(job).await;
             let mut s = state.lock().expect("state");
-            s.running.remove(&key);
+            s.running.remove(&full);
             match ran {
                 Ended::Recorded(record) => {
                     let r = if super::events::succeeded(&record) {
@@ -240,16 +256,16 @@ async fn pass(
                         if failure.state == ReceiptState::Poison {
                             tracing::warn!(
                                 function,
-                                path = key.0.as_str(),
+                                path = full.as_str(),
                                 attempts = failed,
                                 "a blob failed on every attempt and is recorded as poison"
                             );
                         }
                         failure
                     };
-                    s.receipts.insert(key, r);
+                    s.receipts.insert(full, r);
                 }
-                // Refused or not committed: the next pass tries again.
+                // Not started or not committed: the next pass tries again.
                 Ended::Unstarted | Ended::NotCommitted => {}
             }
             drop(permit);

@@ -339,7 +339,10 @@ impl Events {
         };
         // Host parameters come first, and a value is looked up first come
         // first served: a message's own field cannot stand in for them.
-        params.insert(0, ("invocation_id".into(), ticket.invocation_id().to_owned()));
+        params.insert(
+            0,
+            ("invocation_id".into(), ticket.invocation_id().to_owned()),
+        );
         let outputs = ticket.unit().spec.outputs.clone();
         let limits = self.limits();
         let function_name = function.clone();

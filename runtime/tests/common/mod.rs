@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 /// The binary under test: this build's, or `KELVIN_TEST_BIN` (another
 /// build, to see a test fail on the code before a fix).
 pub fn kelvin() -> Command {
-    let bin = std::env::var_os("KELVIN_TEST_BIN")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_kelvin")), PathBuf::from);
+    let bin = std::env::var_os("KELVIN_TEST_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_kelvin")),
+        PathBuf::from,
+    );
     let mut cmd = Command::new(bin);
     cmd.env_remove("RUST_LOG")
         .env_remove("KELVIN_MANIFEST")
