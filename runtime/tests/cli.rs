@@ -1178,19 +1178,32 @@ fn the_deploy_commands_drive_a_running_server() {
         "{out}"
     );
 
-    let (code, _, err) = cli(&["swap", "staging"]);
+    // Swap, rollback and traffic say what changed, not the whole table.
+    let (code, out, err) = cli(&["swap", "staging"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(get(), "Next, cli!\n");
+    let changed: Vec<&str> = out.lines().collect();
+    assert_eq!(changed.len(), 2, "production's hello and staging's: {out}");
+    assert!(
+        changed.iter().any(|l| l.starts_with("production hello: "))
+            && changed.iter().any(|l| l.starts_with("staging hello: "))
+            && out.contains(" -> "),
+        "{out}"
+    );
     let (code, out, err) = cli(&["rollback", "hello"]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("hello in production: now"), "{out}");
+    assert!(
+        out.contains("hello in production: now") && out.contains("(was "),
+        "{out}"
+    );
+    assert_eq!(out.lines().count(), 1, "{out}");
     assert_eq!(get(), "Hello, cli!\n");
 
     let (code, out, err) = cli(&["traffic", "production=90", "staging=10"]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("split: 10% to staging"), "{out}");
+    assert_eq!(out.trim(), "split: 10% to staging");
     let (_, out, _) = cli(&["traffic", "production=100"]);
-    assert!(!out.contains("split:"), "{out}");
+    assert_eq!(out.trim(), "production serves every request (no split)");
     let (_, out, _) = cli(&["versions", "hello"]);
     assert_eq!(out.lines().count(), 3, "a header and two versions: {out}");
 
@@ -1415,4 +1428,69 @@ fn the_durable_commands_drive_a_running_server() {
 
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[test]
+fn the_cli_finds_the_server_it_started_and_takes_its_url_in_any_form() {
+    let (dir, manifest) = app();
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    let slots = |extra: &[&str], env: Option<&str>| {
+        let mut cmd = kelvin();
+        cmd.args(["slots", "-f"]).arg(&manifest).args(extra);
+        if let Some(url) = env {
+            cmd.env("KELVIN_URL", url);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The manifest says port 0; the server recorded where it really is.
+    let recorded = std::fs::read_to_string(dir.path().join(".kelvin").join("address")).unwrap();
+    assert_eq!(recorded.trim(), addr);
+    for (extra, env) in [
+        (vec![], None),
+        (vec!["--url", addr.as_str()], None),
+        (vec![], Some(addr.as_str())),
+        (vec![], Some(&*format!("http://{addr}/"))),
+    ] {
+        let (code, out, err) = slots(&extra, env);
+        assert_eq!(code, Some(0), "{extra:?} {env:?}: {err}");
+        assert!(out.contains("production"), "{out}");
+    }
+    let (code, _, err) = slots(&["--url", "https://127.0.0.1:1"], None);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("only http:// URLs"), "{err}");
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    // A stopped server's address is gone with it.
+    assert!(!dir.path().join(".kelvin").join("address").exists());
+}
+
+#[test]
+fn a_command_whose_reader_goes_away_ends_quietly() {
+    let (_dir, manifest) = app();
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    // `kelvin versions hello | head -0`: the reader closes before the
+    // output is written; no panic, no message.
+    let mut cmd = kelvin()
+        .args(["versions", "hello", "--url", &addr, "-f"])
+        .arg(&manifest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(cmd.stdout.take());
+    let out = cmd.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
 }

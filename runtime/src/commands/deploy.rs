@@ -18,8 +18,10 @@ use crate::table::{PRODUCTION, VersionId};
 pub struct ServerArgs {
     #[command(flatten)]
     pub manifest: ManifestArgs,
-    /// The running server (default: the manifest's `[server] listen`).
-    #[arg(long, global = true)]
+    /// The running server, `http://HOST:PORT` or `HOST:PORT` (default: the
+    /// address `kelvin up` recorded in the state dir, else the manifest's
+    /// `[server] listen`).
+    #[arg(long, global = true, env = "KELVIN_URL")]
     pub url: Option<String>,
     /// The master key (default: the one in the manifest's state dir).
     #[arg(long, global = true, env = "KELVIN_KEY", hide_env_values = true)]
@@ -35,15 +37,11 @@ pub(super) struct Admin {
 impl ServerArgs {
     pub(super) fn admin(&self) -> Result<Admin> {
         let manifest = self.manifest.load()?;
-        let url = self
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", manifest.server.listen));
-        let authority = url
-            .strip_prefix("http://")
-            .with_context(|| format!("{url}: only http:// URLs are supported"))?
-            .trim_end_matches('/')
-            .to_owned();
+        let authority = match &self.url {
+            Some(url) => authority(url)?,
+            None => recorded_address(&manifest.server.state_dir)
+                .unwrap_or_else(|| manifest.server.listen.to_string()),
+        };
         let key = match &self.key {
             Some(k) => k.clone(),
             None => KeyStore::open(&manifest.server.state_dir, &[])
@@ -53,6 +51,52 @@ impl ServerArgs {
                 .context("no master key in the state dir; pass --key")?,
         };
         Ok(Admin { authority, key })
+    }
+}
+
+/// `HOST:PORT` of `http://HOST:PORT[/]` or of `HOST:PORT`.
+fn authority(url: &str) -> Result<String> {
+    let rest = match url.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(_) => bail!("{url}: only http:// URLs are supported"),
+        None => url,
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') {
+        bail!("{url}: expected http://HOST:PORT or HOST:PORT");
+    }
+    Ok(rest.to_owned())
+}
+
+/// The address a `kelvin up` on this state dir recorded, if that server
+/// still answers there (one that was killed leaves its file behind).
+fn recorded_address(state_dir: &std::path::Path) -> Option<String> {
+    let file = super::up::server_address_file(state_dir);
+    let address: std::net::SocketAddr = std::fs::read_to_string(file).ok()?.trim().parse().ok()?;
+    std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_millis(500)).ok()?;
+    Some(address.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn server_urls_with_or_without_a_scheme() {
+        for (url, want) in [
+            ("http://127.0.0.1:3917", "127.0.0.1:3917"),
+            ("http://127.0.0.1:3917/", "127.0.0.1:3917"),
+            ("127.0.0.1:3917", "127.0.0.1:3917"),
+            ("localhost:3000", "localhost:3000"),
+        ] {
+            assert_eq!(super::authority(url).unwrap(), want, "{url}");
+        }
+        for bad in [
+            "https://127.0.0.1:1",
+            "http://127.0.0.1:1/admin",
+            "",
+            "http://",
+        ] {
+            assert!(super::authority(bad).is_err(), "{bad:?}");
+        }
     }
 }
 
@@ -209,8 +253,38 @@ fn print_slots(slots: &Value) {
             );
         }
     }
-    if let Some(split) = slots["split"].as_object() {
-        println!(
+    if slots["split"].is_object() {
+        print_split(slots);
+    }
+}
+
+/// What a change of slots did: each function whose version moved, and the
+/// split if it changed; never the whole table (`kelvin slots` shows that).
+fn print_changes(before: &Value, after: &Value) {
+    let mut changed = false;
+    for (slot, functions) in after["slots"].as_object().into_iter().flatten() {
+        for (function, version) in functions.as_object().into_iter().flatten() {
+            let new = version.as_str().unwrap_or("");
+            let old = before["slots"][slot][function].as_str().unwrap_or("(none)");
+            if old != new {
+                println!("{slot} {function}: {old} -> {new}");
+                changed = true;
+            }
+        }
+    }
+    if before["split"] != after["split"] {
+        print_split(after);
+        changed = true;
+    }
+    if !changed {
+        println!("nothing changed");
+    }
+}
+
+/// The traffic split, in one line.
+fn print_split(slots: &Value) {
+    match slots["split"].as_object() {
+        Some(split) => println!(
             "split: {}% to {}{}",
             split["percent"],
             split["slot"].as_str().unwrap_or(""),
@@ -219,7 +293,8 @@ fn print_slots(slots: &Value) {
                 .and_then(Value::as_str)
                 .map(|h| format!(" (affinity by {h})"))
                 .unwrap_or_default()
-        );
+        ),
+        None => println!("production serves every request (no split)"),
     }
 }
 
@@ -239,12 +314,18 @@ impl SwapCommand {
     pub fn execute(self) -> Result<()> {
         self.server.manifest.init_logging_at("warn");
         let admin = self.server.admin()?;
-        let slots = run(admin.send(
-            hyper::Method::POST,
-            "/admin/swap",
-            json!({ "source": self.source, "target": self.target }),
-        ))?;
-        print_slots(&slots);
+        let (before, after) = run(async {
+            let before = admin.get("/admin/slots").await?;
+            let after = admin
+                .send(
+                    hyper::Method::POST,
+                    "/admin/swap",
+                    json!({ "source": self.source, "target": self.target }),
+                )
+                .await?;
+            anyhow::Ok((before, after))
+        })?;
+        print_changes(&before, &after);
         Ok(())
     }
 }
@@ -269,14 +350,14 @@ impl RollbackCommand {
         let admin = self.server.admin()?;
         run(async {
             let (function, slot) = (&self.function, &self.slot);
+            let slots = admin.get("/admin/slots").await?;
+            let current = slots["slots"][slot][function]
+                .as_str()
+                .with_context(|| format!("no function `{function}` in slot `{slot}`"))?
+                .to_owned();
             let to = match &self.to {
                 Some(v) => v.clone(),
                 None => {
-                    let slots = admin.get("/admin/slots").await?;
-                    let current = slots["slots"][slot][function]
-                        .as_str()
-                        .with_context(|| format!("no function `{function}` in slot `{slot}`"))?
-                        .to_owned();
                     let versions = admin
                         .get(&format!("/admin/functions/{function}/versions"))
                         .await?;
@@ -295,15 +376,14 @@ impl RollbackCommand {
                     }
                 }
             };
-            let slots = admin
+            admin
                 .send(
                     hyper::Method::PUT,
                     &format!("/admin/slots/{slot}/functions/{function}"),
                     json!({ "version": to }),
                 )
                 .await?;
-            println!("{function} in {slot}: now {to}");
-            print_slots(&slots);
+            println!("{function} in {slot}: now {to} (was {current})");
             Ok(())
         })
     }
@@ -361,7 +441,7 @@ impl TrafficCommand {
                 }
             }
         })?;
-        print_slots(&slots);
+        print_split(&slots);
         Ok(())
     }
 }

@@ -65,8 +65,23 @@ enum Command {
     Durable(DurableCommand),
 }
 
+/// Rust ignores SIGPIPE, so `println!` to a closed pipe (`kelvin slots |
+/// head`) panics. A command that only prints ends as other Unix tools do,
+/// silently, when its reader goes; the server (`up`) and `bench`, which
+/// hold sockets and child processes, keep ignoring it and see EPIPE.
+fn quit_quietly_on_a_closed_pipe() {
+    // SAFETY: resets one signal's disposition to the default; no handler
+    // runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 impl Cli {
     pub fn execute(self) -> Result<()> {
+        if !matches!(self.command, Command::Up(_) | Command::Bench(_)) {
+            quit_quietly_on_a_closed_pipe();
+        }
         match self.command {
             Command::Up(c) => c.execute(),
             Command::Build(c) => c.execute(),

@@ -61,8 +61,14 @@ impl UpCommand {
                 tracing::info!(slot, address = %l.local_addr()?, "serving a slot on its own address");
                 slot_listeners.push((l, slot.clone()));
             }
+            let address = listener.local_addr()?;
+            // Where the CLI finds this server (`kelvin slots` and the rest),
+            // whatever port it was given, 0 included.
+            let address_file = server_address_file(&runtime.manifest().server.state_dir);
+            std::fs::write(&address_file, format!("{address}\n"))
+                .with_context(|| format!("failed to write {}", address_file.display()))?;
             tracing::info!(
-                address = %listener.local_addr()?,
+                address = %address,
                 app = %runtime.manifest().name,
                 functions = runtime.manifest().functions.len(),
                 invocation_log = %log.display(),
@@ -91,10 +97,22 @@ impl UpCommand {
                 .await?;
             watcher.abort();
             precompile.abort();
+            // Only our own: another server may have started on this state
+            // dir since (it would have failed to open the ledger, but its
+            // address is its own).
+            if std::fs::read_to_string(&address_file).is_ok_and(|a| a.trim() == address.to_string()) {
+                let _ = std::fs::remove_file(&address_file);
+            }
             tracing::info!("stopped");
             anyhow::Ok(())
         })
     }
+}
+
+/// The file in the state dir where `kelvin up` writes the address it
+/// serves on, for the CLI.
+pub fn server_address_file(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("address")
 }
 
 /// Completes on SIGINT or SIGTERM.
