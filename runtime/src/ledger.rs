@@ -482,6 +482,54 @@ pub fn compact(
     }
 }
 
+/// What [`compact`] would roll up before `before_unix_us`, changing
+/// nothing: how many invocations, and the span they started in.
+pub fn compactable(
+    path: &Path,
+    before_unix_us: i64,
+) -> Result<(u64, Option<(i64, i64)>), LedgerError> {
+    if !path.exists() {
+        return Err(LedgerError::Missing(path.to_owned()));
+    }
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+            LedgerError::Open {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    let (n, first, last): (i64, Option<i64>, Option<i64>) = conn.query_row(
+        "SELECT COUNT(*), MIN(started_unix_us), MAX(started_unix_us) FROM invocations
+         WHERE started_unix_us < ?1",
+        [before_unix_us],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+    )?;
+    Ok((n as u64, first.zip(last)))
+}
+
+/// Writes a consistent copy of the ledger to `to` (a new file), safe beside
+/// a running server: SQLite's `VACUUM INTO` copies one snapshot, WAL
+/// included, which copying the file alone does not.
+pub fn backup(path: &Path, to: &Path) -> Result<(), LedgerError> {
+    if !path.exists() {
+        return Err(LedgerError::Missing(path.to_owned()));
+    }
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|source| {
+            LedgerError::Open {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    conn.busy_timeout(Duration::from_secs(30))?;
+    let to = to
+        .to_str()
+        .ok_or_else(|| LedgerError::Query(rusqlite::Error::InvalidPath(to.to_owned())))?;
+    conn.execute("VACUUM INTO ?1", [to])?;
+    Ok(())
+}
+
 /// One step of [`compact`]: the oldest invocations before the cutoff,
 /// added to their days' aggregates and deleted. They are read and rolled up
 /// before the write lock is taken (records never change once written), so

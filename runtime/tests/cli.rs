@@ -394,6 +394,37 @@ fn bill_reports_explains_and_refuses_bad_input() {
     assert_eq!(bad.0, 400);
     assert!(bad.1.contains("invalid date `soon`"), "{}", bad.1);
 
+    // A backup taken while the server writes holds everything it has
+    // acknowledged (a plain copy of the file may miss its WAL).
+    let backup = dir.path().join("backup.sqlite3");
+    let out = succeeded(
+        kelvin()
+            .args(["ledger", "backup"])
+            .arg(&backup)
+            .arg("-f")
+            .arg(&manifest)
+            .output()
+            .unwrap(),
+    );
+    assert!(out.contains("backed up"), "{out}");
+    let from_backup: serde_json::Value = serde_json::from_str(&succeeded(bill(&[
+        "--format",
+        "json",
+        "--ledger",
+        backup.to_str().unwrap(),
+    ])))
+    .unwrap();
+    assert_eq!(from_backup["total"]["invocations"], 3);
+    let again = kelvin()
+        .args(["ledger", "backup"])
+        .arg(&backup)
+        .arg("-f")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists"));
+
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
@@ -445,14 +476,35 @@ fn bill_reports_explains_and_refuses_bad_input() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
         assert!(!stderr.contains("backtrace"), "{stderr}");
     }
-    // Compaction keeps the totals; single invocations can no longer be explained.
-    let stdout = succeeded(
+    // A dry run says what would go and changes nothing; the last day is
+    // compacted only when asked for twice (no terminal to ask on: no).
+    let compact = |extra: &[&str]| {
         kelvin()
             .args(["ledger", "compact", "--older-than", "0s", "-f"])
             .arg(&manifest)
+            .args(extra)
+            .stdin(Stdio::null())
             .output()
-            .unwrap(),
+            .unwrap()
+    };
+    let stdout = succeeded(compact(&["--dry-run"]));
+    assert!(
+        stdout.starts_with("would compact 3 invocations"),
+        "{stdout}"
     );
+    let refused = compact(&[]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("pass --yes"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        bill(&["explain", &ids[0]]).status.success(),
+        "nothing compacted yet"
+    );
+    // Compaction keeps the totals; single invocations can no longer be explained.
+    let stdout = succeeded(compact(&["--yes"]));
     assert!(stdout.starts_with("compacted 3 invocations into 1 daily aggregates"));
     let compacted: serde_json::Value =
         serde_json::from_slice(&bill(&["--format", "json"]).stdout).unwrap();
