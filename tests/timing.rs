@@ -47,7 +47,10 @@ async fn cpu_billed_follows_the_work_done() {
     let same = cpu[1] / cpu[0];
     let four = cpu[2] / ((cpu[0] + cpu[1]) / 2.0);
     assert!((0.5..=2.0).contains(&same), "the same work billed {cpu:?}");
-    assert!((2.5..=6.0).contains(&four), "four times the work billed {cpu:?}");
+    assert!(
+        (2.5..=6.0).contains(&four),
+        "four times the work billed {cpu:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

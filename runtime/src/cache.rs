@@ -249,19 +249,94 @@ pub struct SourceIndex {
 
 /// The version of the checks a source passes at start-up; change it when
 /// they change, so sources are checked again.
-const SOURCE_CHECKS: u32 = 1;
+const SOURCE_CHECKS: u32 = 2;
 
 #[derive(Clone, serde::Serialize, serde::Deserialize)]
 struct KnownSource {
     file: FileId,
     hash: String,
     component: bool,
+    needs: Needs,
+}
+
+/// What a wasm needs before it runs a single instruction: its largest
+/// initial linear memory and table. A function whose limits are below
+/// these can never instantiate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Needs {
+    /// In 64 KiB wasm pages.
+    pub memory_pages: u64,
+    /// In elements.
+    pub table_elements: u64,
+}
+
+impl Needs {
+    /// Reads them from the memory and table sections (and memory and table
+    /// imports) of every module a wasm holds; `bytes` was checked already.
+    pub fn of(bytes: &[u8]) -> Result<Needs, String> {
+        use wasmparser::{Parser, Payload, TypeRef};
+        let mut needs = Needs::default();
+        let mut memory = |initial: u64| needs.memory_pages = needs.memory_pages.max(initial);
+        let mut tables = Vec::new();
+        for payload in Parser::new(0).parse_all(bytes) {
+            match payload.map_err(|e| e.to_string())? {
+                Payload::MemorySection(section) => {
+                    for m in section {
+                        memory(m.map_err(|e| e.to_string())?.initial);
+                    }
+                }
+                Payload::TableSection(section) => {
+                    for t in section {
+                        tables.push(t.map_err(|e| e.to_string())?.ty.initial);
+                    }
+                }
+                Payload::ImportSection(imports) => {
+                    for import in imports.into_imports() {
+                        match import.map_err(|e| e.to_string())?.ty {
+                            TypeRef::Memory(m) => memory(m.initial),
+                            TypeRef::Table(t) => tables.push(t.initial),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        needs.table_elements = tables.into_iter().max().unwrap_or(0);
+        Ok(needs)
+    }
+
+    /// Whether a function with this memory limit (bytes) and table limit
+    /// (elements) can instantiate the wasm; if not, why and what to change.
+    pub fn fit(&self, memory_limit: u64, table_limit: u64) -> Result<(), String> {
+        let memory = self.memory_pages.saturating_mul(64 * 1024);
+        if memory > memory_limit {
+            return Err(format!(
+                "it needs {} pages ({} KiB) of linear memory before it runs, over its `memory` limit of {} KiB: raise `memory` to at least \"{}KiB\"",
+                self.memory_pages,
+                memory / 1024,
+                memory_limit / 1024,
+                memory / 1024
+            ));
+        }
+        if self.table_elements > table_limit {
+            return Err(format!(
+                "it needs a table of {} elements before it runs, over the {table_limit} Kelvin allows",
+                self.table_elements
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl SourceIndex {
     /// The hash and kind of `path` as checked before, if the file has not
     /// changed since.
-    pub fn known(&self, path: &Path, meta: &std::fs::Metadata) -> Option<(WasmHash, WasmKind)> {
+    pub fn known(
+        &self,
+        path: &Path,
+        meta: &std::fs::Metadata,
+    ) -> Option<(WasmHash, WasmKind, Needs)> {
         let known = self.sources.get(path)?;
         if known.file != FileId::of(meta) {
             return None;
@@ -272,7 +347,7 @@ impl SourceIndex {
         } else {
             WasmKind::Module
         };
-        Some((WasmHash(*hash.as_bytes()), kind))
+        Some((WasmHash(*hash.as_bytes()), kind, known.needs))
     }
 
     /// Remembers that `path` (as `meta` describes it) passed the checks.
@@ -282,11 +357,13 @@ impl SourceIndex {
         meta: &std::fs::Metadata,
         hash: WasmHash,
         kind: WasmKind,
+        needs: Needs,
     ) {
         let known = KnownSource {
             file: FileId::of(meta),
             hash: hash.hex(),
             component: kind == WasmKind::Component,
+            needs,
         };
         self.sources.insert(path.to_owned(), known);
         self.changed = true;

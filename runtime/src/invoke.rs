@@ -136,9 +136,12 @@ impl ResourceLimiter for MemoryMeter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
+        Ok(desired <= MAX_TABLE_ELEMENTS)
     }
 }
+
+/// The most elements a guest's table may hold.
+pub const MAX_TABLE_ELEMENTS: usize = 1_000_000;
 
 /// The epoch callback's error when an invocation passes its deadline.
 #[derive(Debug, thiserror::Error)]

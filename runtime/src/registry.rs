@@ -22,9 +22,11 @@ use tokio::sync::watch;
 use wasmtime::{InstancePre, Linker, Module, Store};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use crate::cache::{ArtifactCache, CacheMiss, Cached, Compiled, FullCheck, WasmHash, WasmKind};
+use crate::cache::{
+    ArtifactCache, CacheMiss, Cached, Compiled, FullCheck, Needs, WasmHash, WasmKind,
+};
 use crate::engine::KelvinEngine;
-use crate::invoke::Host;
+use crate::invoke::{Host, MAX_TABLE_ELEMENTS};
 use crate::manifest::FunctionSpec;
 use crate::metering::{ColdStart, LoadSource};
 use crate::metrics::Metrics;
@@ -274,9 +276,9 @@ impl Registry {
                 }
             };
             let meta = std::fs::metadata(&spec.source).map_err(not_read)?;
-            let (hash, kind, len) = match sources.known(&spec.source, &meta) {
+            let (hash, kind, len, needs) = match sources.known(&spec.source, &meta) {
                 // Checked at an earlier start and unchanged since.
-                Some((hash, kind)) => (hash, kind, meta.len()),
+                Some((hash, kind, needs)) => (hash, kind, meta.len(), needs),
                 None => {
                     let bytes = std::fs::read(&spec.source).map_err(not_read)?;
                     let hash = WasmHash::of(&bytes);
@@ -287,10 +289,15 @@ impl Registry {
                     if !cache.contains(&hash) {
                         validate(engine.engine(), kind, &bytes).map_err(invalid)?;
                     }
-                    sources.remember(&spec.source, &meta, hash, kind);
-                    (hash, kind, bytes.len() as u64)
+                    let needs = Needs::of(&bytes).map_err(invalid)?;
+                    sources.remember(&spec.source, &meta, hash, kind, needs);
+                    (hash, kind, bytes.len() as u64, needs)
                 }
             };
+            // Limits may change while the wasm does not: checked every time.
+            needs
+                .fit(spec.limits.memory, MAX_TABLE_ELEMENTS as u64)
+                .map_err(invalid)?;
             slots.insert(
                 spec.name.to_string(),
                 Arc::new(Slot::new(spec.clone(), kind, len, hash)),
@@ -357,6 +364,12 @@ impl Registry {
             validate(self.inner.engine.engine(), kind, bytes)?;
         }
         Ok((hash, kind))
+    }
+
+    /// Checks that a function with `limits` can instantiate `bytes` (already
+    /// through [`Registry::check_wasm`]): its initial memory and tables fit.
+    pub fn check_fits(bytes: &[u8], limits: &crate::manifest::Limits) -> Result<(), String> {
+        Needs::of(bytes)?.fit(limits.memory, MAX_TABLE_ELEMENTS as u64)
     }
 
     /// Adds a function version under `key`, its wasm at `spec.source`

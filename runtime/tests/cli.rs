@@ -1546,3 +1546,69 @@ fn a_command_whose_reader_goes_away_ends_quietly() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_function_whose_memory_limit_is_below_what_its_wasm_needs_is_refused() {
+    // A Rust preview-1 module starts with 17 pages (its 1 MiB stack and
+    // data): it can never instantiate in 64 KiB.
+    let tight = "[functions.hello]\nsource = \"{guests}/hello.wasm\"\nmemory = \"64KiB\"\n\
+                 [[functions.hello.http]]\nroute = \"/hello/{name}\"\nauth = \"anonymous\"\n";
+    let (_tight_dir, tight_manifest) = app_with("", tight);
+    let stderr = fails(&["check"], &tight_manifest);
+    assert!(
+        stderr.contains("function `hello`") && stderr.contains("raise `memory`"),
+        "{stderr}"
+    );
+    // Start-up refuses it likewise (the check is no cached verdict).
+    let out = kelvin()
+        .args(["up", "--listen", "127.0.0.1:0", "-f"])
+        .arg(&tight_manifest)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("raise `memory`"));
+
+    // Deployed into a running server: refused, and production unchanged.
+    let (dir, manifest) = app();
+    let next = dir.path().join("tight.toml");
+    std::fs::copy(&tight_manifest, &next).unwrap();
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    let out = kelvin()
+        .args(["deploy", "hello", "--url", &addr, "-f"])
+        .arg(&next)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("400") && err.contains("raise `memory`"),
+        "{err}"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = rt.block_on(async {
+        reqwest::get(format!("http://{addr}/hello/still"))
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(answer, 200);
+    let versions = succeeded(
+        kelvin()
+            .args(["versions", "hello", "--url", &addr, "-f"])
+            .arg(&manifest)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        versions.lines().count(),
+        2,
+        "a header and one version: {versions}"
+    );
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}

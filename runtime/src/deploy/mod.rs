@@ -505,6 +505,9 @@ impl Deployer {
             }
         };
         let spec = self.spec_from(function, &config, &path)?;
+        // A version that can never instantiate is refused before it exists.
+        crate::registry::Registry::check_fits(&bytes, &spec.limits)
+            .map_err(|why| DeployError::Invalid(format!("function `{function}`: {why}")))?;
         let unit = self.register(spec, kind, hash)?;
         // A version that cannot load is the upload's fault: 400.
         self.load(&unit).await.map_err(DeployError::Invalid)?;
@@ -745,6 +748,8 @@ impl Deployer {
                     source.display()
                 ))
             })?;
+            crate::registry::Registry::check_fits(&bytes, &spec.limits)
+                .map_err(|why| DeployError::Invalid(format!("function `{}`: {why}", spec.name)))?;
             let kept = self.wasm_path(&hash.hex());
             if !kept.exists() {
                 let path = kept.clone();
