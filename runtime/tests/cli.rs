@@ -1612,3 +1612,124 @@ fn a_function_whose_memory_limit_is_below_what_its_wasm_needs_is_refused() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_restart_undoes_no_deploy_swap_or_rollback_and_applies_a_changed_declaration() {
+    let guests = kelvin_tests::guest_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("hello.wasm");
+    std::fs::copy(guests.join("hello.wasm"), &wasm).unwrap();
+    let manifest = dir.path().join("functions.toml");
+    let write_manifest = |env: &str| {
+        std::fs::write(
+            &manifest,
+            format!(
+                "version = 1\nname = \"restart\"\n[server]\ninstance_slots = 8\n\
+                 [functions.hello]\nsource = \"{}\"\nbuild = \"cp {} {}\"\n{env}\n\
+                 [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nauth = \"anonymous\"\n",
+                wasm.display(),
+                guests.join("echo.wasm").display(),
+                wasm.display()
+            ),
+        )
+        .unwrap();
+    };
+    write_manifest("");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let serving = |addr: &str| {
+        rt.block_on(async {
+            let r = reqwest::get(format!("http://{addr}/hello/x"))
+                .await
+                .unwrap();
+            let version = r.headers()["x-kelvin-version"].to_str().unwrap().to_owned();
+            (version, r.text().await.unwrap())
+        })
+    };
+    let cli = |addr: &str, args: &[&str]| {
+        succeeded(
+            kelvin()
+                .args(args)
+                .args(["--url", &format!("http://{addr}"), "-f"])
+                .arg(&manifest)
+                .output()
+                .unwrap(),
+        )
+    };
+    let stop = |mut child: std::process::Child| {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+    };
+    // `kelvin up` with every log line kept, those before it serves too.
+    let start = || {
+        let mut child = kelvin()
+            .args([
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "-f",
+            ])
+            .arg(&manifest)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut log = String::new();
+        let addr = loop {
+            let mut line = String::new();
+            assert!(stderr.read_line(&mut line).unwrap() > 0, "no start: {log}");
+            log.push_str(&line);
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && v["fields"]["message"] == "kelvin is serving"
+            {
+                break v["fields"]["address"].as_str().unwrap().to_owned();
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+        (child, addr, log)
+    };
+
+    let (child, addr, _) = start();
+    let (v1, body) = serving(&addr);
+    assert_eq!(body, "Hello, x!\n");
+    // A new build deployed to staging: production keeps v1, across a restart.
+    let out = cli(&addr, &["deploy", "--build", "--slot", "staging"]);
+    assert!(out.contains("deployed to staging"), "{out}");
+    stop(child);
+    let (child, addr, _) = start();
+    assert_eq!(
+        serving(&addr).0,
+        v1,
+        "a deploy to staging reached production"
+    );
+    // Swapped in, rolled back, restarted: still v1.
+    cli(&addr, &["swap", "staging"]);
+    let v2 = serving(&addr).0;
+    assert_ne!(v2, v1);
+    cli(&addr, &["rollback", "hello"]);
+    assert_eq!(serving(&addr).0, v1);
+    stop(child);
+    let (child, addr, log) = start();
+    assert_eq!(serving(&addr).0, v1, "a restart undid the rollback");
+    assert!(
+        log.contains("production keeps what was deployed"),
+        "the difference from the manifest is logged: {log}"
+    );
+    stop(child);
+    // The declaration changes (a new env value): the next start applies it.
+    write_manifest("env = { GREETING = \"Hi\" }");
+    let (child, addr, log) = start();
+    let (v3, _) = serving(&addr);
+    assert!(v3 != v1 && v3 != v2, "{v3}");
+    assert!(
+        log.contains("the manifest declares a new version; applied to production"),
+        "{log}"
+    );
+    stop(child);
+}

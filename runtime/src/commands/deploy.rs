@@ -212,7 +212,14 @@ impl DeployCommand {
                     .send(
                         hyper::Method::POST,
                         &format!("/admin/functions/{name}/versions"),
-                        json!({ "wasm": wasm["wasm"], "manifest": text, "slot": self.slot }),
+                        json!({
+                            "wasm": wasm["wasm"],
+                            "manifest": text,
+                            "slot": self.slot,
+                            // If the server runs this manifest, this version
+                            // is now what it declares (docs/deploy.md).
+                            "from_manifest": std::fs::canonicalize(&manifest.path).ok(),
+                        }),
                     )
                     .await?;
                 println!(

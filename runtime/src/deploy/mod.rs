@@ -106,6 +106,12 @@ pub struct NewVersion {
     /// Point this slot at the new version once it is ready.
     #[serde(default)]
     pub slot: Option<String>,
+    /// The manifest file this version was built from (`kelvin deploy`
+    /// sends it). If it is the server's own, the version is what that
+    /// manifest now declares, so a restart does not apply the declaration
+    /// again over a swap or rollback made since.
+    #[serde(default)]
+    pub from_manifest: Option<PathBuf>,
 }
 
 type Store = Arc<Mutex<Box<dyn DeploymentStore>>>;
@@ -162,7 +168,6 @@ impl Deployer {
             .unwrap_or_default()
             .into();
         let table = runtime.table();
-        let mut digest = String::new();
         let mut rows = Vec::new();
         for unit in table.production() {
             let hash = runtime
@@ -177,18 +182,55 @@ impl Deployer {
                 config: text.clone(),
                 created_at: now(),
             });
-            digest.push_str(&format!("{}={}\n", unit.function, unit.version));
         }
         store.put_versions(&rows)?;
-        if store.meta("manifest")?.as_deref() != Some(digest.as_str()) {
+        // The manifest (with the wasm it names) declares each function's
+        // version. A declaration applies to production when it changes,
+        // not at every start: a swap, rollback or API deploy since stands
+        // until the function's declaration changes again.
+        let declared_before =
+            declared(&mut *store, table.production().map(|u| u.function.as_str()))?;
+        let stored: BTreeMap<String, String> = store
+            .slots()?
+            .into_iter()
+            .filter(|r| r.slot == PRODUCTION)
+            .map(|r| (r.function, r.version))
+            .collect();
+        let mut changed = Vec::new();
+        for unit in table.production() {
+            let now_declared = unit.version.to_string();
+            let before = declared_before.get(&unit.function);
+            let serving = stored.get(&unit.function);
+            if before == Some(&now_declared) || serving == Some(&now_declared) {
+                if let Some(serving) = serving.filter(|v| **v != now_declared) {
+                    tracing::info!(
+                        function = unit.function.as_str(),
+                        production = serving.as_str(),
+                        declared = now_declared.as_str(),
+                        "production keeps what was deployed, swapped or rolled back into it; the manifest's declaration is unchanged since"
+                    );
+                }
+            } else {
+                if let Some(serving) = serving {
+                    tracing::info!(
+                        function = unit.function.as_str(),
+                        was = serving.as_str(),
+                        now = now_declared.as_str(),
+                        "the manifest declares a new version; applied to production"
+                    );
+                }
+                changed.push(unit.clone());
+            }
+            store.set_meta(&declared_key(&unit.function), &now_declared)?;
+        }
+        if !changed.is_empty() {
             store.apply(&Change {
-                set: slot_rows(PRODUCTION, table.production()),
+                set: slot_rows(PRODUCTION, changed.iter()),
                 action: "manifest".into(),
                 detail: serde_json::json!({ "manifest": manifest.path }).to_string(),
                 who: "kelvin up".into(),
                 ..Change::default()
             })?;
-            store.set_meta("manifest", &digest)?;
         }
         let settings = store
             .settings()?
@@ -518,7 +560,20 @@ impl Deployer {
             config,
             created_at: now(),
         };
-        let created = self.stored(move |s| s.put_version(&row)).await?;
+        let ours = new.from_manifest.as_deref().is_some_and(|p| {
+            let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+            canonical(p).is_some() && canonical(p) == canonical(&self.runtime.manifest().path)
+        });
+        let declared = (declared_key(function), unit.version.to_string());
+        let created = self
+            .stored(move |s| {
+                let created = s.put_version(&row)?;
+                if ours {
+                    s.set_meta(&declared.0, &declared.1)?;
+                }
+                Ok(created)
+            })
+            .await?;
         if let Some(slot) = &new.slot {
             self.point_unlocked(slot, unit.clone(), "deploy", who)
                 .await?;
@@ -783,9 +838,16 @@ impl Deployer {
             who: who.into(),
             ..Change::default()
         };
+        let declared: Vec<(String, String)> = units
+            .values()
+            .map(|u| (declared_key(&u.function), u.version.to_string()))
+            .collect();
         self.stored(move |s| {
             s.put_versions(&rows)?;
             s.apply(&change)?;
+            for (key, version) in &declared {
+                s.set_meta(key, version)?;
+            }
             s.set_meta("manifest", &digest)
         })
         .await?;
@@ -1074,6 +1136,33 @@ fn slot_rows<'a>(slot: &str, units: impl Iterator<Item = &'a Arc<Unit>>) -> Vec<
             version: u.version.to_string(),
         })
         .collect()
+}
+
+/// The store's key for the version the manifest last declared for
+/// `function` (at a start, a reload, or a `kelvin deploy` from it).
+fn declared_key(function: &str) -> String {
+    format!("declared:{function}")
+}
+
+/// The versions last declared, by function: kept per function, or (from a
+/// store written before that) read from the whole manifest's digest.
+fn declared<'a>(
+    store: &mut dyn DeploymentStore,
+    functions: impl Iterator<Item = &'a str>,
+) -> Result<BTreeMap<String, String>, StoreError> {
+    let mut out: BTreeMap<String, String> = store
+        .meta("manifest")?
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(f, v)| (f.to_owned(), v.to_owned()))
+        .collect();
+    for function in functions {
+        if let Some(v) = store.meta(&declared_key(function))? {
+            out.insert(function.to_owned(), v);
+        }
+    }
+    Ok(out)
 }
 
 fn check_slot_name(slot: &str) -> Result<(), DeployError> {
