@@ -37,6 +37,7 @@ pub struct EventGauges {
     pub queue_poison: IntGaugeVec,
     pub timer_lateness: HistogramVec,
     pub blob_backlog: IntGaugeVec,
+    pub blob_outbox: IntGaugeVec,
 }
 
 impl EventGauges {
@@ -82,6 +83,11 @@ impl EventGauges {
                 "Blobs a blob-triggered function has yet to process (new versions, retries)",
                 "function",
             ),
+            blob_outbox: gauge(
+                "kelvin_blob_outbox",
+                "Output blobs committed but not yet written: pending (written soon or retried) and failed (given up on)",
+                "state",
+            ),
         }
     }
 
@@ -93,6 +99,7 @@ impl EventGauges {
             Box::new(self.queue_poison.clone()),
             Box::new(self.timer_lateness.clone()),
             Box::new(self.blob_backlog.clone()),
+            Box::new(self.blob_outbox.clone()),
         ]
     }
 }

@@ -434,8 +434,9 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
     assert_eq!(status, 202);
 
     // Refusals: unknown orchestrator, unknown entity, bad input, no key.
+    // A start naming no orchestrator is the request's fault: 400, as Azure.
     let (status, v) = s.post(&format!("{API}/orchestrators/nope"), None).await;
-    assert_eq!(status, 404, "{v}");
+    assert_eq!(status, 400, "{v}");
     assert!(v["error"].as_str().unwrap().contains("nope"));
     let (status, _) = s.post(&format!("{API}/entities/nope/k?op=add"), None).await;
     assert_eq!(status, 404);
@@ -474,6 +475,71 @@ async fn the_management_api_speaks_azures_shapes_and_refuses_clearly() {
     assert_eq!(r.status(), 401);
     let (status, _) = s.get(&format!("{API}/instances/missing")).await;
     assert_eq!(status, 404);
+    // The 202s of a start and of a running instance's status say when to
+    // poll again, as Azure's do.
+    let started = s
+        .client
+        .post(format!("{}{API}/orchestrators/hello-cities", s.base))
+        .header("x-kelvin-key", &s.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    assert_eq!(started.headers()["retry-after"], "1");
+    let running = s
+        .client
+        .get(format!("{}{API}/instances/order-9", s.base))
+        .header("x-kelvin-key", &s.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(running.status(), 202);
+    assert_eq!(running.headers()["retry-after"], "1");
+}
+
+/// Events raised to an instance that never waits for them are bounded:
+/// past 4 MiB of them (or 1,000) a raise is a clear 409 and the instance
+/// runs on, its episodes no larger, and ends as asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_raised_to_an_instance_are_bounded_with_a_clear_refusal() {
+    let (_dir, manifest) = app();
+    let s = Server::start(&manifest);
+    let id = s
+        .start_orchestration("approval", Some("noisy"), json!({"timeout_ms": 600000}))
+        .await;
+    // 60 KB each: 69 fit in 4 MiB, the 70th does not.
+    let noise = json!("x".repeat(60_000));
+    let mut accepted = 0;
+    let refusal = loop {
+        let (status, v) = s
+            .post(
+                &format!("{API}/instances/{id}/raiseEvent/unrelated"),
+                Some(noise.clone()),
+            )
+            .await;
+        if status != 202 {
+            break (status, v);
+        }
+        accepted += 1;
+        assert!(accepted <= 70, "300 events of 60 KB were all taken");
+    };
+    assert_eq!(accepted, 69);
+    assert_eq!(refusal.0, 409, "{}", refusal.1);
+    let message = refusal.1["error"].as_str().unwrap();
+    assert!(
+        message.contains("4 MiB") && message.contains("continue as new"),
+        "{message}"
+    );
+    // The instance still answers its commands.
+    assert_eq!(s.status(&id).await["runtimeStatus"], "Running");
+    let (status, _) = s
+        .post(&format!("{API}/instances/{id}/terminate"), None)
+        .await;
+    assert_eq!(status, 202);
+    assert_eq!(
+        s.ended(&id, Duration::from_secs(10)).await["runtimeStatus"],
+        "Terminated"
+    );
 }
 
 /// Every instance's history, from the API: no decision twice, every result

@@ -896,3 +896,137 @@ async fn a_blob_put_back_to_earlier_bytes_or_deleted_and_put_again_is_processed_
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(records(dir.path(), "copier").len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_blob_that_cannot_be_written_is_kept_as_failed_listed_and_retried() {
+    let functions = r#"
+[functions.writer]
+source = "{guests}/events.wasm"
+[[functions.writer.queue_trigger]]
+name = "writes"
+[[functions.writer.output]]
+name = "out"
+blob = "results/{dir}/{file}"
+"#;
+    let (dir, manifest) = app("", functions);
+    let server = Server::start(&manifest);
+    // `results/a` is a blob, so `results/a/zz` cannot be one.
+    let (status, _) = server
+        .api(
+            reqwest::Method::PUT,
+            "/admin/blobs/results/a",
+            b"a file".to_vec(),
+        )
+        .await;
+    assert_eq!(status, 201);
+    // Put through the API: refused as the caller's mistake, like a name
+    // with a segment over 255 bytes or a right-to-left override.
+    for name in [
+        "a/zz".to_owned(),
+        format!("x/{}", "n".repeat(300)),
+        "gpj%E2%80%AE.exe".to_owned(),
+    ] {
+        let (status, body) = server
+            .api(
+                reqwest::Method::PUT,
+                &format!("/admin/blobs/results/{name}"),
+                b"x".to_vec(),
+            )
+            .await;
+        assert_eq!(status, 400, "{name}: {}", String::from_utf8_lossy(&body));
+    }
+    // Written as an output: the success stands, the blob waits as failed.
+    server.send("writes", r#"{"dir": "a", "file": "zz"}"#).await;
+    until(Duration::from_secs(20), "a failed outbox entry", || async {
+        let listed = server.json("/admin/outbox").await;
+        listed["outbox"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["state"] == "failed")
+    })
+    .await;
+    let listed = server.json("/admin/outbox").await;
+    let entry = &listed["outbox"][0];
+    assert_eq!(entry["path"], "results/a/zz");
+    assert_eq!(entry["attempts"], 1, "a clash is not retried: {entry}");
+    assert!(
+        entry["error"].as_str().unwrap().contains("clashes"),
+        "{entry}"
+    );
+    assert_eq!(records(dir.path(), "writer").len(), 1);
+    let metrics = server
+        .client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("kelvin_blob_outbox{state=\"failed\"} 1"),
+        "{metrics}"
+    );
+    // Cleared up, and retried from the CLI: written.
+    let (status, _) = server
+        .api(
+            reqwest::Method::DELETE,
+            "/admin/blobs/results/a",
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let out = kelvin()
+        .args([
+            "blob",
+            "outbox",
+            "list",
+            "--url",
+            &server.base,
+            "--key",
+            &server.key,
+            "-f",
+        ])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("results/a/zz") && listing.contains("failed"),
+        "{listing}"
+    );
+    let out = kelvin()
+        .args([
+            "blob",
+            "outbox",
+            "retry",
+            "--url",
+            &server.base,
+            "--key",
+            &server.key,
+            "-f",
+        ])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 failed entries pending again"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    until(Duration::from_secs(20), "the output written", || async {
+        server
+            .api(
+                reqwest::Method::GET,
+                "/admin/blobs/results/a/zz",
+                Vec::new(),
+            )
+            .await
+            .0
+            == 200
+    })
+    .await;
+    let listed = server.json("/admin/outbox").await;
+    assert!(listed["outbox"].as_array().unwrap().is_empty(), "{listed}");
+}

@@ -186,6 +186,24 @@ pub enum BlobAction {
         /// `CONTAINER/NAME`.
         path: String,
     },
+    /// Output blobs committed but not yet written: list them, or retry
+    /// those given up on (a name that clashed, a write that kept failing).
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxAction,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum OutboxAction {
+    /// List the outbox: pending and failed entries, with the last error.
+    List {
+        /// Print the server's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make failed entries pending again (those named, or all).
+    Retry { ids: Vec<String> },
 }
 
 impl BlobCommand {
@@ -244,6 +262,40 @@ impl BlobCommand {
                 let url = blob_url(&path)?;
                 let deleted = run(admin.call(hyper::Method::DELETE, &url, Bytes::new()))?;
                 println!("deleted {}", deleted["deleted"].as_str().unwrap_or(&path));
+            }
+            BlobAction::Outbox {
+                action: OutboxAction::List { json },
+            } => {
+                let listed = run(admin.get("/admin/outbox"))?;
+                if json {
+                    return print_json(&listed);
+                }
+                let rows: Vec<Vec<String>> = items(&listed["outbox"])
+                    .map(|e| {
+                        vec![
+                            text(&e["id"]),
+                            text(&e["path"]),
+                            text(&e["state"]),
+                            text(&e["attempts"]),
+                            e["error"].as_str().unwrap_or("").to_owned(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(&["ID", "PATH", "STATE", "ATTEMPTS", "ERROR"], &rows, 5)
+                );
+            }
+            BlobAction::Outbox {
+                action: OutboxAction::Retry { ids },
+            } => {
+                let body = if ids.is_empty() {
+                    Bytes::new()
+                } else {
+                    Bytes::from(serde_json::json!({ "ids": ids }).to_string())
+                };
+                let retried = run(admin.call(hyper::Method::POST, "/admin/outbox/retry", body))?;
+                println!("{} failed entries pending again", text(&retried["retried"]));
             }
         }
         Ok(())

@@ -495,6 +495,40 @@ pub struct InboxItem {
     pub visible_us: i64,
 }
 
+/// The events raised to one generation of an instance, counted against
+/// its bound: each is in every step's episode, waited for or not, so an
+/// instance sent events it never waits for would otherwise grow without
+/// end (300 events of 60 KB made an 18 MB episode). Past
+/// [`RaisedEvents::MAX_EVENTS`] events or [`RaisedEvents::MAX_BYTES`] of
+/// input, a raise is refused; continuing as new starts the count again.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RaisedEvents {
+    events: usize,
+    bytes: usize,
+}
+
+impl RaisedEvents {
+    pub const MAX_EVENTS: usize = 1_000;
+    pub const MAX_BYTES: usize = 4 << 20;
+
+    /// Counts `event` if it is a raised event.
+    pub fn event(&mut self, event: &HistoryEvent) {
+        if let HistoryEvent::EventRaised { input, .. } = event {
+            self.add(input);
+        }
+    }
+
+    /// Counts one raised event with this input.
+    pub fn add(&mut self, input: &Value) {
+        self.events += 1;
+        self.bytes += serde_json::to_string(input).map_or(0, |s| s.len());
+    }
+
+    pub fn over(&self) -> bool {
+        self.events > Self::MAX_EVENTS || self.bytes > Self::MAX_BYTES
+    }
+}
+
 /// An activity call waiting to run (or to be retried).
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkItem {

@@ -14,7 +14,10 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use serde_json::Value;
 
 use super::episode::NewMessage;
-use super::{HistoryEvent, InboxItem, Instance, Message, Parent, Retry, RuntimeStatus, WorkItem};
+use super::{
+    HistoryEvent, InboxItem, Instance, Message, Parent, RaisedEvents, Retry, RuntimeStatus,
+    WorkItem,
+};
 use crate::commit::GroupCommit;
 use crate::events::now_us;
 use crate::metering::{Durable, InvocationRecord};
@@ -128,6 +131,10 @@ pub trait DurableStore: Send + Sync {
     async fn next_due(&self, now: i64) -> Result<Option<i64>, DurableError>;
     /// Puts messages in inboxes (events raised, commands, signals).
     async fn send(&self, messages: Vec<NewMessage>) -> Result<(), DurableError>;
+    /// The raised events `id` holds in its generation, in its history and
+    /// its inbox, read at one instant (a step moving one from the inbox to
+    /// the history is counted once).
+    async fn raised(&self, id: &str) -> Result<RaisedEvents, DurableError>;
     /// Instances matching `filter`, newest first.
     async fn list(&self, filter: Filter) -> Result<Vec<Instance>, DurableError>;
     /// Deletes ended instances matching `filter` (or the one `id`), with
@@ -318,6 +325,22 @@ fn insert_message(tx: &Transaction<'_>, m: &NewMessage, now: i64) -> rusqlite::R
     Ok(())
 }
 
+/// The raised events `id` holds in its generation.
+fn raised_held(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<RaisedEvents> {
+    let mut held = RaisedEvents::default();
+    let mut stmt = tx.prepare_cached("SELECT event FROM durable_history WHERE instance_id = ?1")?;
+    for event in stmt.query_map([id], |row| row.get::<_, String>(0))? {
+        held.event(&parse::<HistoryEvent>(&event?, "history event")?);
+    }
+    let mut stmt = tx.prepare_cached("SELECT message FROM durable_inbox WHERE target = ?1")?;
+    for message in stmt.query_map([id], |row| row.get::<_, String>(0))? {
+        if let Message::Event { event } = parse::<Message>(&message?, "message")? {
+            held.event(&event);
+        }
+    }
+    Ok(held)
+}
+
 fn is_ended(tx: &Transaction<'_>, id: &str) -> rusqlite::Result<Option<bool>> {
     tx.prepare_cached("SELECT status FROM durable_instances WHERE id = ?1")?
         .query_row([id], |row| row.get::<_, String>(0))
@@ -415,6 +438,16 @@ pub fn apply_output(
                     instance = instance_id.as_str(),
                     event = event.as_str(),
                     "an output's event is dropped: no running instance has its id"
+                );
+                return Ok(());
+            }
+            let mut held = raised_held(tx, instance_id)?;
+            held.add(input);
+            if held.over() {
+                tracing::warn!(
+                    instance = instance_id.as_str(),
+                    event = event.as_str(),
+                    "an output's event is dropped: the instance holds as many raised events as one generation may (1,000 events, 4 MiB)"
                 );
                 return Ok(());
             }
@@ -748,6 +781,16 @@ impl DurableStore for SqliteDurable {
         Ok(())
     }
 
+    async fn raised(&self, id: &str) -> Result<RaisedEvents, DurableError> {
+        let id = id.to_owned();
+        self.read(move |c| {
+            // One read transaction: one snapshot of both tables.
+            let tx = c.unchecked_transaction()?;
+            raised_held(&tx, &id)
+        })
+        .await
+    }
+
     async fn list(&self, filter: Filter) -> Result<Vec<Instance>, DurableError> {
         self.read(move |c| {
             let (clause, args) = filter_sql(&filter, false);
@@ -853,6 +896,7 @@ pub async fn conformance(store: &dyn DurableStore) {
     ));
     let inbox = store.inbox("a", now_us()).await.unwrap();
     assert_eq!(inbox, vec![created.start]);
+    assert_eq!(store.raised("a").await.unwrap(), RaisedEvents::default());
     assert!(matches!(
         &inbox[0].message,
         Message::Event {
@@ -1105,6 +1149,59 @@ pub async fn conformance(store: &dyn DurableStore) {
     let ops = store.inbox("@counter@k", now_us()).await.unwrap();
     assert!(matches!(&ops[0].message, Message::Operation { operation, .. } if operation == "add"));
     assert!(matches!(&ops[1].message, Message::Operation { operation, .. } if operation == "get"));
+
+    // Raised events are counted wherever they are: the inbox, the history.
+    store.create(new("r")).await.unwrap();
+    let raise = |input: Value| {
+        NewMessage::event(
+            "r",
+            None,
+            HistoryEvent::EventRaised {
+                name: "e".into(),
+                input,
+            },
+            now_us(),
+        )
+    };
+    store
+        .send(vec![raise(json!("ab")), raise(json!(1))])
+        .await
+        .unwrap();
+    let mut two = RaisedEvents::default();
+    two.add(&json!("ab"));
+    two.add(&json!(1));
+    assert_eq!(store.raised("r").await.unwrap(), two);
+    let inbox = store.inbox("r", now_us()).await.unwrap();
+    let moved = inbox
+        .iter()
+        .filter_map(|m| match &m.message {
+            Message::Event { event } => Some(event.clone()),
+            Message::Operation { .. } => None,
+        })
+        .collect();
+    store
+        .commit(
+            None,
+            Commit {
+                consumed: inbox.iter().map(|m| m.id.clone()).collect(),
+                instance: Some(InstanceChange {
+                    id: "r".into(),
+                    status: RuntimeStatus::Running,
+                    output: None,
+                    custom_status: None,
+                    append: moved,
+                    from_seq: 0,
+                    restart: None,
+                    pin: None,
+                }),
+                ..Commit::default()
+            },
+        )
+        .wait()
+        .await
+        .unwrap();
+    assert!(store.inbox("r", now_us()).await.unwrap().is_empty());
+    assert_eq!(store.raised("r").await.unwrap(), two);
 }
 
 #[cfg(test)]

@@ -26,6 +26,17 @@ pub struct BlobPath {
 /// The longest blob name (Azure's limit).
 pub const MAX_NAME: usize = 1024;
 
+/// The longest segment of a name: a file name's limit on the filesystems
+/// the folder store runs on.
+pub const MAX_SEGMENT: usize = 255;
+
+/// Characters that reorder the text around them (bidirectional embeddings,
+/// overrides and isolates): a name holding U+202E shows `gpj.exe` as
+/// `exe.jpg` in every listing.
+fn reorders_text(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+}
+
 impl BlobPath {
     /// Parses `container/name`.
     pub fn parse(path: &str) -> Result<BlobPath, String> {
@@ -51,6 +62,16 @@ impl BlobPath {
             if segment.chars().any(|c| c.is_control() || c == '\\') {
                 return Err(format!(
                     "invalid blob name {name:?}: no control characters or backslashes"
+                ));
+            }
+            if segment.chars().any(reorders_text) {
+                return Err(format!(
+                    "invalid blob name {name:?}: no bidirectional control characters (U+202A to U+202E, U+2066 to U+2069, marks), which make a name show other than it is"
+                ));
+            }
+            if segment.len() > MAX_SEGMENT {
+                return Err(format!(
+                    "invalid blob name {name:?}: a segment between `/`s is at most {MAX_SEGMENT} bytes"
                 ));
             }
         }
@@ -165,17 +186,41 @@ impl FsBlobs {
     }
 }
 
+/// A name that cannot be written because of the blobs already there:
+/// `a/b` while `a` is a blob, or `a` while blobs `a/...` exist. Such an
+/// error is the caller's (400), and retrying it changes nothing.
+pub fn is_clash(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::InvalidInput
+}
+
+fn clash(path: &Path, root: &Path, e: std::io::Error) -> std::io::Error {
+    use std::io::ErrorKind::{AlreadyExists, IsADirectory, NotADirectory};
+    if !matches!(e.kind(), AlreadyExists | IsADirectory | NotADirectory) {
+        return e;
+    }
+    let name = path.strip_prefix(root).unwrap_or(path).display();
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "`{name}` clashes with the blobs there: a name cannot be both a blob and a folder of blobs"
+        ),
+    )
+}
+
 fn put_file(root: &Path, file: &Path, bytes: &[u8]) -> std::io::Result<()> {
     // Written beside, then renamed: a scan never sees half a blob. `.tmp`
     // is no container name, so it is never scanned.
     let tmp_dir = root.join(".tmp");
     std::fs::create_dir_all(&tmp_dir)?;
     let dir = file.parent().expect("a blob file has a folder");
-    std::fs::create_dir_all(dir)?;
+    std::fs::create_dir_all(dir).map_err(|e| clash(file, root, e))?;
+    if file.is_dir() {
+        return Err(clash(file, root, std::io::ErrorKind::IsADirectory.into()));
+    }
     let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
-    tmp.persist(file).map_err(|e| e.error)?;
+    tmp.persist(file).map_err(|e| clash(file, root, e.error))?;
     std::fs::File::open(dir)?.sync_all()
 }
 
@@ -320,6 +365,19 @@ pub async fn conformance(store: &dyn BlobStore) {
     );
     assert_eq!(store.list("images", "a/").await.unwrap().len(), 1);
     assert!(store.list("none", "").await.unwrap().is_empty());
+    // A name cannot be both a blob and a folder of blobs.
+    let under_a_blob = BlobPath::parse("images/b.txt/x").unwrap();
+    let e = store
+        .put(&under_a_blob, Bytes::from("x"))
+        .await
+        .unwrap_err();
+    assert!(is_clash(&e), "{e}");
+    let over_a_folder = BlobPath::parse("images/a").unwrap();
+    let e = store
+        .put(&over_a_folder, Bytes::from("x"))
+        .await
+        .unwrap_err();
+    assert!(is_clash(&e), "{e}");
     assert!(store.delete(&p).await.unwrap());
     assert!(!store.delete(&p).await.unwrap());
     assert_eq!(store.get(&p).await.unwrap(), None);
@@ -348,9 +406,14 @@ mod tests {
             "images/.hidden",
             "Images/a",
             "images/a\nb",
+            "images/gpj\u{202E}.exe",
+            "images/a\u{2066}b",
         ] {
             assert!(BlobPath::parse(bad).is_err(), "{bad:?}");
         }
+        assert!(BlobPath::new("images", &"a".repeat(255)).is_ok());
+        assert!(BlobPath::new("images", &"a".repeat(256)).is_err());
+        assert!(BlobPath::new("images", &format!("x/{}", "a".repeat(300))).is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -171,4 +171,21 @@ pub struct OutboxBlob {
     pub id: String,
     pub path: String,
     pub body: Bytes,
+    /// Failed writes so far.
+    pub attempts: u32,
+}
+
+/// An outbox entry as the API lists it (without its bytes).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxEntry {
+    pub id: String,
+    pub path: String,
+    pub size: u64,
+    pub attempts: u32,
+    /// `pending` (written soon, or retried) or `failed` (given up on: it
+    /// waits for `kelvin blob outbox retry`).
+    pub state: &'static str,
+    /// Why the last write failed.
+    pub error: Option<String>,
+    pub created_us: i64,
 }

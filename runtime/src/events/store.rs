@@ -16,8 +16,8 @@ use bytes::Bytes;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 
 use super::{
-    Effects, Message, MessageFate, OutboxBlob, Publish, QueueStats, Receipt, ReceiptState,
-    TimerStatus, micros, now_us,
+    Effects, Message, MessageFate, OutboxBlob, OutboxEntry, Publish, QueueStats, Receipt,
+    ReceiptState, TimerStatus, micros, now_us,
 };
 use crate::commit::GroupCommit;
 use crate::metering::{Durable, InvocationRecord};
@@ -79,6 +79,19 @@ pub trait EventStore: Send + Sync {
     /// Blobs committed as outputs and not yet written.
     async fn outbox(&self) -> Result<Vec<OutboxBlob>, StoreError>;
     async fn outbox_done(&self, ids: Vec<String>) -> Result<(), StoreError>;
+    /// A failed write of an outbox blob: retried from `retry_at_us`, or
+    /// with `None` given up on (failed, kept until retried by hand).
+    async fn outbox_attempt(
+        &self,
+        id: &str,
+        error: String,
+        retry_at_us: Option<i64>,
+    ) -> Result<(), StoreError>;
+    /// Every outbox entry, oldest first (at most `limit`).
+    async fn outbox_entries(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError>;
+    /// Makes failed entries (those of `ids`, or all) pending again, due
+    /// now; how many.
+    async fn outbox_retry(&self, ids: Option<Vec<String>>) -> Result<u64, StoreError>;
     /// Commits an invocation's record (if given) with its effects in one
     /// transaction. Submitted at once (a sink's own copy of the record,
     /// submitted after, is then a no-op); the [`Durable`] resolves when it
@@ -118,7 +131,11 @@ CREATE TABLE IF NOT EXISTS blob_outbox (
     id         TEXT PRIMARY KEY,
     path       TEXT NOT NULL,
     body       BLOB NOT NULL,
-    created_us INTEGER NOT NULL
+    created_us INTEGER NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    next_us    INTEGER NOT NULL DEFAULT 0,
+    failed     INTEGER NOT NULL DEFAULT 0,
+    error      TEXT
 );
 ";
 
@@ -183,6 +200,20 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         .any(|c| c == "stamp");
     if !has_stamp {
         conn.execute_batch("ALTER TABLE blob_receipts ADD COLUMN stamp TEXT NOT NULL DEFAULT ''")?;
+    }
+    let has_attempts = conn
+        .prepare("SELECT name FROM pragma_table_info('blob_outbox')")?
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?
+        .iter()
+        .any(|c| c == "attempts");
+    if !has_attempts {
+        conn.execute_batch(
+            "ALTER TABLE blob_outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE blob_outbox ADD COLUMN next_us INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE blob_outbox ADD COLUMN failed INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE blob_outbox ADD COLUMN error TEXT;",
+        )?;
     }
     Ok(())
 }
@@ -501,13 +532,15 @@ impl EventStore for SqliteEvents {
     async fn outbox(&self) -> Result<Vec<OutboxBlob>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, path, body FROM blob_outbox ORDER BY created_us, id LIMIT 64",
+                   "SELECT id, path, body, attempts FROM blob_outbox WHERE failed = 0 AND next_us <= ?1
+                 ORDER BY created_us, id LIMIT 64",
             )?;
-            let rows = stmt.query_map([], |row| {
+            let rows = stmt.query_map([now_us()], |row| {
                 Ok(OutboxBlob {
                     id: row.get(0)?,
                     path: row.get(1)?,
                     body: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+                    attempts: row.get::<_, i64>(3)? as u32,
                 })
             })?;
             rows.collect()
@@ -526,6 +559,74 @@ impl EventStore for SqliteEvents {
             })
             .await?;
         Ok(())
+    }
+
+    async fn outbox_attempt(
+        &self,
+        id: &str,
+        error: String,
+        retry_at_us: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.writer
+            .run(move |tx| {
+                tx.prepare_cached(
+                    "UPDATE blob_outbox SET attempts = attempts + 1, error = ?2,
+                     next_us = COALESCE(?3, next_us), failed = (?3 IS NULL) WHERE id = ?1",
+                )?
+                .execute(params![id, error, retry_at_us])?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn outbox_entries(&self, limit: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, path, length(body), attempts, failed, error, created_us FROM blob_outbox
+                 ORDER BY created_us, id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit as i64], |row| {
+                Ok(OutboxEntry {
+                    id: row.get(0)?,
+                    path: row.get(1)?,
+                    size: row.get::<_, i64>(2)? as u64,
+                    attempts: row.get::<_, i64>(3)? as u32,
+                    state: if row.get::<_, i64>(4)? != 0 {
+                        "failed"
+                    } else {
+                        "pending"
+                    },
+                    error: row.get(5)?,
+                    created_us: row.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn outbox_retry(&self, ids: Option<Vec<String>>) -> Result<u64, StoreError> {
+        let n = self
+            .writer
+            .run(move |tx| {
+                let reset = "UPDATE blob_outbox SET failed = 0, attempts = 0, next_us = 0";
+                Ok(match &ids {
+                    None => tx.execute(&format!("{reset} WHERE failed = 1"), [])? as u64,
+                    Some(ids) => {
+                        let mut stmt =
+                            tx.prepare_cached(&format!("{reset} WHERE failed = 1 AND id = ?1"))?;
+                        let mut n = 0;
+                        for id in ids {
+                            n += stmt.execute([id])? as u64;
+                        }
+                        n
+                    }
+                })
+            })
+            .await?;
+        Ok(n)
     }
 
     fn settle(&self, record: Option<InvocationRecord>, effects: Effects) -> (Durable, Published) {

@@ -48,6 +48,10 @@ pub enum ClientError {
     Ended(String, &'static str),
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "instance {0:?} holds as many raised events as one generation may (1,000 events, 4 MiB of input): an orchestration that takes events without end should continue as new"
+    )]
+    TooManyEvents(String),
     #[error(transparent)]
     Store(#[from] DurableError),
 }
@@ -1272,7 +1276,15 @@ impl DurableFunctions {
         Ok(())
     }
 
+    /// Raises an event, unless the instance would hold more raised events
+    /// than [`crate::durable::RaisedEvents`] allows one generation.
     pub async fn raise_event(&self, id: &str, name: &str, input: Value) -> Result<(), ClientError> {
+        self.live(id).await?;
+        let mut held = self.store.raised(id).await?;
+        held.add(&input);
+        if held.over() {
+            return Err(ClientError::TooManyEvents(id.to_owned()));
+        }
         self.command(
             id,
             HistoryEvent::EventRaised {

@@ -24,17 +24,23 @@ pub fn owns(path: &str) -> bool {
 
 fn failed(e: ClientError) -> Reply {
     match &e {
-        ClientError::UnknownOrchestrator(_)
-        | ClientError::UnknownEntity(_)
-        | ClientError::NotFound(_) => refuse(StatusCode::NOT_FOUND, e.to_string()),
+        // As Azure answers a start naming no orchestrator function.
+        ClientError::UnknownOrchestrator(_) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
+        ClientError::UnknownEntity(_) | ClientError::NotFound(_) => {
+            refuse(StatusCode::NOT_FOUND, e.to_string())
+        }
         ClientError::Ended(..) => refuse(StatusCode::GONE, e.to_string()),
+        ClientError::TooManyEvents(_) => refuse(StatusCode::CONFLICT, e.to_string()),
         ClientError::Invalid(_) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
         ClientError::Store(crate::durable::store::DurableError::Conflict(_)) => {
             refuse(StatusCode::CONFLICT, e.to_string())
         }
         ClientError::Store(_) => {
             tracing::error!(error = %e, "a durable management request failed");
-            refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the durable store cannot write now; nothing changed, retry later",
+            )
         }
     }
 }

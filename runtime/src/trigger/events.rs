@@ -48,6 +48,9 @@ pub enum EventError {
     Blob(#[from] std::io::Error),
 }
 
+/// Writes of one output blob before it is given up on (kept as failed).
+pub const OUTBOX_ATTEMPTS: u32 = 8;
+
 /// One event to run: the function, its input, and what its success, its
 /// failure or its return unstarted (the server stopping while it waited
 /// for a slot) changes.
@@ -418,7 +421,7 @@ impl Events {
                             true
                         }
                         Err(e) => {
-                            tracing::error!(path = item.path.as_str(), error = %e, "failed to write an output blob; retrying");
+                            self.outbox_failed(item, &e).await;
                             false
                         }
                     },
@@ -433,6 +436,7 @@ impl Events {
             if progressed && let Err(e) = self.store.outbox_done(done).await {
                 tracing::error!(error = %e, "failed to clear the blob outbox");
             }
+            self.count_outbox().await;
             if progressed && pending.len() > 1 {
                 continue;
             }
@@ -441,6 +445,63 @@ impl Events {
                 _ = tokio::time::sleep(Duration::from_secs(if pending.is_empty() { 60 } else { 1 })) => {}
             }
         }
+    }
+
+    /// A failed write of an outbox blob: retried with backoff (1 s,
+    /// doubling, at most a minute apart) up to [`OUTBOX_ATTEMPTS`] times;
+    /// a name that clashes with the blobs there is given up on at once
+    /// (writing it again changes nothing). Given up on, it stays in the
+    /// outbox as failed, listed and retried by `kelvin blob outbox`.
+    async fn outbox_failed(&self, item: &crate::events::OutboxBlob, e: &std::io::Error) {
+        let attempts = item.attempts + 1;
+        let permanent = crate::events::blobs::is_clash(e);
+        let retry_at = (!permanent && attempts < OUTBOX_ATTEMPTS).then(|| {
+            let backoff = Duration::from_secs(1 << attempts.min(6)).min(Duration::from_secs(60));
+            now_us() + crate::events::micros(backoff)
+        });
+        if retry_at.is_some() {
+            tracing::warn!(path = item.path.as_str(), attempts, error = %e, "failed to write an output blob; retrying");
+        } else {
+            tracing::error!(
+                path = item.path.as_str(),
+                outbox_id = item.id.as_str(),
+                attempts,
+                error = %e,
+                "an output blob could not be written and is kept as failed in the outbox (`kelvin blob outbox list`, `retry`)"
+            );
+        }
+        if let Err(se) = self
+            .store
+            .outbox_attempt(&item.id, e.to_string(), retry_at)
+            .await
+        {
+            tracing::error!(error = %se, "failed to record an outbox attempt");
+        }
+    }
+
+    /// Sets the outbox gauges.
+    async fn count_outbox(&self) {
+        let Ok(entries) = self.store.outbox_entries(100_000).await else {
+            return;
+        };
+        let gauge = &self.runtime.metrics().events.blob_outbox;
+        for state in ["pending", "failed"] {
+            let n = entries.iter().filter(|e| e.state == state).count();
+            gauge.with_label_values(&[state]).set(n as i64);
+        }
+    }
+
+    /// The outbox, for the API.
+    pub async fn outbox_entries(&self) -> Result<Vec<crate::events::OutboxEntry>, EventError> {
+        Ok(self.store.outbox_entries(1000).await?)
+    }
+
+    /// Makes failed outbox entries (`ids`, or all) pending again and wakes
+    /// the writer; how many.
+    pub async fn retry_outbox(&self, ids: Option<Vec<String>>) -> Result<u64, EventError> {
+        let n = self.store.outbox_retry(ids).await?;
+        self.outbox.notify_one();
+        Ok(n)
     }
 
     /// Keeps the queue gauges current (once a second).

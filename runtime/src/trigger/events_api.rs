@@ -15,12 +15,14 @@ use crate::events::{now_us, rfc3339};
 
 /// Whether `path` is this API's.
 pub fn owns(path: &str) -> bool {
-    ["/admin/queues", "/admin/blobs"].iter().any(|p| {
-        path == *p
-            || path
-                .strip_prefix(p)
-                .is_some_and(|rest| rest.starts_with('/'))
-    })
+    ["/admin/queues", "/admin/blobs", "/admin/outbox"]
+        .iter()
+        .any(|p| {
+            path == *p
+                || path
+                    .strip_prefix(p)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
 }
 
 /// The largest body a request to `path` may send.
@@ -60,9 +62,17 @@ fn failed(e: EventError) -> Reply {
         }
         EventError::TooLarge { .. } => refuse(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         EventError::Invalid(m) => refuse(StatusCode::BAD_REQUEST, m),
+        EventError::Blob(io) if crate::events::blobs::is_clash(&io) => {
+            refuse(StatusCode::BAD_REQUEST, io.to_string())
+        }
+        // A full disk, a locked database: nothing was changed, and the
+        // client may try again (503 with Retry-After), as functions hear.
         EventError::Store(_) | EventError::Blob(_) => {
             tracing::error!(error = %e, "queue or blob request failed");
-            refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the event store cannot write now; nothing changed, retry later",
+            )
         }
     }
 }
@@ -126,6 +136,41 @@ async fn route(
             ("POST", [queue, "requeue"]) => requeue(events, queue, None).await,
             ("POST", [queue, "requeue", id]) => requeue(events, queue, Some(id)).await,
             (_, [_, "messages"] | [_, "requeue"] | [_, "requeue", _] | []) => Err(refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {path}"),
+            )),
+            _ => Err(refuse(
+                StatusCode::NOT_FOUND,
+                format!("no such API path: {path}"),
+            )),
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/admin/outbox") {
+        return match (method.as_str(), rest.trim_end_matches('/')) {
+            ("GET", "") => {
+                let entries = events.outbox_entries().await.map_err(failed)?;
+                Ok(json_reply(StatusCode::OK, json!({ "outbox": entries })))
+            }
+            ("POST", "/retry") => {
+                #[derive(serde::Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Retry {
+                    ids: Option<Vec<String>>,
+                }
+                let retry: Retry = if body.is_empty() {
+                    Retry { ids: None }
+                } else {
+                    serde_json::from_slice(&body).map_err(|e| {
+                        refuse(
+                            StatusCode::BAD_REQUEST,
+                            format!("expected {{\"ids\": [...]}} or no body: {e}"),
+                        )
+                    })?
+                };
+                let n = events.retry_outbox(retry.ids).await.map_err(failed)?;
+                Ok(json_reply(StatusCode::OK, json!({ "retried": n })))
+            }
+            (_, "" | "/retry") => Err(refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
                 format!("{method} is not allowed on {path}"),
             )),

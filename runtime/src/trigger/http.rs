@@ -1268,6 +1268,15 @@ fn api_response(
     if reply.status == StatusCode::METHOD_NOT_ALLOWED {
         headers.insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
     }
+    // A 202 (a durable instance started or still running: poll its status)
+    // and a 503 (the store cannot write now) say when to ask again, as
+    // Azure's management API does.
+    if matches!(
+        reply.status,
+        StatusCode::ACCEPTED | StatusCode::SERVICE_UNAVAILABLE
+    ) {
+        headers.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     r
 }
 
