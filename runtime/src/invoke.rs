@@ -439,6 +439,36 @@ pub async fn execute(
     exec
 }
 
+/// Instantiates `f`, a preview-1 command, once in a fresh store with its
+/// limits, and drops it without calling `_start`: what an invocation would
+/// meet first (memory and tables over the limits, a data segment out of
+/// bounds, a start function that traps), met before anything serves it.
+pub async fn instantiate_once(
+    engine: &KelvinEngine,
+    f: Code<'_>,
+    pre: &InstancePre<Host>,
+) -> Result<(), String> {
+    let host = Host {
+        wasi: WasiCtxBuilder::new().build_p1(),
+        meter: MemoryMeter::new(f.spec.limits.memory),
+    };
+    let mut store = Store::new(f.engine, host);
+    let armed = arm(engine, &mut store, &f.spec.limits, MIN_HOSTCALL_BYTES);
+    tried(tokio::time::timeout_at(armed.backstop(), pre.instantiate_async(&mut store)).await)
+}
+
+/// A trial instantiation's verdict, for [`instantiate_once`] and its
+/// component twin.
+pub(crate) fn tried<T>(
+    r: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+) -> Result<(), String> {
+    match r {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("it cannot be instantiated: {e:#}")),
+        Err(_) => Err("instantiating it took longer than its timeout".to_owned()),
+    }
+}
+
 /// `32 MiB` for whole units, else the nearest IEC unit with a decimal.
 pub(crate) fn human_size(bytes: u64) -> String {
     for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {

@@ -125,6 +125,36 @@ impl WasiHttpHooks for Outbound {
 pub type Respond =
     Box<dyn FnOnce(Result<hyper::Response<HyperOutgoingBody>, ErrorCode>) + Send + Sync>;
 
+/// Instantiates `f` once in a fresh store with its limits, calling none
+/// of its exports (see [`invoke::instantiate_once`]).
+pub(crate) async fn instantiate_once(
+    engine: &KelvinEngine,
+    f: Code<'_>,
+    pre: &ProxyPre<HttpHost>,
+) -> Result<(), String> {
+    let host = HttpHost {
+        wasi: WasiCtxBuilder::new().build(),
+        http: WasiHttpCtx::new(),
+        table: ResourceTable::new(),
+        outbound: Outbound {
+            function: f.spec.name.to_string(),
+            invocation_id: String::new(),
+            allowed: Arc::from([]),
+        },
+        meter: MemoryMeter::new(f.spec.limits.memory),
+    };
+    let mut store = Store::new(f.engine, host);
+    let armed = invoke::arm(
+        engine,
+        &mut store,
+        &f.spec.limits,
+        invoke::MIN_HOSTCALL_BYTES,
+    );
+    invoke::tried(
+        tokio::time::timeout_at(armed.backstop(), pre.instantiate_async(&mut store)).await,
+    )
+}
+
 /// Runs `f`'s `wasi:http/incoming-handler` once for `request`. `respond` gets
 /// the response (its body may still be streaming); the returned execution
 /// describes the whole run.

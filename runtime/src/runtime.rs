@@ -734,6 +734,29 @@ impl Runtime {
         checked
     }
 
+    /// Loads `unit`'s version and instantiates it once with its limits,
+    /// running none of its code but a module's start function, in a pool
+    /// slot of its own: a version that can never instantiate is refused
+    /// before anything points at it. Why not, if not.
+    pub async fn instantiate_once(&self, unit: &Unit) -> Result<(), String> {
+        let (loaded, _) = self
+            .registry
+            .acquire(&unit.key)
+            .await
+            .map_err(|e| e.reason)?;
+        let _slot = self
+            .pool_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let code = unit_code(unit, &loaded);
+        match &loaded.prepared {
+            Prepared::Module(pre) => invoke::instantiate_once(&self.engine, code, pre).await,
+            Prepared::Component(pre) => proxy::instantiate_once(&self.engine, code, pre).await,
+        }
+    }
+
     /// Whether `unit` is a wasi:http component (given HTTP requests
     /// directly) rather than a preview-1 command (spoken to with CGI).
     pub fn is_component(&self, unit: &Unit) -> bool {

@@ -1613,6 +1613,85 @@ fn a_function_whose_memory_limit_is_below_what_its_wasm_needs_is_refused() {
     assert!(child.wait().unwrap().success());
 }
 
+/// A valid module whose one page of memory cannot hold its data segment
+/// (at 70,000): every instantiation traps, which no static check sees.
+/// `(module (memory (export "memory") 1) (data (i32.const 70000) "x")
+/// (func (export "_start")))`
+const OUT_OF_BOUNDS_DATA: &[u8] = &[
+    0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+    0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // types: () -> ()
+    0x03, 0x02, 0x01, 0x00, // functions: one of type 0
+    0x05, 0x03, 0x01, 0x00, 0x01, // memory: min 1 page
+    0x07, 0x13, 0x02, 0x06, b'_', b's', b't', b'a', b'r', b't', 0x00, 0x00, 0x06, b'm', b'e', b'm',
+    b'o', b'r', b'y', 0x02, 0x00, // exports: _start, memory
+    0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b, // code: an empty body
+    0x0b, 0x09, 0x01, 0x00, 0x41, 0xf0, 0xa2, 0x04, 0x0b, 0x01, b'x', // data at 70000
+];
+
+/// A version that passes every check but can never instantiate is refused
+/// when it is created (instantiated once first), so nothing points at it;
+/// production keeps serving.
+#[test]
+fn a_version_that_cannot_instantiate_is_refused_before_anything_points_at_it() {
+    let (dir, manifest) = app();
+    let bad = dir.path().join("bad.wasm");
+    std::fs::write(&bad, OUT_OF_BOUNDS_DATA).unwrap();
+    let next = dir.path().join("bad.toml");
+    std::fs::write(
+        &next,
+        std::fs::read_to_string(&manifest).unwrap().replace(
+            &format!("{}", kelvin_tests::guest_dir().join("hello.wasm").display()),
+            &bad.display().to_string(),
+        ),
+    )
+    .unwrap();
+    assert!(std::fs::read_to_string(&next).unwrap().contains("bad.wasm"));
+    // The static checks pass it.
+    succeeded(kelvin().args(["check", "-f"]).arg(&next).output().unwrap());
+
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    for slot in ["production", "staging"] {
+        let out = kelvin()
+            .args(["deploy", "hello", "--slot", slot, "--url", &addr, "-f"])
+            .arg(&next)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("400") && err.contains("cannot be instantiated"),
+            "{err}"
+        );
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = rt.block_on(async {
+        reqwest::get(format!("http://{addr}/hello/still"))
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(answer, 200);
+    let versions = succeeded(
+        kelvin()
+            .args(["versions", "hello", "--url", &addr, "-f"])
+            .arg(&manifest)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(
+        versions.lines().count(),
+        2,
+        "no version was made: {versions}"
+    );
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
 #[test]
 fn a_restart_undoes_no_deploy_swap_or_rollback_and_applies_a_changed_declaration() {
     let guests = kelvin_tests::guest_dir();

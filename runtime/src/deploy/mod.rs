@@ -311,7 +311,8 @@ impl Deployer {
     }
 
     /// Compiles (if it never was) and loads `unit`'s version, so its first
-    /// request is warm; why not, naming it.
+    /// request is warm, and instantiates it once, so a version no request
+    /// could run is never pointed at; why not, naming it.
     async fn load(&self, unit: &Unit) -> Result<(), String> {
         self.runtime
             .registry()
@@ -322,7 +323,13 @@ impl Deployer {
                     "version {} of `{}` failed to load: {}",
                     unit.version, unit.function, e.reason
                 )
-            })
+            })?;
+        self.runtime.instantiate_once(unit).await.map_err(|why| {
+            format!(
+                "version {} of `{}` failed to load: {why}",
+                unit.version, unit.function
+            )
+        })
     }
 
     /// Puts `table` into service in one step, then unloads the versions it
