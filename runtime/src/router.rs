@@ -117,6 +117,21 @@ impl fmt::Display for Route {
 }
 
 impl Route {
+    /// A path this route matches, each parameter `value` (for a benchmark's
+    /// request: `/hello/{name}` is `/hello/bench`).
+    pub fn example(&self, value: &str) -> String {
+        if self.segments.is_empty() {
+            return "/".to_owned();
+        }
+        self.segments
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(l) => format!("/{l}"),
+                Segment::Param(_) => format!("/{value}"),
+            })
+            .collect()
+    }
+
     /// Parses a pattern; the error says what to write instead.
     pub fn parse(pattern: &str) -> Result<Route, String> {
         let Some(rest) = pattern.strip_prefix('/') else {

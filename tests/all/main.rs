@@ -2,6 +2,7 @@
 //! the real runtime (and server, on 127.0.0.1:0), load real guests built from
 //! `guests/`, and talk HTTP with a real client.
 
+mod bench;
 mod components;
 mod concurrency;
 mod deploy;

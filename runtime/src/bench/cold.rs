@@ -1,17 +1,25 @@
 //! Cold-start measurement: each function started from scratch (compiled),
 //! from the artifact cache (evicted, then loaded), and warm (instantiated
-//! from the pool), per phase, in this process.
+//! from the pool), per phase, in this process, with the event its first
+//! trigger would give it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 
 use super::{Summary, human_us, table};
+use crate::events::envelope::{self, BlobMeta, TimerMeta};
 use crate::invoke::Event;
 use crate::metering::{Durable, InvocationRecord, LoadSource, Outcome, RecordSink};
 use crate::registry::micros;
-use crate::runtime::Runtime;
+use crate::router::Method;
+use crate::runtime::{Admit, Runtime};
+use crate::trigger::cgi;
+use crate::trigger::config::TriggerConfig;
 
 /// How much of a function is ready when an invocation arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -86,6 +94,9 @@ impl TemperatureReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct FunctionReport {
     pub function: String,
+    /// The event it was started with, as its first trigger gives it:
+    /// `GET /hello/bench`, `queue orders`, `blob images/bench`, `timer`.
+    pub event: String,
     /// `module` (preview 1) or `component` (wasi:http).
     pub kind: &'static str,
     pub temperatures: Vec<TemperatureReport>,
@@ -119,15 +130,168 @@ pub fn discard_sink() -> std::sync::Arc<dyn RecordSink> {
     std::sync::Arc::new(Discard)
 }
 
+/// The sink of [`measure`]'s runtime: it keeps each record until the
+/// bench takes it (a component's HTTP answer comes before its record).
+#[derive(Default)]
+pub struct Records(Mutex<HashMap<String, InvocationRecord>>);
+
+impl Records {
+    fn take(&self, invocation_id: &str) -> Option<InvocationRecord> {
+        self.0.lock().expect("records lock").remove(invocation_id)
+    }
+}
+
+impl RecordSink for Records {
+    fn record(&self, r: &InvocationRecord) -> Durable {
+        self.0
+            .lock()
+            .expect("records lock")
+            .insert(r.invocation_id.clone(), r.clone());
+        Durable::now()
+    }
+}
+
+/// How a function is started: as its first trigger starts it.
+enum Start {
+    /// An event: a CGI request's environment and body, or a queue, blob
+    /// or timer event's JSON.
+    Event(Event),
+    /// A wasi:http component's HTTP request.
+    Request { method: Method, path: String },
+}
+
+impl Start {
+    /// What `function`'s first trigger would give it, `input` as the
+    /// request's body, the message's body or the blob's bytes; and its
+    /// description.
+    fn of(runtime: &Runtime, function: &str, input: &Bytes) -> Result<(Start, String), String> {
+        let unit = runtime.production(function).map_err(|e| e.to_string())?;
+        let event = |trigger, input| {
+            Start::Event(Event {
+                trigger,
+                input,
+                env: Vec::new(),
+            })
+        };
+        let Some(trigger) = unit.spec.triggers.first() else {
+            return Ok((event("bench", input.clone()), "its input".to_owned()));
+        };
+        let now = crate::events::now_us();
+        Ok(match trigger {
+            TriggerConfig::Http(http) => {
+                // GET where the route takes it: what a browser or a probe
+                // sends; else the first method it takes.
+                let method = [
+                    Method::Get,
+                    Method::Post,
+                    Method::Put,
+                    Method::Patch,
+                    Method::Delete,
+                    Method::Options,
+                ]
+                .into_iter()
+                .find(|m| http.methods.contains(*m))
+                .unwrap_or(Method::Get);
+                let path = http.route.example("bench");
+                let what = format!("{} {path}", method.as_str());
+                if runtime.is_component(&unit) {
+                    (Start::Request { method, path }, what)
+                } else {
+                    let request = hyper::Request::builder()
+                        .method(method.as_str())
+                        .uri(&path)
+                        .header(hyper::header::HOST, "localhost")
+                        .body(())
+                        .map_err(|e| e.to_string())?;
+                    let (parts, ()) = request.into_parts();
+                    let route = http.route.to_string();
+                    let params: Vec<(String, String)> = http
+                        .route
+                        .params()
+                        .map(|name| (name.to_owned(), "bench".to_owned()))
+                        .collect();
+                    let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                    let meta = cgi::Meta {
+                        peer: local,
+                        local,
+                        route: &route,
+                        params: &params,
+                        query: "",
+                    };
+                    let env = cgi::env(&parts, input.len(), &meta);
+                    (
+                        Start::Event(Event {
+                            trigger: "http",
+                            input: input.clone(),
+                            env,
+                        }),
+                        what,
+                    )
+                }
+            }
+            TriggerConfig::Queue(q) => {
+                let message = crate::events::Message {
+                    id: "bench".to_owned(),
+                    queue: q.queue.to_string(),
+                    body: input.clone(),
+                    inserted_us: now,
+                    dequeue_count: 1,
+                    lease: String::new(),
+                    visible_us: now,
+                };
+                (
+                    event("queue", envelope::queue_event(&message, function)),
+                    format!("queue {}", q.queue),
+                )
+            }
+            TriggerConfig::Blob(b) => {
+                let name = b.path.example("bench");
+                let params = b.path.matches(&name).unwrap_or_default();
+                let meta = BlobMeta {
+                    container: b.path.container(),
+                    name: &name,
+                    etag: "bench",
+                    params: &params,
+                };
+                (
+                    event("blob", envelope::blob_event(&meta, input, function)),
+                    format!("blob {}/{name}", b.path.container()),
+                )
+            }
+            TriggerConfig::Timer(t) => {
+                let meta = TimerMeta {
+                    schedule: t.schedule.as_str(),
+                    scheduled_us: now,
+                    past_due: false,
+                    last_us: None,
+                    next_us: None,
+                };
+                (
+                    event("timer", envelope::timer_event(&meta, function)),
+                    format!("timer {}", t.schedule.as_str()),
+                )
+            }
+            TriggerConfig::Durable(_) => {
+                return Err(
+                    "a durable function runs within an orchestration; `benches/durable.sh` measures those"
+                        .to_owned(),
+                );
+            }
+        })
+    }
+}
+
 /// Measures `iterations` starts of each function at each temperature. The
 /// temperatures alternate within an iteration, so drift (a busy machine,
 /// thermal throttling) affects all three alike. `step` is called after
 /// every invocation, with the function's name.
 ///
-/// The runtime should have a scratch `state_dir`: cold-from-scratch
-/// samples delete the function's compiled artifact.
+/// The runtime should have a scratch `state_dir` (cold-from-scratch
+/// samples delete the function's compiled artifact) and `records` as its
+/// sink. Outputs are not published: the bench measures starts.
 pub async fn measure(
-    runtime: &Runtime,
+    runtime: &Arc<Runtime>,
+    records: &Records,
     functions: &[String],
     iterations: u32,
     input: Bytes,
@@ -139,7 +303,7 @@ pub async fn measure(
         skipped: Vec::new(),
     };
     for function in functions {
-        match measure_one(runtime, function, iterations, &input, step).await {
+        match measure_one(runtime, records, function, iterations, &input, step).await {
             Ok(r) => report.functions.push(r),
             Err(reason) => report.skipped.push(Skipped {
                 function: function.clone(),
@@ -151,12 +315,14 @@ pub async fn measure(
 }
 
 async fn measure_one(
-    runtime: &Runtime,
+    runtime: &Arc<Runtime>,
+    records: &Records,
     function: &str,
     iterations: u32,
     input: &Bytes,
     step: &dyn Fn(&str),
 ) -> Result<FunctionReport, String> {
+    let (start, event) = Start::of(runtime, function, input)?;
     let invoke = async |temperature: Temperature| -> Result<(InvocationRecord, u64), String> {
         match temperature {
             Temperature::Scratch => drop(runtime.registry().unload(function, true)),
@@ -167,18 +333,53 @@ async fn measure_one(
             Temperature::Cache => drop(runtime.registry().unload(function, false)),
             Temperature::Warm => {}
         }
-        let event = Event {
-            trigger: "bench",
-            input: input.clone(),
-            env: Vec::new(),
-        };
         let started = Instant::now();
-        let invocation = runtime
-            .invoke(function, event)
-            .await
-            .map_err(|e| e.to_string())?;
+        let r = match &start {
+            Start::Event(event) => {
+                let invocation = runtime
+                    .invoke(function, event.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                records.take(&invocation.record.invocation_id);
+                invocation.record
+            }
+            Start::Request { method, path } => {
+                let ticket = match runtime.admit(function, "http").await {
+                    Ok(Admit::Admitted(ticket)) => ticket,
+                    Ok(Admit::Rejected(checked)) => {
+                        return Err(format!(
+                            "it was not admitted ({:?})",
+                            checked.record.outcome
+                        ));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                };
+                let request = hyper::Request::builder()
+                    .method(method.as_str())
+                    .uri(format!("http://localhost{path}"))
+                    .header(hyper::header::HOST, "localhost")
+                    .body(Full::new(input.clone()))
+                    .map_err(|e| e.to_string())?;
+                let answer = runtime.start_http(ticket, request, false, ()).await;
+                let status = match answer.response {
+                    Ok(response) => {
+                        let status = response.status();
+                        // Read to its end: the record is written then.
+                        let _ = response.into_body().collect().await;
+                        Some(status)
+                    }
+                    Err(_) => None,
+                };
+                let r = records
+                    .take(&answer.invocation_id)
+                    .ok_or("its invocation was not recorded")?;
+                if let Some(status) = status.filter(|s| !s.is_success()) {
+                    return Err(format!("it answered {status}"));
+                }
+                r
+            }
+        };
         let total = micros(started.elapsed());
-        let r = invocation.record;
         if r.outcome != Outcome::Ok {
             let why = r.reason.unwrap_or_else(|| r.outcome.as_str().to_owned());
             return Err(format!("it did not succeed ({why})"));
@@ -251,6 +452,7 @@ async fn measure_one(
         .collect();
     Ok(FunctionReport {
         function: function.to_owned(),
+        event,
         kind,
         temperatures,
     })
@@ -267,6 +469,8 @@ impl ColdStartReport {
                     rows.push(vec![
                         if ti == 0 && pi == 0 {
                             f.function.clone()
+                        } else if ti == 0 && pi == 1 {
+                            format!("({})", f.event)
                         } else {
                             String::new()
                         },

@@ -22,10 +22,17 @@ pub struct Panel<'a> {
 /// Colour-blind-safe colours (Okabe-Ito), one per series in order.
 const COLORS: [&str; 4] = ["#D55E00", "#E69F00", "#0072B2", "#009E73"];
 
-const WIDTH: f64 = 760.0;
+const PLOT_WIDTH: f64 = 526.0;
 const PANEL_HEIGHT: f64 = 240.0;
 const LEFT: f64 = 64.0;
-const RIGHT: f64 = 170.0;
+/// The legend's text starts this far right of the plot.
+const LEGEND_TEXT: f64 = 38.0;
+/// A generous width of one character of the 12 px legend (Helvetica's
+/// widest lower-case letters are about 0.6 em): the legend is sized from
+/// its longest line, so no label is cut at the edge.
+const CHAR_WIDTH: f64 = 7.2;
+/// Room right of the longest legend line.
+const MARGIN: f64 = 12.0;
 const TOP: f64 = 34.0;
 /// The y axis ends at p99.9.
 const TAIL_DECADES: f64 = 3.0;
@@ -34,16 +41,24 @@ const BOTTOM: f64 = 42.0;
 /// Renders `panels` stacked vertically under `title`.
 pub fn render(title: &str, panels: &[Panel<'_>]) -> String {
     let height = 40.0 + PANEL_HEIGHT * panels.len().max(1) as f64;
+    // The longest legend line: a label, or its `p50 ... (n=...)` line.
+    let longest = panels
+        .iter()
+        .flat_map(|p| &p.series)
+        .map(|s| s.label.chars().count().max(legend_note(s).chars().count()))
+        .max()
+        .unwrap_or(0);
+    let width = (LEFT + PLOT_WIDTH + LEGEND_TEXT + CHAR_WIDTH * longest as f64 + MARGIN).ceil();
     let mut out = String::new();
     let _ = writeln!(
         out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="Helvetica, Arial, sans-serif" font-size="12">"#
     );
     let _ = writeln!(
         out,
         r##"<rect width="100%" height="100%" fill="#ffffff"/>
 <text x="{}" y="24" font-size="16" text-anchor="middle">{}</text>"##,
-        WIDTH / 2.0,
+        width / 2.0,
         escape(title)
     );
     for (i, panel) in panels.iter().enumerate() {
@@ -53,8 +68,16 @@ pub fn render(title: &str, panels: &[Panel<'_>]) -> String {
     out
 }
 
+/// The second line of a series' legend entry.
+fn legend_note(s: &Series<'_>) -> String {
+    let mut sorted = s.samples.to_vec();
+    sorted.sort_unstable();
+    let p50 = super::Summary::of(&sorted).map_or(0, |s| s.p50);
+    format!("p50 {} (n={})", super::human_us(p50), sorted.len())
+}
+
 fn panel_svg(out: &mut String, panel: &Panel<'_>, y0: f64) {
-    let plot_w = WIDTH - LEFT - RIGHT;
+    let plot_w = PLOT_WIDTH;
     let plot_h = PANEL_HEIGHT - TOP - BOTTOM;
     let (x0, top) = (LEFT, y0 + TOP);
     let all = panel.series.iter().flat_map(|s| s.samples.iter().copied());
@@ -151,20 +174,18 @@ fn panel_svg(out: &mut String, panel: &Panel<'_>, y0: f64) {
         }
         let ly = top + 10.0 + 34.0 * i as f64;
         let lx = x0 + plot_w + 14.0;
-        let p50 = super::Summary::of(&sorted).map_or(0, |s| s.p50);
         let _ = writeln!(
             out,
             r##"<line x1="{lx}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/>
 <text x="{}" y="{}">{}</text>
-<text x="{}" y="{}" fill="#555555">p50 {} (n={})</text>"##,
+<text x="{}" y="{}" fill="#555555">{}</text>"##,
             lx + 18.0,
-            lx + 24.0,
+            x0 + plot_w + LEGEND_TEXT,
             ly + 4.0,
             escape(s.label),
-            lx + 24.0,
+            x0 + plot_w + LEGEND_TEXT,
             ly + 18.0,
-            super::human_us(p50),
-            sorted.len()
+            escape(&legend_note(s)),
         );
     }
 }
@@ -218,5 +239,53 @@ mod tests {
         }
         assert!(svg.contains("hello &lt;module&gt;"));
         assert!(svg.contains("p50 72.0 ms (n=3)"));
+    }
+
+    /// Every legend line ends inside the picture, however long: the
+    /// labels `kelvin bench cold-start` uses were cut at the right edge.
+    #[test]
+    fn the_legend_fits_its_longest_label() {
+        let samples = [697, 700, 1_200_000];
+        let labels = [
+            "cold from scratch",
+            "cold from cache, restart",
+            "cold from cache, evicted",
+            "warm, a queue message with its metadata",
+        ];
+        let svg = render(
+            "Cold starts",
+            &[Panel {
+                title: "a".into(),
+                series: labels
+                    .iter()
+                    .map(|label| Series {
+                        label,
+                        samples: &samples,
+                    })
+                    .collect(),
+            }],
+        );
+        let width: f64 = svg
+            .split("width=\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        for line in svg.lines().filter(|l| l.starts_with("<text x=")) {
+            let x: f64 = line.split('"').nth(1).unwrap().parse().unwrap();
+            let text = line.split('>').nth(1).unwrap().split('<').next().unwrap();
+            let anchored_start = !line.contains("text-anchor");
+            if anchored_start {
+                // Helvetica's widest characters at 12 px are under 7 px.
+                let end = x + 7.0 * text.chars().count() as f64;
+                assert!(
+                    end <= width,
+                    "{text:?} ends at {end}, the picture at {width}"
+                );
+            }
+        }
     }
 }

@@ -82,15 +82,21 @@ impl ColdStartCommand {
         }
         let scratch = scratch_state(&mut manifest)?;
         let app = manifest.name.to_string();
-        let runtime = Runtime::new(manifest, cold::discard_sink())?;
+        let records = Arc::new(cold::Records::default());
+        let runtime = Arc::new(Runtime::new(manifest, records.clone())?);
         let rt = tokio_runtime()?;
-        let bar = progress(functions.len() as u64 * u64::from(self.iterations) * 3);
+        let bar = progress(
+            functions.len() as u64
+                * u64::from(self.iterations)
+                * cold::Temperature::ALL.len() as u64,
+        );
         let step = |f: &str| {
             bar.set_message(f.to_owned());
             bar.inc(1);
         };
         let report = rt.block_on(cold::measure(
             &runtime,
+            &records,
             &functions,
             self.iterations,
             Bytes::from(input),

@@ -403,6 +403,18 @@ impl BlobPattern {
         &self.container
     }
 
+    /// A blob name in the container this pattern matches, each parameter
+    /// `value` (`uploads/{name}.{ext}`: `bench.bench`).
+    pub fn example(&self, value: &str) -> String {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Literal(l) => l.as_str(),
+                Part::Param(_) => value,
+            })
+            .collect()
+    }
+
     /// Its parameters' names, in order.
     pub fn params(&self) -> impl Iterator<Item = &str> {
         self.parts.iter().filter_map(|p| match p {
