@@ -50,8 +50,7 @@ impl App {
 fn event() -> Event {
     Event {
         trigger: "bench",
-        input: Default::default(),
-        env: Vec::new(),
+        ..Event::default()
     }
 }
 

@@ -112,6 +112,15 @@ pub fn component_dir() -> PathBuf {
         .join("guest")
 }
 
+/// The folder holding the example app's Python model (`functions.toml`
+/// mounts it at `/model` for `predict`).
+pub fn predict_model_dir() -> PathBuf {
+    workspace_root()
+        .join("guests")
+        .join("predict-py")
+        .join("model")
+}
+
 /// The `.wasm` of a function of the example app (`functions.toml`) written
 /// in another language than Rust, built by the app's own `build` command,
 /// exactly as `kelvin up --build` runs it. A build is skipped when its

@@ -2,9 +2,12 @@
 
 The model is a multinomial logistic regression for the Iris flowers: four
 measurements in centimetres in, a species and its probabilities out. Its
-weights were fitted with scikit-learn 1.9 (`LogisticRegression(max_iter=1000)`
-on the 150-sample Iris data, 97.3% training accuracy) and are written below,
-so the function needs nothing but the standard library.
+weights (fitted with scikit-learn 1.9, `LogisticRegression(max_iter=1000)`
+on the 150-sample Iris data, 97.3% training accuracy) are a JSON file the
+function reads at each request from `MODEL_PATH` (`/model/iris.json`, the
+folder `guests/predict-py/model` mounted with `files`), or from a model blob
+(`MODEL_PATH=/inputs/model` with a blob input binding): a new model is a new
+file or a new blob, not a new deploy. Only the standard library is needed.
 
     GET  /predict                 what the model expects
     POST /predict                 {"features": [5.1, 3.5, 1.4, 0.2]}
@@ -33,15 +36,6 @@ from wit_world.imports.types import (
     ResponseOutparam,
 )
 
-FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
-CLASSES = ["setosa", "versicolor", "virginica"]
-WEIGHTS = [
-    [-0.4202, 0.9669, -2.5189, -1.0846],
-    [0.5319, -0.3153, -0.2041, -0.9428],
-    [-0.1116, -0.6517, 2.7230, 2.0274],
-]
-BIAS = [9.8417, 2.2245, -12.0662]
-
 MAX_BODY = 64 * 1024
 MAX_INSTANCES = 1000
 
@@ -50,36 +44,57 @@ class BadRequest(Exception):
     pass
 
 
-def predict(x):
+class NoModel(Exception):
+    pass
+
+
+def load_model():
+    """The model, read now: at request time, not when the component was built."""
+    path = os.environ.get("MODEL_PATH", "/model/iris.json")
+    try:
+        with open(path) as f:
+            model = json.load(f)
+    except (OSError, ValueError) as e:
+        raise NoModel(f"the model {path} cannot be read ({e}); mount it with `files` or bind a model blob")
+    for key in ("features", "classes", "weights", "bias"):
+        if key not in model:
+            raise NoModel(f"the model {path} has no {key!r}")
+    model["source"] = path
+    return model
+
+
+def predict(model, x):
     """Class probabilities for one feature vector (a softmax over the logits)."""
-    logits = [sum(w * v for w, v in zip(row, x)) + b for row, b in zip(WEIGHTS, BIAS)]
+    classes = model["classes"]
+    logits = [sum(w * v for w, v in zip(row, x)) + b for row, b in zip(model["weights"], model["bias"])]
     top = max(logits)
     exps = [math.exp(z - top) for z in logits]
     total = sum(exps)
     probabilities = [e / total for e in exps]
-    best = max(range(len(CLASSES)), key=lambda i: probabilities[i])
+    best = max(range(len(classes)), key=lambda i: probabilities[i])
     return {
-        "prediction": CLASSES[best],
-        "probabilities": {c: round(p, 4) for c, p in zip(CLASSES, probabilities)},
+        "prediction": classes[best],
+        "probabilities": {c: round(p, 4) for c, p in zip(classes, probabilities)},
     }
 
 
-def features(value):
-    """A feature vector from a list of four numbers or an object naming them."""
+def features(model, value):
+    """A feature vector from a list of numbers or an object naming them."""
+    names = model["features"]
     if isinstance(value, dict):
-        missing = [f for f in FEATURES if f not in value]
+        missing = [f for f in names if f not in value]
         if missing:
             raise BadRequest(f"missing feature(s): {', '.join(missing)}")
-        value = [value[f] for f in FEATURES]
-    if not isinstance(value, list) or len(value) != len(FEATURES):
-        raise BadRequest(f"features must be a list of {len(FEATURES)} numbers: {', '.join(FEATURES)}")
+        value = [value[f] for f in names]
+    if not isinstance(value, list) or len(value) != len(names):
+        raise BadRequest(f"features must be a list of {len(names)} numbers: {', '.join(names)}")
     for v in value:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise BadRequest(f"features must be finite numbers, not {json.dumps(v)}")
     return [float(v) for v in value]
 
 
-def answer(body):
+def answer(model, body):
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -90,9 +105,9 @@ def answer(body):
         instances = request["instances"]
         if not isinstance(instances, list) or not 0 < len(instances) <= MAX_INSTANCES:
             raise BadRequest(f"instances must be a list of 1 to {MAX_INSTANCES} feature vectors")
-        return {"predictions": [predict(features(x)) for x in instances]}
+        return {"predictions": [predict(model, features(model, x)) for x in instances]}
     if "features" in request:
-        return predict(features(request["features"]))
+        return predict(model, features(model, request["features"]))
     raise BadRequest('send {"features": [...]} or {"instances": [[...], ...]}')
 
 
@@ -133,14 +148,17 @@ class IncomingHandler(exports.IncomingHandler):
         method = request.method()
         try:
             if isinstance(method, Method_Get):
+                model = load_model()
                 respond(response_out, 200, {
-                    "model": "iris multinomial logistic regression",
-                    "features": FEATURES,
-                    "classes": CLASSES,
+                    "model": model.get("model", "a logistic regression"),
+                    "source": model["source"],
+                    "features": model["features"],
+                    "classes": model["classes"],
                     "usage": 'POST {"features": [5.1, 3.5, 1.4, 0.2]}',
                 })
             elif isinstance(method, Method_Post):
-                result = answer(read_body(request))
+                body = read_body(request)
+                result = answer(load_model(), body)
                 # A log line: Kelvin forwards it under this invocation's id.
                 print(f"predicted for {os.environ.get('KELVIN_INVOCATION_ID', '?')}", file=sys.stderr)
                 respond(response_out, 200, result)
@@ -148,3 +166,5 @@ class IncomingHandler(exports.IncomingHandler):
                 respond(response_out, 405, {"error": "use GET or POST"})
         except BadRequest as e:
             respond(response_out, 400, {"error": str(e)})
+        except NoModel as e:
+            respond(response_out, 503, {"error": str(e)})

@@ -48,13 +48,15 @@ pub struct Code<'a> {
     pub engine: &'a wasmtime::Engine,
 }
 
-/// What starts an invocation: the trigger's name, the input on stdin, and
-/// trigger metadata as environment variables.
+/// What starts an invocation: the trigger's name, the input on stdin,
+/// trigger metadata as environment variables, and its input bindings'
+/// files, mounted read-only.
 #[derive(Debug, Clone, Default)]
 pub struct Event {
     pub trigger: &'static str,
     pub input: Bytes,
     pub env: Vec<(String, String)>,
+    pub files: Vec<crate::manifest::FileMount>,
 }
 
 /// The store's data: WASI state and the memory meter.
@@ -175,6 +177,44 @@ pub struct Execution {
     pub peak_memory: u64,
     pub memory_kib_us: u64,
     pub fuel_consumed: Option<u64>,
+}
+
+impl Execution {
+    /// An invocation that failed before its wasm ran, and why.
+    pub(crate) fn not_started(reason: String) -> Execution {
+        Execution {
+            outcome: Outcome::Error,
+            reason: Some(reason),
+            exit_code: None,
+            stdout: Bytes::new(),
+            stderr: Bytes::new(),
+            instantiate: Duration::ZERO,
+            run: Duration::ZERO,
+            cpu: Duration::ZERO,
+            peak_memory: 0,
+            memory_kib_us: 0,
+            fuel_consumed: None,
+        }
+    }
+}
+
+/// Mounts `files` read-only in `wasi`; why not (a folder removed since the
+/// manifest was checked).
+pub(crate) fn mount_files<'a>(
+    wasi: &mut WasiCtxBuilder,
+    files: impl IntoIterator<Item = &'a crate::manifest::FileMount>,
+) -> Result<(), String> {
+    for m in files {
+        wasi.preopened_dir(&m.source, &m.destination, wasmtime_wasi::FsPerms::ReadOnly)
+            .map_err(|e| {
+                format!(
+                    "cannot mount {} at {}: {e}",
+                    m.source.display(),
+                    m.destination
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// Store data that carries a memory meter: preview-1 and component hosts.
@@ -386,6 +426,9 @@ pub async fn execute(
         .env("KELVIN_TRIGGER", event.trigger)
         .envs(&spec.env)
         .envs(&event.env);
+    if let Err(why) = mount_files(&mut wasi, spec.files.iter().chain(&event.files)) {
+        return Execution::not_started(why);
+    }
     let mut wasi = wasi.build_p1();
     wasmtime_wasi::WasiView::ctx(&mut wasi)
         .table

@@ -20,8 +20,8 @@ use crate::billing::{MemoryBasis, Policy};
 use crate::keys::AuthLevel;
 use crate::router::{Method, Route};
 use crate::trigger::config::{
-    BlobPattern, BlobTrigger, DurableName, DurableRole, HttpTrigger, InputBinding, OutputBinding,
-    OutputTarget, QueueName, QueueTrigger, Schedule, TimerTrigger, TriggerConfig,
+    BlobPattern, BlobTrigger, DurableName, DurableRole, HttpTrigger, InputBinding, InputSource,
+    OutputBinding, OutputTarget, QueueName, QueueTrigger, Schedule, TimerTrigger, TriggerConfig,
 };
 
 /// The only manifest version this Kelvin understands.
@@ -141,7 +141,25 @@ pub struct FunctionSpec {
     pub outputs: Vec<OutputBinding>,
     /// What an HTTP invocation gets besides its request.
     pub inputs: Vec<InputBinding>,
+    /// Folders of the host the guest reads, read-only, at paths of its own.
+    pub files: Vec<FileMount>,
 }
+
+/// A host folder mounted read-only in the guest (`files = [{ source =
+/// "model", destination = "/model" }]`), for both contracts: a function
+/// opens `/model/iris.json` at request time. The folder is read where it
+/// is, when the guest opens a file: its contents are not part of the
+/// version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileMount {
+    /// The folder, resolved against the manifest's folder.
+    pub source: PathBuf,
+    /// Where the guest sees it: an absolute path, no trailing `/`.
+    pub destination: String,
+}
+
+/// Mounts one function may have.
+pub const MAX_FILE_MOUNTS: usize = 16;
 
 /// A destination a component may call: `scheme://host[:port]`, where the
 /// scheme, the host or the port may be `*`.
@@ -369,7 +387,7 @@ impl Manifest {
         out
     }
 
-    /// Every blob container the app names (triggers and outputs).
+    /// Every blob container the app names (triggers, outputs and inputs).
     pub fn containers(&self) -> std::collections::BTreeSet<String> {
         let mut out = std::collections::BTreeSet::new();
         for f in &self.functions {
@@ -380,6 +398,11 @@ impl Manifest {
             }
             for o in &f.outputs {
                 if let OutputTarget::Blob(p) = &o.target {
+                    out.insert(p.container().to_owned());
+                }
+            }
+            for i in &f.inputs {
+                if let InputSource::Blob(p) = &i.source {
                     out.insert(p.container().to_owned());
                 }
             }
@@ -669,7 +692,15 @@ struct RawFunction {
     output: Vec<RawOutput>,
     #[serde(default)]
     input: Vec<RawInput>,
+    files: Option<Spanned<Vec<RawFileMount>>>,
     durable: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFileMount {
+    source: Spanned<String>,
+    destination: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -716,7 +747,8 @@ struct RawOutput {
 #[serde(deny_unknown_fields)]
 struct RawInput {
     name: Spanned<String>,
-    instance: Spanned<String>,
+    instance: Option<Spanned<String>>,
+    blob: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -873,34 +905,96 @@ fn validate_inputs(
                 "an input's name uses letters, digits, `_` and `-`, and is unique",
             ));
         }
-        let routes: Vec<&HttpTrigger> = triggers.iter().filter_map(TriggerConfig::http).collect();
-        if routes.is_empty() {
-            return Err(field_error(
-                i.name.span(),
-                at,
-                "inputs are for HTTP functions: the instance id comes from a route parameter",
-            ));
-        }
-        let instance = BlobPattern::parse(&format!("x/{}", i.instance.get_ref()))
-            .map_err(|m| field_error(i.instance.span(), format!("{at}.instance"), m))?;
-        for p in instance.params() {
-            if let Some(r) = routes.iter().find(|r| !r.route.params().any(|rp| rp == p)) {
+        let source = match (&i.instance, &i.blob) {
+            (Some(instance), None) => {
+                InputSource::Instance(validate_instance_input(instance, triggers, at, &i.name)?)
+            }
+            (None, Some(blob)) => InputSource::Blob(validate_blob_input(blob, triggers, at)?),
+            _ => {
                 return Err(field_error(
-                    i.instance.span(),
-                    format!("{at}.instance"),
-                    format!(
-                        "{{{p}}} is not a parameter of the route {:?}",
-                        r.route.pattern()
-                    ),
+                    i.name.span(),
+                    at,
+                    "an input needs exactly one of `instance = \"{id}\"` (a durable instance's status) or `blob = \"container/name\"` (a blob, as the file /inputs/<name>)",
                 ));
             }
-        }
+        };
         inputs.push(InputBinding {
             name: name.clone(),
-            instance,
+            source,
         });
     }
     Ok(inputs)
+}
+
+/// A durable status input: for HTTP functions, its instance id a pattern
+/// of every route's parameters.
+fn validate_instance_input(
+    instance: &Spanned<String>,
+    triggers: &[TriggerConfig],
+    at: &str,
+    name: &Spanned<String>,
+) -> Result<BlobPattern, FieldError> {
+    let routes: Vec<&HttpTrigger> = triggers.iter().filter_map(TriggerConfig::http).collect();
+    if routes.is_empty() {
+        return Err(field_error(
+            name.span(),
+            at,
+            "instance inputs are for HTTP functions: the instance id comes from a route parameter",
+        ));
+    }
+    let pattern = BlobPattern::parse(&format!("x/{}", instance.get_ref()))
+        .map_err(|m| field_error(instance.span(), format!("{at}.instance"), m))?;
+    for p in pattern.params() {
+        if let Some(r) = routes.iter().find(|r| !r.route.params().any(|rp| rp == p)) {
+            return Err(field_error(
+                instance.span(),
+                format!("{at}.instance"),
+                format!(
+                    "{{{p}}} is not a parameter of the route {:?}",
+                    r.route.pattern()
+                ),
+            ));
+        }
+    }
+    Ok(pattern)
+}
+
+/// A blob input: `container/name`, its parameters given by every trigger
+/// of the function (a route's, a blob trigger's; queues and timers give
+/// none).
+fn validate_blob_input(
+    blob: &Spanned<String>,
+    triggers: &[TriggerConfig],
+    at: &str,
+) -> Result<BlobPattern, FieldError> {
+    let field = format!("{at}.blob");
+    let pattern =
+        BlobPattern::parse(blob.get_ref()).map_err(|m| field_error(blob.span(), &field, m))?;
+    for t in triggers {
+        let given: Vec<&str> = match t {
+            TriggerConfig::Http(h) => h.route.params().collect(),
+            TriggerConfig::Blob(b) => b.path.params().collect(),
+            TriggerConfig::Queue(_) | TriggerConfig::Timer(_) => Vec::new(),
+            TriggerConfig::Durable(_) => {
+                return Err(field_error(
+                    blob.span(),
+                    &field,
+                    "a durable function gets its inputs from its orchestration, not from input bindings",
+                ));
+            }
+        };
+        if let Some(p) = pattern.params().find(|p| !given.contains(p)) {
+            return Err(field_error(
+                blob.span(),
+                &field,
+                format!(
+                    "{{{p}}} is not a parameter of the function's {} trigger",
+                    t.kind()
+                ),
+            ));
+        }
+    }
+    Ok(pattern)
 }
 
 fn check_routes(functions: &[FunctionSpec]) -> Result<(), FieldError> {
@@ -1235,6 +1329,7 @@ impl RawFunction {
         }
         let outputs = validate_outputs(self.output, &triggers, &at("output"))?;
         let inputs = validate_inputs(self.input, &triggers, &at("input"))?;
+        let files = validate_files(self.files, dir, &at("files"))?;
 
         Ok(FunctionSpec {
             name,
@@ -1256,8 +1351,69 @@ impl RawFunction {
             allowed_outbound_hosts,
             outputs,
             inputs,
+            files,
         })
     }
+}
+
+/// Checks `files`: each source an existing folder, each destination an
+/// absolute path of plain segments, none twice.
+fn validate_files(
+    raw: Option<Spanned<Vec<RawFileMount>>>,
+    dir: &Path,
+    at: &str,
+) -> Result<Vec<FileMount>, FieldError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    let span = raw.span();
+    let raw = raw.into_inner();
+    if raw.len() > MAX_FILE_MOUNTS {
+        return Err(field_error(
+            span,
+            at,
+            format!("at most {MAX_FILE_MOUNTS} mounts; mount a common parent folder instead"),
+        ));
+    }
+    let mut files: Vec<FileMount> = Vec::with_capacity(raw.len());
+    for m in raw {
+        let text = m.destination.get_ref();
+        let trimmed = text.trim_end_matches('/');
+        let plain = trimmed.strip_prefix('/').is_some_and(|rest| {
+            rest.split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && !seg.contains('\\'))
+        });
+        if !plain {
+            return Err(field_error(
+                m.destination.span(),
+                format!("{at}.destination"),
+                "must be an absolute path of plain segments, e.g. \"/model\" (not `/`, no `.` or `..`)",
+            ));
+        }
+        let source = dir.join(m.source.get_ref());
+        if m.source.get_ref().trim().is_empty() || !source.is_dir() {
+            return Err(field_error(
+                m.source.span(),
+                format!("{at}.source"),
+                format!(
+                    "{} is not a folder; `files` mounts folders (put a single file in one), relative to the manifest's folder",
+                    source.display()
+                ),
+            ));
+        }
+        if files.iter().any(|f| f.destination == trimmed) {
+            return Err(field_error(
+                m.destination.span(),
+                format!("{at}.destination"),
+                format!("{trimmed:?} is mounted twice"),
+            ));
+        }
+        files.push(FileMount {
+            source,
+            destination: trimmed.to_owned(),
+        });
+    }
+    Ok(files)
 }
 
 impl RawTimerTrigger {

@@ -164,6 +164,7 @@ pub(crate) async fn execute(
     pre: &ProxyPre<HttpHost>,
     invocation_id: &str,
     request: hyper::Request<Full<Bytes>>,
+    files: &[crate::manifest::FileMount],
     respond: Respond,
 ) -> Execution {
     let spec = f.spec;
@@ -177,6 +178,9 @@ pub(crate) async fn execute(
         .env("KELVIN_INVOCATION_ID", invocation_id)
         .env("KELVIN_TRIGGER", "http")
         .envs(&spec.env);
+    if let Err(why) = invoke::mount_files(&mut wasi, spec.files.iter().chain(files)) {
+        return Execution::not_started(why);
+    }
     let mut table = ResourceTable::new();
     table.set_max_capacity(invoke::MAX_COMPONENT_RESOURCES);
     let host = HttpHost {

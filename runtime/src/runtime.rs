@@ -693,6 +693,7 @@ impl Runtime {
                         pre,
                         &invocation_id,
                         request,
+                        &event.files,
                         respond
                     ),
                     read
@@ -775,6 +776,7 @@ impl Runtime {
         self: &Arc<Self>,
         ticket: Ticket,
         request: hyper::Request<Full<Bytes>>,
+        files: Vec<crate::manifest::FileMount>,
         head: bool,
         hold: impl Send + 'static,
     ) -> HttpInvocation {
@@ -783,7 +785,9 @@ impl Runtime {
         let runtime = self.clone();
         let flying = Flying::new(&self.in_flight);
         let task = tokio::spawn(async move {
-            let record = runtime.serve_component(ticket, request, head, tx).await;
+            let record = runtime
+                .serve_component(ticket, request, files, head, tx)
+                .await;
             drop(hold);
             drop(flying);
             record
@@ -807,6 +811,7 @@ impl Runtime {
         &self,
         ticket: Ticket,
         request: hyper::Request<Full<Bytes>>,
+        files: Vec<crate::manifest::FileMount>,
         head: bool,
         respond_to: tokio::sync::oneshot::Sender<Result<hyper::Response<MeteredBody>, HttpFailure>>,
     ) -> (InvocationRecord, bool) {
@@ -851,6 +856,7 @@ impl Runtime {
             pre,
             &invocation_id,
             request,
+            &files,
             respond,
         )
         .await;

@@ -738,10 +738,12 @@ fn up_compiles_in_the_background_and_answers_with_baseline_code_meanwhile() {
         format!(
             "version = 1\nname = \"large\"\n[server]\ninstance_slots = 8\n\
              [functions.predict]\nsource = \"{}\"\n\
+             files = [{{ source = \"{}\", destination = \"/model\" }}]\n\
              [[functions.predict.http]]\nroute = \"/predict\"\nauth = \"anonymous\"\n\
              [functions.hello-js]\nsource = \"{}\"\n\
              [[functions.hello-js.http]]\nroute = \"/js/hello\"\nauth = \"anonymous\"\n",
             kelvin_tests::example_guest("predict").display(),
+            kelvin_tests::predict_model_dir().display(),
             kelvin_tests::example_guest("hello-js").display(),
         ),
     )

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{Server, kelvin};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// An app in a temp dir; `{guests}` names the built preview-1 guests.
 fn app(server: &str, functions: &str) -> (tempfile::TempDir, PathBuf) {
@@ -520,14 +520,18 @@ async fn guests_of_every_toolchain_run_from_a_queue() {
     let js = kelvin_tests::example_guest("hello-js");
     let py = kelvin_tests::example_guest("predict");
     let mut functions = String::new();
-    for (name, source) in [
-        ("rust-http", component),
-        ("c", c),
-        ("js", js),
-        ("python", py),
+    let model = format!(
+        "files = [{{ source = \"{}\", destination = \"/model\" }}]\n",
+        kelvin_tests::predict_model_dir().display()
+    );
+    for (name, source, extra) in [
+        ("rust-http", component, ""),
+        ("c", c, ""),
+        ("js", js, ""),
+        ("python", py, model.as_str()),
     ] {
         functions.push_str(&format!(
-            "[functions.{name}]\nsource = \"{}\"\n[[functions.{name}.queue_trigger]]\nname = \"q-{name}\"\nmax_dequeue_count = 1\n",
+            "[functions.{name}]\nsource = \"{}\"\n{extra}[[functions.{name}.queue_trigger]]\nname = \"q-{name}\"\nmax_dequeue_count = 1\n",
             source.display()
         ));
     }
@@ -1029,4 +1033,114 @@ blob = "results/{dir}/{file}"
     .await;
     let listed = server.json("/admin/outbox").await;
     assert!(listed["outbox"].as_array().unwrap().is_empty(), "{listed}");
+}
+
+/// A blob bound as an input is the read-only file `/inputs/<name>`, read
+/// at each invocation, in both contracts: the Python prediction API serves
+/// whatever model blob is there now (no deploy for a new model), a missing
+/// blob is a missing file, and the guest can change none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_bound_as_an_input_is_a_read_only_file_read_at_each_invocation() {
+    let py = kelvin_tests::example_guest("predict");
+    let functions = format!(
+        r#"
+[functions.predict]
+source = "{}"
+env = {{ MODEL_PATH = "/inputs/model" }}
+[[functions.predict.http]]
+route = "/predict/{{model}}"
+auth = "anonymous"
+[[functions.predict.input]]
+name = "model"
+blob = "models/{{model}}.json"
+
+[functions.greeter]
+source = "{{guests}}/hello.wasm"
+env = {{ GREETING_FILE = "/inputs/greeting" }}
+[[functions.greeter.http]]
+route = "/greet/{{name}}"
+auth = "anonymous"
+[[functions.greeter.input]]
+name = "greeting"
+blob = "settings/greeting.txt"
+
+[functions.hostile]
+source = "{{guests}}/hostile.wasm"
+env = {{ HOSTILE_MOUNTS = "/inputs" }}
+[[functions.hostile.http]]
+route = "/hostile/{{kind}}"
+auth = "anonymous"
+[[functions.hostile.input]]
+name = "greeting"
+blob = "settings/greeting.txt"
+"#,
+        py.display()
+    );
+    let (dir, manifest) = app("", &functions);
+    let server = Server::start(&manifest);
+    let put = |path: String, body: Vec<u8>| {
+        let server = &server;
+        async move {
+            let (status, reply) = server
+                .api(reqwest::Method::PUT, &format!("/admin/blobs/{path}"), body)
+                .await;
+            assert_eq!(status, 201, "{}", String::from_utf8_lossy(&reply));
+        }
+    };
+    let features = json!({"features": [6.7, 3.0, 5.2, 2.3]});
+
+    // No model blob yet: the function says it has no model.
+    let (status, v) = server.post("/predict/iris", Some(features.clone())).await;
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("/inputs/model"),
+        "{v}"
+    );
+
+    let model = std::fs::read(kelvin_tests::predict_model_dir().join("iris.json")).unwrap();
+    put("models/iris.json".into(), model.clone()).await;
+    let (status, v) = server.post("/predict/iris", Some(features.clone())).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["prediction"], "virginica");
+    // A new model is a new blob, read by the next request.
+    let mut renamed: Value = serde_json::from_slice(&model).unwrap();
+    renamed["classes"] = json!(["first", "second", "third"]);
+    put("models/iris.json".into(), renamed.to_string().into_bytes()).await;
+    let (status, v) = server.post("/predict/iris", Some(features.clone())).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["prediction"], "third");
+    // The route's parameter names the blob.
+    let (status, _) = server.post("/predict/other", Some(features)).await;
+    assert_eq!(status, 503);
+
+    // A preview-1 module reads its blob the same way.
+    let greet = || async {
+        let r = reqwest::get(format!("{}/greet/ana", server.base))
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    assert_eq!(greet().await.0, 500);
+    put("settings/greeting.txt".into(), b"Salut\n".to_vec()).await;
+    assert_eq!(greet().await, (200, "Salut, ana!\n".to_owned()));
+    put("settings/greeting.txt".into(), b"Ciao\n".to_vec()).await;
+    assert_eq!(greet().await, (200, "Ciao, ana!\n".to_owned()));
+
+    // Read-only: the guest can neither add a file nor remove its input.
+    let r = reqwest::get(format!("{}/hostile/write-files", server.base))
+        .await
+        .unwrap();
+    let said = r.headers()["x-write"].to_str().unwrap().to_owned();
+    assert!(
+        said.starts_with("/inputs Err(") && said.contains("remove Some(Err("),
+        "{said}"
+    );
+    assert_eq!(greet().await, (200, "Ciao, ana!\n".to_owned()));
+    let blob = dir
+        .path()
+        .join(".kelvin")
+        .join("blobs")
+        .join("settings")
+        .join("greeting.txt");
+    assert_eq!(std::fs::read_to_string(blob).unwrap(), "Ciao\n");
 }

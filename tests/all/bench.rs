@@ -20,6 +20,7 @@ async fn cold_start_starts_each_function_as_its_trigger_would() {
             "[functions.hello]\nsource = \"{{guests}}/hello.wasm\"\n\
              [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nmethods = [\"GET\"]\n\
              [functions.predict]\nsource = \"{}\"\n\
+             files = [{{ source = \"{}\", destination = \"/model\" }}]\n\
              [[functions.predict.http]]\nroute = \"/predict\"\nmethods = [\"GET\"]\n\
              [functions.on-message]\nsource = \"{{guests}}/events.wasm\"\n\
              [[functions.on-message.queue_trigger]]\nname = \"orders\"\n\
@@ -27,7 +28,8 @@ async fn cold_start_starts_each_function_as_its_trigger_would() {
              [[functions.on-upload.blob]]\npath = \"uploads/{{name}}.json\"\n\
              [functions.tick]\nsource = \"{{guests}}/events.wasm\"\n\
              [[functions.tick.timer]]\nschedule = \"0 0 0 1 1 *\"\n",
-            predict.display()
+            predict.display(),
+            kelvin_tests::predict_model_dir().display(),
         ),
     );
     let records = Arc::new(Records::default());

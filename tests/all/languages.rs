@@ -14,12 +14,14 @@ fn app() -> App {
         "",
         &format!(
             "[functions.predict]\nsource = \"{}\"\n\
+             files = [{{ source = \"{}\", destination = \"/model\" }}]\n\
              [[functions.predict.http]]\nroute = \"/predict\"\nauth = \"anonymous\"\n\
              [functions.hello-js]\nsource = \"{}\"\n\
              [[functions.hello-js.http]]\nroute = \"/js/hello\"\nauth = \"anonymous\"\n\
              [functions.wordcount]\nsource = \"{}\"\n\
              [[functions.wordcount.http]]\nroute = \"/wordcount\"\nauth = \"anonymous\"\n",
             predict.display(),
+            kelvin_tests::predict_model_dir().display(),
             hello_js.display(),
             wordcount.display()
         ),

@@ -6,6 +6,7 @@ mod bench;
 mod components;
 mod concurrency;
 mod deploy;
+mod files;
 mod hostile;
 mod http;
 mod keys;

@@ -87,7 +87,7 @@ pub async fn invoke(runtime: &Runtime, function: &str, input: &str) -> kelvin::I
             Event {
                 trigger: "invoke",
                 input: input.to_owned().into(),
-                env: Vec::new(),
+                ..Event::default()
             },
         )
         .await

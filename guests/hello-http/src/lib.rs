@@ -1,5 +1,6 @@
 //! `hello-http`: a plain wasi:http/proxy component, the kind `wasmtime serve`
-//! and Spin run. It greets by the `name` query parameter.
+//! and Spin run. It greets by the `name` query parameter, with the
+//! greeting in `GREETING_FILE` if that is set.
 #![cfg(target_arch = "wasm32")]
 
 use std::io::Write as _;
@@ -29,7 +30,15 @@ impl wasip2::exports::http::incoming_handler::Guest for Hello {
         let body = response.body().expect("body once");
         ResponseOutparam::set(response_out, Ok(response));
         let mut out = body.write().expect("stream once");
-        out.write_all(format!("Hello from wasi:http, {name}!\n").as_bytes())
+        // With `GREETING_FILE` (in a folder mounted with `files`), the
+        // greeting is that file's, read at each request.
+        let greeting = match std::env::var("GREETING_FILE") {
+            Ok(path) => std::fs::read_to_string(&path)
+                .map(|t| t.trim().to_owned())
+                .unwrap_or_else(|e| format!("cannot read {path}: {e}")),
+            Err(_) => "Hello from wasi:http".to_owned(),
+        };
+        out.write_all(format!("{greeting}, {name}!\n").as_bytes())
             .expect("write");
         out.flush().expect("flush");
         drop(out);

@@ -46,6 +46,26 @@ fn main() {
         // guest's `memory` limit does not count.
         "poll" => poll(500_000),
         "poll-100k" => poll(100_000),
+        // Writes into, and deletes from, every folder mounted read-only
+        // (`HOSTILE_MOUNTS`, `:`-separated); says what each attempt did.
+        "write-files" => {
+            let mut said = String::new();
+            for dir in std::env::var("HOSTILE_MOUNTS")
+                .unwrap_or_default()
+                .split(':')
+            {
+                let path = format!("{dir}/written-by-guest");
+                let wrote = std::fs::write(&path, b"x").map_err(|e| e.kind());
+                let existing = std::fs::read_dir(dir)
+                    .ok()
+                    .and_then(|mut d| d.next())
+                    .and_then(Result::ok)
+                    .map(|e| e.path());
+                let removed = existing.map(|p| std::fs::remove_file(p).map_err(|e| e.kind()));
+                said.push_str(&format!("X-Write: {dir} {wrote:?} remove {removed:?}\r\n"));
+            }
+            said.into_bytes()
+        }
         _ => b"Status: 400\r\n\r\nunknown kind\n".to_vec(),
     };
     let _ = out.write_all(&head);

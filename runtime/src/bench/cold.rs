@@ -170,7 +170,7 @@ impl Start {
             Start::Event(Event {
                 trigger,
                 input,
-                env: Vec::new(),
+                ..Event::default()
             })
         };
         let Some(trigger) = unit.spec.triggers.first() else {
@@ -224,6 +224,7 @@ impl Start {
                             trigger: "http",
                             input: input.clone(),
                             env,
+                            files: Vec::new(),
                         }),
                         what,
                     )
@@ -360,7 +361,9 @@ async fn measure_one(
                     .header(hyper::header::HOST, "localhost")
                     .body(Full::new(input.clone()))
                     .map_err(|e| e.to_string())?;
-                let answer = runtime.start_http(ticket, request, false, ()).await;
+                let answer = runtime
+                    .start_http(ticket, request, Vec::new(), false, ())
+                    .await;
                 let status = match answer.response {
                     Ok(response) => {
                         let status = response.status();

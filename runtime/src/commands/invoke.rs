@@ -54,6 +54,7 @@ impl InvokeCommand {
                 trigger: "invoke",
                 input: input.clone(),
                 env: Vec::new(),
+                files: Vec::new(),
             };
             let invocation = rt.block_on(runtime.invoke(&self.function, event))?;
             std::io::stdout().write_all(&invocation.stdout)?;

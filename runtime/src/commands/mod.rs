@@ -301,7 +301,16 @@ async fn open_events(
     let store = crate::events::store::SqliteEvents::open(db.path(), db.writer(), ledger)
         .await
         .context("failed to open the event store")?;
-    let blobs = crate::events::blobs::FsBlobs::in_state_dir(&runtime.manifest().server.state_dir);
+    let state_dir = &runtime.manifest().server.state_dir;
+    let blobs = crate::events::blobs::FsBlobs::in_state_dir(state_dir);
+    // Blob inputs' copies from an earlier run: none is needed now, and
+    // the ones in use are written again on demand.
+    let inputs = crate::trigger::inputs::inputs_dir(state_dir);
+    if let Err(e) = std::fs::remove_dir_all(&inputs)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(folder = %inputs.display(), error = %e, "old blob inputs could not be removed");
+    }
     Ok(crate::trigger::events::Events::new(
         runtime.clone(),
         Arc::new(store),

@@ -502,15 +502,28 @@ pub struct DurableName {
     pub(crate) span: Range<usize>,
 }
 
-/// An input binding (`[[functions.NAME.input]]`): what an HTTP function
-/// gets besides its request, in `KELVIN_INPUT_<NAME>`.
+/// An input binding (`[[functions.NAME.input]]`): what a function gets
+/// besides its event.
 #[derive(Debug, Clone)]
 pub struct InputBinding {
     pub name: String,
-    /// The instance whose status it gets: a pattern of the route's
-    /// parameters, e.g. `{id}`.
-    pub instance: BlobPattern,
+    pub source: InputSource,
 }
+
+#[derive(Debug, Clone)]
+pub enum InputSource {
+    /// A durable instance's status, in `KELVIN_INPUT_<NAME>` (HTTP
+    /// modules): a pattern of the route's parameters, e.g. `{id}`, behind
+    /// a placeholder container `x/`.
+    Instance(BlobPattern),
+    /// A blob's bytes, as the read-only file `/inputs/<name>` (both
+    /// contracts, every trigger): `models/iris.json`, or a pattern of the
+    /// trigger's parameters, `models/{model}.json`.
+    Blob(BlobPattern),
+}
+
+/// Where blob inputs are mounted in the guest.
+pub const INPUTS_DIR: &str = "/inputs";
 
 impl InputBinding {
     /// The environment variable the function reads it from.

@@ -838,6 +838,7 @@ impl DurableFunctions {
             trigger: DurableRole::Orchestrator.trigger(),
             input,
             env: vec![("KELVIN_INSTANCE_ID".into(), id.to_owned())],
+            files: Vec::new(),
         };
         let checked = self
             .runtime
@@ -962,6 +963,7 @@ impl DurableFunctions {
             trigger: DurableRole::Activity.trigger(),
             input: Bytes::from(serde_json::to_vec(&request).expect("a request serialises")),
             env: vec![("KELVIN_INSTANCE_ID".into(), item.instance_id.clone())],
+            files: Vec::new(),
         };
         let me = self.clone();
         let settled = item.clone();
@@ -1096,6 +1098,7 @@ impl DurableFunctions {
                 trigger: DurableRole::Entity.trigger(),
                 input: Bytes::from(serde_json::to_vec(&request).expect("a request serialises")),
                 env: vec![("KELVIN_INSTANCE_ID".into(), target.to_owned())],
+                files: Vec::new(),
             };
             let me = self.clone();
             let target_owned = target.to_owned();

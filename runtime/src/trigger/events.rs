@@ -30,7 +30,7 @@ pub enum EventError {
     )]
     UnknownQueue(String),
     #[error(
-        "no container named {0:?} in this app (containers are named by the manifest's blob triggers and outputs)"
+        "no container named {0:?} in this app (containers are named by the manifest's blob triggers, outputs and inputs)"
     )]
     UnknownContainer(String),
     #[error("{what} of {size} bytes is over the {limit}-byte limit ({setting})")]
@@ -346,6 +346,24 @@ impl Events {
             0,
             ("invocation_id".into(), ticket.invocation_id().to_owned()),
         );
+        let files: Vec<crate::manifest::FileMount> = {
+            let value = |name: &str| {
+                params
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            super::inputs::blob_inputs(
+                &*self.blobs,
+                &self.runtime.manifest().server.state_dir,
+                &function,
+                &ticket.unit().spec.inputs,
+                value,
+            )
+            .await
+            .into_iter()
+            .collect()
+        };
         let outputs = ticket.unit().spec.outputs.clone();
         let limits = self.limits();
         let function_name = function.clone();
@@ -381,6 +399,7 @@ impl Events {
             trigger,
             input,
             env: Vec::new(),
+            files,
         };
         let checked = self
             .runtime

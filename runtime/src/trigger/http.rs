@@ -20,6 +20,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::config::InputSource;
 pub use super::config::{Http, HttpTrigger};
 use super::{Trigger, admin, cgi};
 use crate::billing::{self, GroupBy};
@@ -542,9 +543,10 @@ impl HttpServer {
             strip_code(&mut parts.uri);
         }
 
+        let files = self.blob_inputs(&target.unit, &params).await;
         if self.runtime.is_component(&target.unit) {
             return self
-                .component_response(function, ticket, parts, body, budget, local, head)
+                .component_response(function, ticket, parts, body, files, budget, local, head)
                 .await;
         }
 
@@ -557,12 +559,18 @@ impl HttpServer {
         };
         let mut env = cgi::env(&parts, body.len(), &meta);
         for input in &target.unit.spec.inputs {
-            env.push((input.variable(), self.input_binding(input, &params).await));
+            if let InputSource::Instance(instance) = &input.source {
+                env.push((
+                    input.variable(),
+                    self.instance_input(instance, &params).await,
+                ));
+            }
         }
         let event = Event {
             trigger: Http::TYPE,
             input: body,
             env,
+            files,
         };
         let max_head =
             usize::try_from(self.runtime.manifest().server.max_header_size).unwrap_or(usize::MAX);
@@ -756,9 +764,36 @@ impl HttpServer {
 
     /// An input binding's value: the status of the instance its route
     /// parameters name, as the management API shows it, or `null`.
-    async fn input_binding(
+    /// The mount of `unit`'s blob inputs for a request with `params`.
+    async fn blob_inputs(
         &self,
-        input: &super::config::InputBinding,
+        unit: &crate::table::Unit,
+        params: &[(String, String)],
+    ) -> Vec<crate::manifest::FileMount> {
+        let Some(events) = &self.events else {
+            return Vec::new();
+        };
+        let value = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        super::inputs::blob_inputs(
+            &**events.blobs(),
+            &self.runtime.manifest().server.state_dir,
+            &unit.function,
+            &unit.spec.inputs,
+            value,
+        )
+        .await
+        .into_iter()
+        .collect()
+    }
+
+    async fn instance_input(
+        &self,
+        instance: &super::config::BlobPattern,
         params: &[(String, String)],
     ) -> String {
         let value = |name: &str| {
@@ -767,8 +802,7 @@ impl HttpServer {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.clone())
         };
-        let id = input
-            .instance
+        let id = instance
             .fill(value)
             .ok()
             .and_then(|path| path.strip_prefix("x/").map(str::to_owned));
@@ -926,6 +960,7 @@ impl HttpServer {
         ticket: Ticket,
         mut parts: hyper::http::request::Parts,
         body: Bytes,
+        files: Vec<crate::manifest::FileMount>,
         budget: Option<OwnedSemaphorePermit>,
         local: SocketAddr,
         head: bool,
@@ -937,7 +972,10 @@ impl HttpServer {
             parts.headers.insert(hyper::header::HOST, v);
         }
         let request = Request::from_parts(parts, Full::new(body));
-        let invocation = self.runtime.start_http(ticket, request, head, budget).await;
+        let invocation = self
+            .runtime
+            .start_http(ticket, request, files, head, budget)
+            .await;
         let id = invocation.invocation_id.as_str();
         match invocation.response {
             Ok(response) => {

@@ -16,6 +16,7 @@ pub mod events;
 pub mod events_api;
 pub mod headers;
 pub mod http;
+pub mod inputs;
 pub mod listen;
 pub mod queue;
 pub mod timer;
