@@ -127,6 +127,10 @@ pub struct FunctionSpec {
     pub source: PathBuf,
     /// A shell command that produces `source`, run from the manifest's folder.
     pub build: Option<String>,
+    /// What `build` reads (glob patterns relative to the manifest's
+    /// folder): when none of it changed and `source` is what the last
+    /// build made, the build is skipped.
+    pub watch: Vec<String>,
     pub triggers: Vec<TriggerConfig>,
     pub limits: Limits,
     /// App settings handed to the guest as environment variables.
@@ -669,6 +673,7 @@ struct RawDefaults {
 struct RawFunction {
     source: Spanned<String>,
     build: Option<String>,
+    watch: Option<Spanned<Vec<Spanned<String>>>>,
     timeout: Option<Spanned<HumanDuration>>,
     memory: Option<Spanned<Size>>,
     fuel: Option<Spanned<u64>>,
@@ -1330,11 +1335,32 @@ impl RawFunction {
         let outputs = validate_outputs(self.output, &triggers, &at("output"))?;
         let inputs = validate_inputs(self.input, &triggers, &at("input"))?;
         let files = validate_files(self.files, dir, &at("files"))?;
+        let mut watch = Vec::new();
+        if let Some(patterns) = self.watch {
+            if self.build.is_none() {
+                return Err(field_error(
+                    patterns.span(),
+                    at("watch"),
+                    "`watch` lists what `build` reads; this function has no `build`",
+                ));
+            }
+            for p in patterns.into_inner() {
+                if let Err(e) = glob::Pattern::new(p.get_ref()) {
+                    return Err(field_error(
+                        p.span(),
+                        at("watch"),
+                        format!("not a glob pattern ({e}); e.g. \"src/**/*.py\""),
+                    ));
+                }
+                watch.push(p.into_inner());
+            }
+        }
 
         Ok(FunctionSpec {
             name,
             source,
             build: self.build,
+            watch,
             triggers,
             limits: Limits {
                 timeout,

@@ -1615,6 +1615,88 @@ fn a_function_whose_memory_limit_is_below_what_its_wasm_needs_is_refused() {
     assert!(child.wait().unwrap().success());
 }
 
+/// A build whose `watch` inputs and output are unchanged is skipped: no
+/// new wasm, so no new version ("already deployed"); a changed input, a
+/// changed or missing output, runs it again. A build without `watch` runs
+/// every time.
+#[test]
+fn a_build_is_skipped_when_nothing_it_watches_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let guest = kelvin_tests::guest_dir().join("hello.wasm");
+    std::fs::create_dir(dir.path().join("src")).unwrap();
+    std::fs::write(dir.path().join("src/greeting.txt"), "hello").unwrap();
+    let manifest = dir.path().join("functions.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "version = 1\nname = \"watched\"\n[server]\ninstance_slots = 8\n\
+             [functions.hello]\nsource = \"out/hello.wasm\"\n\
+             build = \"mkdir -p out && cp {} out/hello.wasm && echo ran >> watched-runs\"\n\
+             watch = [\"src/**/*.txt\"]\n\
+             [[functions.hello.http]]\nroute = \"/hello/{{name}}\"\nauth = \"anonymous\"\n\
+             [functions.plain]\nsource = \"out/plain.wasm\"\n\
+             build = \"mkdir -p out && cp {} out/plain.wasm && echo ran >> plain-runs\"\n",
+            guest.display(),
+            guest.display()
+        ),
+    )
+    .unwrap();
+    let runs = |name: &str| {
+        std::fs::read_to_string(dir.path().join(name))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let build = || {
+        let out = kelvin()
+            .args(["build", "-f"])
+            .arg(&manifest)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    build();
+    assert_eq!((runs("watched-runs"), runs("plain-runs")), (1, 1));
+    let again = build();
+    assert!(
+        again.contains("skipping the build of `hello`: nothing it watches changed"),
+        "{again}"
+    );
+    assert_eq!((runs("watched-runs"), runs("plain-runs")), (1, 2));
+    // A watched file's bytes change: built again.
+    std::fs::write(dir.path().join("src/greeting.txt"), "bonjour").unwrap();
+    build();
+    assert_eq!(runs("watched-runs"), 2);
+    // A new watched file: built again.
+    std::fs::create_dir(dir.path().join("src/more")).unwrap();
+    std::fs::write(dir.path().join("src/more/other.txt"), "x").unwrap();
+    build();
+    assert_eq!(runs("watched-runs"), 3);
+    build();
+    assert_eq!(runs("watched-runs"), 3);
+    // The output is gone or not what the build made: built again.
+    std::fs::remove_file(dir.path().join("out/hello.wasm")).unwrap();
+    build();
+    assert_eq!(runs("watched-runs"), 4);
+    std::fs::write(dir.path().join("out/hello.wasm"), b"not wasm").unwrap();
+    build();
+    assert_eq!(runs("watched-runs"), 5);
+
+    // `watch` without `build` is a located error.
+    std::fs::write(
+        &manifest,
+        "version = 1\nname = \"watched\"\n[functions.hello]\nsource = \"out/hello.wasm\"\nwatch = [\"src/*\"]\n",
+    )
+    .unwrap();
+    let stderr = fails(&["check"], &manifest);
+    assert!(
+        stderr.contains("functions.hello.watch") && stderr.contains("has no `build`"),
+        "{stderr}"
+    );
+}
+
 /// A valid module whose one page of memory cannot hold its data segment
 /// (at 70,000): every instantiation traps, which no static check sees.
 /// `(module (memory (export "memory") 1) (data (i32.const 70000) "x")

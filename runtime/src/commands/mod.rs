@@ -1,6 +1,6 @@
 //! The `kelvin` CLI: one file per subcommand, shared flags flattened in.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -218,34 +218,139 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
         .context("failed to start the async runtime")
 }
 
-/// Runs each distinct `build` command once, in the manifest's folder.
+/// Runs each distinct `build` command once, in the manifest's folder. A
+/// command whose functions declare `watch` is skipped when the files it
+/// matches and the functions' `source` files are what they were after its
+/// last run (recorded in `<state_dir>/builds.json`).
 fn run_builds(manifest: &Manifest) -> Result<()> {
     let dir = manifest
         .path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .map_or_else(|| PathBuf::from("."), PathBuf::from);
-    let mut done: Vec<&str> = Vec::new();
+    let stamps_path = manifest.server.state_dir.join("builds.json");
+    let mut stamps: std::collections::BTreeMap<String, BuildStamp> = std::fs::read(&stamps_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut commands: Vec<(&str, Vec<&crate::manifest::FunctionSpec>)> = Vec::new();
     for f in &manifest.functions {
         let Some(cmd) = f.build.as_deref() else {
             continue;
         };
-        if done.contains(&cmd) {
+        match commands.iter_mut().find(|(c, _)| *c == cmd) {
+            Some((_, fs)) => fs.push(f),
+            None => commands.push((cmd, vec![f])),
+        }
+    }
+    let mut changed = false;
+    let mut failed = None;
+    for (cmd, functions) in commands {
+        let names = functions
+            .iter()
+            .map(|f| format!("`{}`", f.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut watch: Vec<&str> = functions
+            .iter()
+            .flat_map(|f| f.watch.iter().map(String::as_str))
+            .collect();
+        watch.sort_unstable();
+        watch.dedup();
+        let sources: Vec<&Path> = functions.iter().map(|f| f.source.as_path()).collect();
+        let key = blake3::hash(cmd.as_bytes()).to_hex()[..16].to_owned();
+        if !watch.is_empty()
+            && let Some(stamp) = stamps.get(&key)
+            && stamp.inputs == watched_digest(&dir, cmd, &watch)?
+            && stamp.outputs == outputs_digest(&sources)
+        {
+            eprintln!(
+                "skipping the build of {names}: nothing it watches changed since it made its output"
+            );
             continue;
         }
-        done.push(cmd);
-        eprintln!("building `{}`: {cmd}", f.name);
+        eprintln!("building {names}: {cmd}");
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(cmd)
             .current_dir(&dir)
             .status()
-            .with_context(|| format!("failed to run the build command of `{}`: {cmd}", f.name))?;
+            .with_context(|| format!("failed to run the build command of {names}: {cmd}"))?;
         if !status.success() {
-            anyhow::bail!("the build command of `{}` failed ({status}): {cmd}", f.name);
+            changed |= stamps.remove(&key).is_some();
+            failed = Some(anyhow::anyhow!(
+                "the build command of {names} failed ({status}): {cmd}"
+            ));
+            break;
+        }
+        if !watch.is_empty() {
+            // Digested after the build: what it wrote among its inputs
+            // counts as its own.
+            stamps.insert(
+                key,
+                BuildStamp {
+                    inputs: watched_digest(&dir, cmd, &watch)?,
+                    outputs: outputs_digest(&sources),
+                },
+            );
+            changed = true;
         }
     }
-    Ok(())
+    if changed {
+        // Best effort: without it the next build only runs again.
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&manifest.server.state_dir)?;
+            let tmp = stamps_path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&stamps)?)?;
+            std::fs::rename(&tmp, &stamps_path)
+        };
+        if let Err(e) = write() {
+            tracing::warn!(file = %stamps_path.display(), error = %e, "the build stamps could not be written");
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// What a build command's last run read and made.
+#[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+struct BuildStamp {
+    inputs: String,
+    outputs: String,
+}
+
+/// The command and every file its `watch` patterns match (names and bytes).
+fn watched_digest(dir: &Path, cmd: &str, patterns: &[&str]) -> Result<String> {
+    let mut files = std::collections::BTreeSet::new();
+    for p in patterns {
+        let full = dir.join(p);
+        let full = full.to_string_lossy();
+        let paths = glob::glob(&full).with_context(|| format!("bad watch pattern {p:?}"))?;
+        files.extend(paths.filter_map(Result::ok).filter(|p| p.is_file()));
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(cmd.as_bytes());
+    for f in &files {
+        h.update(b"\0");
+        h.update(f.to_string_lossy().as_bytes());
+        h.update(b"\0");
+        let bytes =
+            std::fs::read(f).with_context(|| format!("failed to read `{}`", f.display()))?;
+        h.update(blake3::hash(&bytes).as_bytes());
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// The functions' wasm files as they are (a missing one digests as such).
+fn outputs_digest(sources: &[&Path]) -> String {
+    let mut h = blake3::Hasher::new();
+    for s in sources {
+        h.update(s.to_string_lossy().as_bytes());
+        match std::fs::read(s) {
+            Ok(bytes) => h.update(blake3::hash(&bytes).as_bytes()),
+            Err(_) => h.update(b"missing"),
+        };
+    }
+    h.finalize().to_hex().to_string()
 }
 
 /// Where a serving process's records go: the JSON-lines log, and the ledger
