@@ -1476,9 +1476,10 @@ fn the_durable_commands_drive_a_running_server() {
     let (code, _, err) = cli(&["durable", "start", "hello-cities", "{oops"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("is not JSON"), "{err}");
+    // (A start naming no orchestrator is a 400, as Azure answers.)
     let (code, _, err) = cli(&["durable", "start", "nope"]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("404") && err.contains("nope"), "{err}");
+    assert!(err.contains("400") && err.contains("nope"), "{err}");
 
     child.kill().unwrap();
     child.wait().unwrap();
