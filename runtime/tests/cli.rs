@@ -920,6 +920,56 @@ fn a_locked_ledger_delays_or_refuses_answers_but_never_loses_them() {
     assert!(child.wait().unwrap().success());
 }
 
+/// The queue and blob API, when its store cannot write (the ledger's
+/// database locked past every retry, as a full disk would): a 503 with
+/// Retry-After and nothing changed, not a 500; the retry then succeeds.
+#[test]
+fn the_queue_and_blob_api_answers_503_with_retry_after_when_its_store_cannot_write() {
+    let (dir, manifest) = app_with(
+        "",
+        "[functions.worker]\nsource = \"{guests}/events.wasm\"\n\
+         [[functions.worker.queue_trigger]]\nname = \"jobs\"\n\
+         [[functions.worker.output]]\nname = \"out\"\nblob = \"results/{invocation_id}.json\"\n",
+    );
+    let (mut child, addr, stderr) = up(&manifest);
+    std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
+    let key = master_key(&manifest);
+    let ledger = dir.path().join(".kelvin").join("ledger.sqlite3");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let send = |body: &str| {
+        rt.block_on(async {
+            let r = reqwest::Client::new()
+                .post(format!("http://{addr}/admin/queues/jobs/messages"))
+                .header("x-kelvin-key", &key)
+                .body(body.to_owned())
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .unwrap();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (r.status().as_u16(), retry, r.text().await.unwrap())
+        })
+    };
+    let holder = hold_ledger(ledger.clone(), 18);
+    let (status, retry, body) = send(r#"{"n": 1}"#);
+    holder.join().unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(body.contains("nothing changed"), "{body}");
+    // Tried again: taken, once.
+    let (status, _, body) = send(r#"{"n": 1}"#);
+    assert_eq!(status, 201, "{body}");
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
 #[test]
 fn shutdown_past_the_drain_timeout_answers_nothing_unrecorded() {
     let (dir, manifest) = app_with(
