@@ -259,7 +259,27 @@ fn run_walkthroughs(files: &[PathBuf]) -> Vec<String> {
         return Vec::new();
     }
     let (dir, manifest) = example_app();
-    let (mut child, addr, stderr) = common::up(&manifest);
+    let (mut child, addr, mut stderr) = common::up(&manifest);
+    // A reader follows the walkthroughs some time after `kelvin up`: by
+    // then its background compile of the app is done. Waiting for it here
+    // keeps a swap's warm-up (every version loaded) from compiling the
+    // 19 MB Python component under the walkthrough on a busy machine.
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        use std::io::BufRead as _;
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("kelvin up ended before its background compile was done");
+        }
+        if line.contains("background precompile done") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the example app's background compile took over 15 minutes"
+        );
+    }
     std::thread::spawn(move || std::io::copy(&mut { stderr }, &mut std::io::sink()));
     // `kelvin` on the PATH is the binary under test.
     let bin = dir.path().join(".bin");
