@@ -302,6 +302,15 @@ impl BlobTrigger {
 }
 
 /// A container and a pattern for the blob names in it:
+/// The value of `name` among a trigger's parameters, the first one given
+/// (host parameters come first, so nothing later stands in for them).
+pub fn param(params: &[(String, String)], name: &str) -> Option<String> {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.clone())
+}
+
 /// `images/{name}`, `uploads/{name}.{ext}`. A `{parameter}` matches one or
 /// more characters; matched, the parameters are the event's and can name
 /// outputs (`thumbnails/{name}`).

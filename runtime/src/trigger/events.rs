@@ -347,12 +347,7 @@ impl Events {
             ("invocation_id".into(), ticket.invocation_id().to_owned()),
         );
         let files: Vec<crate::manifest::FileMount> = {
-            let value = |name: &str| {
-                params
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            };
+            let value = |name: &str| super::config::param(&params, name);
             super::inputs::blob_inputs(
                 &*self.blobs,
                 &self.runtime.manifest().server.state_dir,
@@ -375,12 +370,7 @@ impl Events {
             for line in &answer.logs {
                 tracing::info!(target: "kelvin::guest", function = function_name.as_str(), "{line}");
             }
-            let value = |name: &str| {
-                params
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            };
+            let value = |name: &str| super::config::param(&params, name);
             envelope::publish(&outputs, &answer, &value, &limits)
         };
         let store = self.store.clone();

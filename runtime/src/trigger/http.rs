@@ -634,12 +634,7 @@ impl HttpServer {
             }
             let (mut parts, body) = response.into_parts();
             let answer = envelope::parse(&body)?;
-            let value = |name: &str| {
-                values
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.clone())
-            };
+            let value = |name: &str| super::config::param(&values, name);
             let publish = envelope::publish(&outputs, &answer, &value, &limits)?;
             parts.headers.remove(hyper::header::CONTENT_LENGTH);
             Ok((
@@ -773,12 +768,7 @@ impl HttpServer {
         let Some(events) = &self.events else {
             return Vec::new();
         };
-        let value = |name: &str| {
-            params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let value = |name: &str| super::config::param(params, name);
         super::inputs::blob_inputs(
             &**events.blobs(),
             &self.runtime.manifest().server.state_dir,
@@ -796,12 +786,7 @@ impl HttpServer {
         instance: &super::config::BlobPattern,
         params: &[(String, String)],
     ) -> String {
-        let value = |name: &str| {
-            params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
+        let value = |name: &str| super::config::param(params, name);
         let id = instance
             .fill(value)
             .ok()
